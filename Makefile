@@ -1,0 +1,35 @@
+# kacl: one command to set up, one to demo, one to test.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+WS     ?= demo-workspace
+STAMP  := $(VENV)/.kacl-installed
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+# pyradiomics ships no wheel and its sdist only builds without isolation, after its build
+# requirements are in the venv; torch/torchvision are pinned to the releases on this disk.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q numpy versioneer setuptools wheel
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --no-build-isolation pyradiomics
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	KACL_WORKSPACE=$(WS) bash examples/demo.sh
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m benchmarks.run_all
+
+lint: install
+	$(BIN)/ruff check kacl_cli tests benchmarks
+
+clean:
+	rm -rf $(WS) .pytest_cache

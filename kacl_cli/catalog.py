@@ -1,0 +1,201 @@
+"""The DuckDB feature catalog: every table any stage reads or writes, in one schema.
+
+DuckDB admits one writing process at a time and no readers beside it, so connections are
+short-lived: a stage reads what it needs, works, then writes its results in one transaction.
+That is what lets DataLoader workers, DDP ranks and sharded batch jobs coexist with it (only
+rank 0 / the merge step ever writes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+
+from .errors import KaclError
+from .findings import LABEL_COLUMNS
+
+SCHEMA_VERSION = 1
+
+
+def _q(name: str) -> str:
+    """Quote an identifier (finding names contain spaces: "No Finding")."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+LABEL_SQL = ", ".join(f"{_q(c)} BOOLEAN NOT NULL" for c in LABEL_COLUMNS)
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+-- one row per ingested X-ray; `row` is its index in store.h5:/images
+CREATE TABLE IF NOT EXISTS images (
+    image_id VARCHAR PRIMARY KEY,
+    row INTEGER NOT NULL UNIQUE,
+    patient_id VARCHAR NOT NULL,
+    split VARCHAR NOT NULL,            -- train | val | test
+    follow_up INTEGER,
+    view_position VARCHAR,
+    age INTEGER,
+    sex VARCHAR,
+    orig_width INTEGER NOT NULL,       -- pixels of the source image
+    orig_height INTEGER NOT NULL,
+    spacing_x DOUBLE,                  -- mm per original pixel, when known
+    spacing_y DOUBLE,
+    source_path VARCHAR
+);
+-- image-level labels, one boolean column per finding plus "No Finding"
+CREATE TABLE IF NOT EXISTS labels (image_id VARCHAR PRIMARY KEY, {LABEL_SQL});
+-- ground-truth boxes in original pixel coordinates (x, y = top-left corner)
+CREATE TABLE IF NOT EXISTS gt_boxes (
+    image_id VARCHAR NOT NULL, finding VARCHAR NOT NULL,
+    x DOUBLE NOT NULL, y DOUBLE NOT NULL, w DOUBLE NOT NULL, h DOUBLE NOT NULL
+);
+-- every stage invocation: what ran, with which config, on which inputs, and how it ended
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,
+    stage VARCHAR NOT NULL,
+    round INTEGER,
+    shard VARCHAR,
+    config_json VARCHAR NOT NULL,
+    config_hash VARCHAR NOT NULL,
+    input_fingerprint VARCHAR NOT NULL,
+    status VARCHAR NOT NULL,           -- running | done | failed
+    started_at TIMESTAMP NOT NULL,
+    finished_at TIMESTAMP,
+    seconds DOUBLE,
+    version VARCHAR NOT NULL,
+    summary_json VARCHAR
+);
+-- bad input met by a stage: the item, and why (the good items around it are kept)
+CREATE TABLE IF NOT EXISTS errors (
+    run_id VARCHAR, stage VARCHAR NOT NULL, item VARCHAR, reason VARCHAR NOT NULL,
+    at TIMESTAMP NOT NULL
+);
+-- per-epoch training metrics of pretrain (round 0) and contrast (rounds >= 1)
+CREATE TABLE IF NOT EXISTS epochs (
+    round INTEGER NOT NULL, stage VARCHAR NOT NULL, epoch INTEGER NOT NULL,
+    train_loss DOUBLE, cls_loss DOUBLE, contrastive_loss DOUBLE, val_loss DOUBLE,
+    val_mean_auc DOUBLE, lr DOUBLE, seconds DOUBLE, images_per_s DOUBLE,
+    PRIMARY KEY (round, epoch)
+);
+-- one row per (round, image, finding): the Grad-CAM box in original pixel coordinates,
+-- NULL box with a reason when the map is empty/flat
+CREATE TABLE IF NOT EXISTS cam_boxes (
+    round INTEGER NOT NULL, image_id VARCHAR NOT NULL, finding VARCHAR NOT NULL,
+    probability DOUBLE NOT NULL,
+    x DOUBLE, y DOUBLE, w DOUBLE, h DOUBLE,
+    peak DOUBLE, mass DOUBLE, reason VARCHAR,
+    PRIMARY KEY (round, image_id, finding)
+);
+-- the regions radiomics are computed on, in store pixel coordinates (half-open x0:x1, y0:y1)
+CREATE TABLE IF NOT EXISTS rois (
+    round INTEGER NOT NULL, image_id VARCHAR NOT NULL, finding VARCHAR NOT NULL,
+    source VARCHAR NOT NULL,           -- cam | gt
+    x0 INTEGER NOT NULL, y0 INTEGER NOT NULL, x1 INTEGER NOT NULL, y1 INTEGER NOT NULL,
+    is_positive BOOLEAN NOT NULL,      -- the ROI whose radiomics are the contrastive positive
+    PRIMARY KEY (round, image_id, finding)
+);
+CREATE TABLE IF NOT EXISTS radiomics_features (
+    settings_hash VARCHAR NOT NULL, feature_index INTEGER NOT NULL, name VARCHAR NOT NULL,
+    PRIMARY KEY (settings_hash, feature_index)
+);
+CREATE TABLE IF NOT EXISTS radiomics_settings (
+    settings_hash VARCHAR PRIMARY KEY, settings_json VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS radiomics (
+    round INTEGER NOT NULL, image_id VARCHAR NOT NULL, finding VARCHAR NOT NULL,
+    backend VARCHAR NOT NULL, settings_hash VARCHAR NOT NULL,
+    features FLOAT[],                  -- in radiomics_features order; NULL when reason is set
+    n_nonfinite INTEGER NOT NULL DEFAULT 0,
+    reason VARCHAR,
+    PRIMARY KEY (round, image_id, finding)
+);
+-- training-split statistics for z-scoring (per round and settings)
+CREATE TABLE IF NOT EXISTS radiomics_stats (
+    round INTEGER NOT NULL, settings_hash VARCHAR NOT NULL, feature_index INTEGER NOT NULL,
+    mean DOUBLE NOT NULL, std DOUBLE NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (round, settings_hash, feature_index)
+);
+-- images whose ground-truth boxes were used as training supervision (excluded from evaluation)
+CREATE TABLE IF NOT EXISTS box_supervision (
+    image_id VARCHAR PRIMARY KEY, fold INTEGER, fraction DOUBLE, run_id VARCHAR
+);
+-- evaluation results, long format: one row per (round, split, metric, finding, threshold)
+CREATE TABLE IF NOT EXISTS metrics (
+    round INTEGER NOT NULL, split VARCHAR NOT NULL, metric VARCHAR NOT NULL,
+    finding VARCHAR NOT NULL, threshold DOUBLE, value DOUBLE,
+    ci_low DOUBLE, ci_high DOUBLE, n INTEGER, run_id VARCHAR
+);
+"""
+
+
+class Catalog:
+    """Handle on ``catalog.duckdb``; opens a connection per use (see module docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @contextlib.contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        if read_only and not self.path.exists():
+            raise KaclError(f"no catalog at {self.path}: run `kacl prepare` first")
+        con = _connect_with_retry(self.path, read_only)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def init(self) -> None:
+        """Create every table (idempotent)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.connect() as con:
+            con.execute(SCHEMA)
+            con.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
+            )
+
+    def query(self, sql: str, params: list | None = None) -> list[tuple]:
+        """Run a read-only query and return all rows."""
+        with self.connect(read_only=True) as con:
+            return con.execute(sql, params or []).fetchall()
+
+    def query_df(self, sql: str, params: list | None = None) -> dict:
+        """Run a read-only query and return columns as numpy arrays (``{name: array}``)."""
+        with self.connect(read_only=True) as con:
+            return con.execute(sql, params or []).fetchnumpy()
+
+    def execute(self, sql: str, params: list | None = None) -> None:
+        with self.connect() as con:
+            con.execute(sql, params or [])
+
+    def count(self, table: str, where: str = "", params: list | None = None) -> int:
+        sql = f"SELECT count(*) FROM {table}" + (f" WHERE {where}" if where else "")
+        return int(self.query(sql, params)[0][0])
+
+
+def _connect_with_retry(
+    path: Path, read_only: bool, wait_s: float = 30.0
+) -> duckdb.DuckDBPyConnection:
+    """Open the catalog, waiting briefly while another kacl process holds the write lock."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise KaclError(
+                    f"cannot open catalog {path}: {str(exc).splitlines()[0]} "
+                    "(is another kacl process writing to this workspace?)"
+                ) from None
+            time.sleep(0.2)
+
+
+def label_columns_sql() -> str:
+    """The quoted label columns, in model-head order, for SELECTs."""
+    return ", ".join(_q(c) for c in LABEL_COLUMNS)
+
+
+quote_ident = _q

@@ -1,0 +1,111 @@
+"""What every subcommand shares: options, output on stdout vs. progress on stderr, errors.
+
+Results go to stdout (a rich table, or one JSON document with ``--json``); progress bars and
+notes go to stderr, so ``kacl ... --json | jq`` works in batch jobs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from .errors import KaclError
+from .workspace import Workspace
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+WorkspaceOpt = Annotated[
+    Path,
+    typer.Option(
+        "--workspace", "-w", envvar="KACL_WORKSPACE",
+        help="Workspace directory shared by all stages (store.h5, catalog.duckdb, checkpoints).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run even if this stage is done.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto picks CUDA if present).")
+]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard", help="i/n: process only shard i of n (0-based); merge with `kacl merge`."
+    ),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handle_errors(fn: F) -> F:
+    """Turn KaclError into a one-line message and exit 1; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KaclError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: finished work is kept; re-run the same command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def workspace(path: Path) -> Workspace:
+    return Workspace(path)
+
+
+def emit(result: dict[str, Any], as_json: bool, render: Callable[[], None] | None = None) -> None:
+    """Print a stage's result: JSON for scripts, else the human rendering (or key: value)."""
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=_json_default) + "\n")
+        sys.stdout.flush()
+        return
+    if render is not None:
+        render()
+        return
+    for key, value in result.items():
+        out.print(f"{key}: {value}", highlight=False)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def skipped(stage: str, summary: dict[str, Any], as_json: bool) -> None:
+    """Report that an identical finished run exists (``--force`` re-runs it)."""
+    err.print(f"{stage}: done, skipping (same config and inputs; --force re-runs)")
+    emit({**summary, "skipped": True}, as_json)
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """Parse ``i/n`` (0-based shard i of n)."""
+    if shard is None:
+        return None
+    try:
+        i_s, n_s = shard.split("/")
+        i, n = int(i_s), int(n_s)
+    except ValueError:
+        raise typer.BadParameter(f"--shard must look like i/n, got {shard!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise typer.BadParameter(f"--shard {shard}: need 0 <= i < n")
+    return i, n
+
+
+def progress_enabled() -> bool:
+    return os.environ.get("KACL_NO_PROGRESS", "") in ("", "0")

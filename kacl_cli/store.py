@@ -1,0 +1,187 @@
+"""The HDF5 image and map store (``store.h5``).
+
+Layout:
+- ``/images``: uint8, N x S x S, one image per chunk (random access for training batches),
+  LZF-compressed (fast to decode, ships with h5py, no plugin needed on the user's cluster).
+- ``/cams/round-K``: float16, N x F x h x w raw Grad-CAM maps (never min-max normalised, so
+  thresholds keep their meaning), one image per chunk.
+
+Row ``i`` of every dataset belongs to the image whose catalog ``images.row`` is ``i``.
+Only one process writes; readers (DataLoader workers) open the file once per process via
+:class:`ImageReader`, never once per item.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import KaclError
+
+IMAGES = "images"
+COMPRESSION = "lzf"
+
+
+def cam_key(round_: int) -> str:
+    return f"cams/round-{round_}"
+
+
+class Store:
+    """Handle on ``store.h5``; opens the file per use."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @contextlib.contextmanager
+    def open(self, mode: str = "r") -> Iterator[h5py.File]:
+        if mode == "r" and not self.path.exists():
+            raise KaclError(f"no image store at {self.path}: run `kacl prepare` first")
+        try:
+            f = h5py.File(self.path, mode)
+        except (OSError, BlockingIOError) as exc:
+            raise KaclError(
+                f"cannot open store {self.path}: {exc} "
+                "(is another kacl process writing to this workspace?)"
+            ) from None
+        try:
+            yield f
+        finally:
+            f.close()
+
+    # -- images -------------------------------------------------------------------------
+    def image_size(self) -> int:
+        with self.open("r") as f:
+            if IMAGES not in f:
+                raise KaclError(f"store {self.path} holds no images: run `kacl prepare` first")
+            return int(f[IMAGES].shape[1])
+
+    def n_rows(self) -> int:
+        if not self.path.exists():
+            return 0
+        with self.open("r") as f:
+            return int(f[IMAGES].shape[0]) if IMAGES in f else 0
+
+    def write_images(self, start_row: int, images: np.ndarray, size: int) -> None:
+        """Write ``images`` (k x S x S uint8) at rows ``start_row..``, growing the dataset.
+
+        Rows past ``start_row + k`` that a killed run left behind are cut, so a resumed
+        prepare never keeps orphan pixels.
+        """
+        images = np.asarray(images, dtype=np.uint8)
+        if images.ndim != 3 or images.shape[1:] != (size, size):
+            raise ValueError(f"expected k x {size} x {size} images, got {images.shape}")
+        with self.open("a") as f:
+            if IMAGES not in f:
+                f.create_dataset(
+                    IMAGES,
+                    shape=(0, size, size),
+                    maxshape=(None, size, size),
+                    dtype=np.uint8,
+                    chunks=(1, size, size),
+                    compression=COMPRESSION,
+                )
+            ds = f[IMAGES]
+            if ds.shape[1] != size:
+                raise KaclError(
+                    f"store holds {ds.shape[1]} px images but {size} px were asked for; "
+                    "use another workspace or `kacl prepare --force`"
+                )
+            end = start_row + images.shape[0]
+            ds.resize((end, size, size))
+            if len(images):
+                ds[start_row:end] = images
+            f.flush()
+
+    def read_images(self, rows: np.ndarray | list[int]) -> np.ndarray:
+        with self.open("r") as f:
+            return read_rows(f[IMAGES], rows)
+
+    # -- maps ---------------------------------------------------------------------------
+    def write_cams(self, round_: int, rows: np.ndarray, maps: np.ndarray, n_rows: int) -> None:
+        """Store raw maps (k x F x h x w) for catalog rows ``rows`` of round ``round_``."""
+        maps = np.asarray(maps, dtype=np.float16)
+        key = cam_key(round_)
+        with self.open("a") as f:
+            if key not in f:
+                f.create_dataset(
+                    key,
+                    shape=(n_rows,) + maps.shape[1:],
+                    maxshape=(None,) + maps.shape[1:],
+                    dtype=np.float16,
+                    chunks=(1,) + maps.shape[1:],
+                    compression=COMPRESSION,
+                )
+            ds = f[key]
+            if ds.shape[0] < n_rows:
+                ds.resize((n_rows,) + ds.shape[1:])
+            order = np.argsort(rows)
+            sorted_rows = np.asarray(rows)[order]
+            ds[sorted_rows] = maps[order]
+            f.flush()
+
+    def read_cams(self, round_: int, rows: np.ndarray | list[int]) -> np.ndarray:
+        with self.open("r") as f:
+            key = cam_key(round_)
+            if key not in f:
+                raise KaclError(
+                    f"no Grad-CAM maps for round {round_}: run `kacl cam --round {round_}`"
+                )
+            return read_rows(f[key], rows)
+
+    def has_cams(self, round_: int) -> bool:
+        if not self.path.exists():
+            return False
+        with self.open("r") as f:
+            return cam_key(round_) in f
+
+    def delete(self, key: str) -> None:
+        with self.open("a") as f:
+            if key in f:
+                del f[key]
+
+
+def read_rows(ds: h5py.Dataset, rows: np.ndarray | list[int]) -> np.ndarray:
+    """Fancy-index an HDF5 dataset with unsorted/duplicate rows (h5py wants sorted unique)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return np.empty((0,) + ds.shape[1:], dtype=ds.dtype)
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    return ds[uniq][inverse]
+
+
+class ImageReader:
+    """Picklable, per-process reader of ``/images`` for DataLoader workers.
+
+    The file is opened on first use in each process (and re-opened after a fork), not per
+    item: opening an HDF5 file costs far more than reading one chunk.
+    """
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+
+    def _dataset(self) -> h5py.Dataset:
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file[IMAGES]
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self._dataset()[int(row)]
+
+    def batch(self, rows: np.ndarray | list[int]) -> np.ndarray:
+        return read_rows(self._dataset(), rows)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_file": None, "_pid": None}
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
