@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS runs (
 -- bad input met by a stage: the item, and why (the good items around it are kept)
 CREATE TABLE IF NOT EXISTS errors (
     run_id VARCHAR, stage VARCHAR NOT NULL, item VARCHAR, reason VARCHAR NOT NULL,
-    at TIMESTAMP NOT NULL
+    logged_at TIMESTAMP NOT NULL
 );
 -- per-epoch training metrics of pretrain (round 0) and contrast (rounds >= 1)
 CREATE TABLE IF NOT EXISTS epochs (

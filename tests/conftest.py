@@ -1,0 +1,77 @@
+"""Fixtures shared across the test suite."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kacl_cli.findings import BOX_FINDINGS, FINDINGS, LABEL_COLUMNS
+from kacl_cli.workspace import Workspace
+
+REPO = Path(__file__).resolve().parents[1]
+NIH_SAMPLE = REPO.parent / "shared" / "nih-sample"
+
+os.environ.setdefault("KACL_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="session")
+def nih_sample() -> Path:
+    """The 95-image real NIH sample at ../shared/nih-sample, or skip where it is absent."""
+    if not (NIH_SAMPLE / "images").is_dir():
+        pytest.skip(f"real NIH sample not found at {NIH_SAMPLE} (only in the project's workplace)")
+    return NIH_SAMPLE
+
+
+def write_tiny_workspace(
+    root: Path, n: int = 24, size: int = 64, seed: int = 0, orig: int = 256
+) -> Workspace:
+    """A workspace with random images, labels and GT boxes, written straight through the
+    store and catalog APIs (no generator, no prepare): the fixture for stage unit tests.
+
+    Splits: rows cycle train/train/val/test. Each image is positive for finding i % 14 (and
+    Effusion on every 3rd); images positive for a box finding get a GT box of that finding.
+    """
+    rng = np.random.default_rng(seed)
+    ws = Workspace(root)
+    ws.init()
+    images = rng.integers(0, 256, size=(n, size, size), dtype=np.uint8)
+    ws.store.write_images(0, images, size)
+    splits = ["train", "train", "val", "test"]
+    with ws.catalog.connect() as con:
+        for i in range(n):
+            image_id = f"{i:08d}_000.png"
+            con.execute(
+                "INSERT INTO images VALUES (?, ?, ?, ?, 0, 'PA', 50, 'M', ?, ?, 0.143, 0.143, ?)",
+                [image_id, i, str(i // 2), splits[i % 4], orig, orig, f"/fake/{image_id}"],
+            )
+            labels = {c: False for c in LABEL_COLUMNS}
+            labels[FINDINGS[i % 14]] = True
+            if i % 3 == 0:
+                labels["Effusion"] = True
+            con.execute(
+                f"INSERT INTO labels VALUES (?, {', '.join('?' * len(LABEL_COLUMNS))})",
+                [image_id] + [labels[c] for c in LABEL_COLUMNS],
+            )
+            for finding in BOX_FINDINGS:
+                if labels[finding]:
+                    x, y = rng.uniform(0, orig / 2, size=2)
+                    w, h = rng.uniform(orig / 10, orig / 3, size=2)
+                    con.execute(
+                        "INSERT INTO gt_boxes VALUES (?, ?, ?, ?, ?, ?)",
+                        [image_id, finding, x, y, w, h],
+                    )
+    return ws
+
+
+@pytest.fixture
+def tiny_workspace(tmp_path: Path) -> Callable[..., Workspace]:
+    """Factory: ``tiny_workspace(n=24, size=64, seed=0)`` -> a populated Workspace."""
+
+    def make(n: int = 24, size: int = 64, seed: int = 0, orig: int = 256) -> Workspace:
+        return write_tiny_workspace(tmp_path / f"ws-{n}-{size}-{seed}", n, size, seed, orig)
+
+    return make

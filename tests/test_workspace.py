@@ -1,0 +1,32 @@
+"""The stage contract's bookkeeping: skip identical finished runs, record errors."""
+
+from __future__ import annotations
+
+from kacl_cli.workspace import StageRun, config_hash
+
+
+def test_config_hash_is_order_independent_and_sensitive() -> None:
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+def test_finished_run_is_skipped_unless_forced(tiny_workspace) -> None:
+    ws = tiny_workspace(n=4)
+    run = ws.begin("demo", {"x": 1}, "fp1", round_=0)
+    assert isinstance(run, StageRun)
+    run.error("img-1", "broken")
+    run.finish({"n": 3})
+    again = ws.begin("demo", {"x": 1}, "fp1", round_=0)
+    assert again == {"n": 3}
+    assert isinstance(ws.begin("demo", {"x": 1}, "fp1", round_=0, force=True), StageRun)
+    assert isinstance(ws.begin("demo", {"x": 2}, "fp1", round_=0), StageRun)
+    assert isinstance(ws.begin("demo", {"x": 1}, "fp2", round_=0), StageRun)
+    assert ws.catalog.count("errors", "item = 'img-1'") == 1
+
+
+def test_store_roundtrip_with_unsorted_rows(tiny_workspace) -> None:
+    ws = tiny_workspace(n=6, size=32)
+    imgs = ws.store.read_images([5, 1, 1, 3])
+    assert imgs.shape == (4, 32, 32)
+    assert (imgs[1] == imgs[2]).all()
+    assert (imgs[0] == ws.store.read_images([5])[0]).all()
