@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole kacl loop on the built-in synthetic phantoms, on CPU, in a few minutes.
+# Usage: KACL_WORKSPACE=demo-workspace bash examples/demo.sh   (what `make demo` runs)
+set -euo pipefail
+KACL=${KACL:-.venv/bin/kacl}
+export KACL_WORKSPACE=${KACL_WORKSPACE:-demo-workspace}
+N=${DEMO_IMAGES:-600}
+SIZE=${DEMO_SIZE:-128}
+BACKBONE=${DEMO_BACKBONE:-tiny}
+
+echo "== kacl demo in $KACL_WORKSPACE: $N phantoms at ${SIZE}px, backbone $BACKBONE" >&2
+$KACL prepare --synthetic "$N" --size "$SIZE" --seed 0
+$KACL pretrain --backbone "$BACKBONE" --epochs "${DEMO_EPOCHS:-6}" --batch-size 32
+$KACL contrast --rounds 3 --epochs-per-round "${DEMO_ROUND_EPOCHS:-2}"
+$KACL evaluate --round all
+echo "== report: $KACL_WORKSPACE/reports/" >&2
