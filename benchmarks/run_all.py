@@ -6,7 +6,7 @@ settings or `--device cuda` on a GPU machine. Results print as tables on stdout.
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import subprocess
 import sys
 import time
@@ -27,10 +27,6 @@ def main() -> int:
     failed = []
     for name in BENCHMARKS:
         if only and name not in only:
-            continue
-        try:
-            importlib.util.find_spec(f"benchmarks.{name}")
-        except ModuleNotFoundError:
             continue
         if importlib.util.find_spec(f"benchmarks.{name}") is None:
             print(f"== {name}: not present, skipped", flush=True)
