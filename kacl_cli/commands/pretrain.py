@@ -1,20 +1,164 @@
-"""`kacl pretrain`: not implemented yet (placeholder that fails honestly)."""
+"""`kacl pretrain`: supervised multi-label training of the image network (round 0)."""
 
 from __future__ import annotations
 
-from ..cli import WorkspaceOpt, handle_errors
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
+from ..cli import skipped as print_skipped
 from ..errors import KaclError
-from ..workspace import DEFAULT_WORKSPACE
+from ..workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "pretrain"
+STAGE = "pretrain"
+
+
+def default_workers() -> int:
+    """DataLoader workers: one per core up to 8 (HDF5 decoding + augmentation per item)."""
+    return max(0, min(8, (os.cpu_count() or 1)))
+
+
+def init_identity(init: str) -> str:
+    """What ``--init`` means for the config hash: a path also by its size and mtime."""
+    if init in ("none", "imagenet"):
+        return init
+    p = Path(init)
+    if p.is_file():
+        st = p.stat()
+        return f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    return str(p.resolve())
+
+
+def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = False,
+                 resume: bool = True) -> dict[str, Any]:
+    """Train round 0 (or return the summary of the identical finished run, with skipped=True)."""
+    from ..data.loader import StoreDataset, data_fingerprint, load_split
+    from ..models.checkpoint import model_meta
+    from ..models.image_net import BACKBONES, GRAY_MEAN, GRAY_STD, build_image_net
+    from ..models.losses import ClassificationObjective, pos_weight_from_labels
+    from ..train import fit
+
+    ws.require()
+    if backbone not in BACKBONES:
+        raise KaclError(f"--backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
+    store_size = ws.store.image_size()
+    if cfg.image_size is None or cfg.image_size <= 0:
+        cfg.image_size = min(224, store_size)
+    if cfg.image_size > store_size:
+        raise KaclError(
+            f"--image-size {cfg.image_size} is larger than the store's {store_size} px images"
+        )
+    train, val = load_split(ws, "train"), load_split(ws, "val")
+    if not len(train):
+        raise KaclError("the workspace has no train split images: check `kacl prepare`")
+    config = {**cfg.hashed(), "backbone": backbone, "init": init_identity(init),
+              "store_size": store_size}
+    begun = ws.begin(STAGE, config, data_fingerprint(ws), round_=0, force=force)
+    if isinstance(begun, dict):
+        return {**begun, "skipped": True}
+    run = begun
+    try:
+        model = build_image_net(backbone, init=init)
+        objective = ClassificationObjective(
+            cfg.loss, cfg.focal_alpha, cfg.focal_gamma,
+            pos_weight=pos_weight_from_labels(train.labels) if cfg.loss == "bce" else None,
+        )
+        meta = model_meta(backbone, cfg.image_size, store_size, GRAY_MEAN, GRAY_STD, 0, STAGE,
+                          init=init)
+        train_set = StoreDataset(ws.store.path, train.rows, train.labels, augment=cfg.augment,
+                                 image_size=cfg.image_size, seed=cfg.seed)
+        val_set = StoreDataset(ws.store.path, val.rows, val.labels, augment=False,
+                               image_size=cfg.image_size) if len(val) else None
+        if val_set is None:
+            err.print("pretrain: no val split images; the last epoch is kept")
+        summary = fit(ws=ws, run=run, stage=STAGE, round_=0, model=model, objective=objective,
+                      train_set=train_set, val_set=val_set, cfg=cfg, meta=meta, resume=resume)
+    except KaclError as exc:
+        run.fail(str(exc))
+        raise
+    summary = {**summary, "backbone": backbone, "run_id": run.run_id}
+    run.finish(summary)
+    return summary
+
+
+def _render(summary: dict[str, Any], ws: Workspace) -> None:
+    rows = ws.catalog.query(
+        "SELECT epoch, train_loss, val_loss, val_mean_auc, images_per_s FROM epochs "
+        "WHERE round = 0 ORDER BY epoch"
+    )
+    table = Table(title=f"pretrain ({summary.get('backbone')}): round 0")
+    for col in ("epoch", "train loss", "val loss", "val mean AUC", "img/s"):
+        table.add_column(col, justify="right")
+    for epoch, tl, vl, auc, ips in rows:
+        mark = " *" if epoch == summary.get("best_epoch") else ""
+        table.add_row(f"{epoch}{mark}", f"{tl:.4f}", "-" if vl is None else f"{vl:.4f}",
+                      "-" if auc is None else f"{auc:.3f}", f"{ips:.1f}")
+    out.print(table)
+    auc = summary.get("val_mean_auc")
+    out.print(f"best epoch {summary.get('best_epoch')} (val mean AUC "
+              f"{'n/a' if auc is None else f'{auc:.3f}'}) -> {summary.get('checkpoint')}",
+              highlight=False)
 
 
 @handle_errors
-def command(workspace: WorkspaceOpt = DEFAULT_WORKSPACE) -> None:
-    """Train the image classifier (round 0) with focal loss.
+def command(
+    backbone: Annotated[str, typer.Option(
+        help="densenet121 | resnet50 | resnet18 | tiny (a small CNN for tests and demos).")]
+    = "densenet121",
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, cosine decay).")]
+    = 5e-4,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
+    loss: Annotated[str, typer.Option(
+        help="focal (alpha/gamma below) | bce (pos_weight from train prevalence).")] = "focal",
+    focal_alpha: Annotated[float, typer.Option("--focal-alpha")] = 0.25,
+    focal_gamma: Annotated[float, typer.Option("--focal-gamma")] = 2.0,
+    init: Annotated[str, typer.Option(
+        help="none | imagenet (torch hub cache only, never downloads) | PATH to a state dict.")]
+    = "none",
+    image_size: Annotated[int | None, typer.Option(
+        "--image-size", help="Training resolution (default: min(224, store size)).")] = None,
+    augment: Annotated[bool, typer.Option(
+        "--augment/--no-augment", help="Small affine + brightness/contrast; no flips.")] = True,
+    device: DeviceOpt = "auto",
+    workers: Annotated[int | None, typer.Option(
+        help="DataLoader worker processes (default: cores, at most 8; 0 = in-process).")]
+    = None,
+    seed: int = 0,
+    resume: Annotated[bool, typer.Option(
+        "--resume/--no-resume", help="Continue a killed run from its last finished epoch.")]
+    = True,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+) -> None:
+    """Train the image classifier (round 0): 14 findings, focal loss, best epoch by val AUC.
 
-    Not implemented yet: this stage exits 1.
+    Writes checkpoints/round-0 (model.safetensors + meta.json) and one `epochs` row per
+    epoch. A killed run resumes from its last epoch; a finished one is skipped (--force).
 
-    Example: kacl pretrain --backbone densenet121 --epochs 10
+    Example: kacl pretrain --backbone densenet121 --epochs 10 --device cuda
     """
-    raise KaclError("`kacl pretrain` is not implemented yet")
+    from ..train import TrainConfig
+
+    ws = Workspace(workspace)
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
+        focal_alpha=focal_alpha, focal_gamma=focal_gamma, image_size=image_size or 0,
+        augment=augment, seed=seed, device=device,
+        workers=default_workers() if workers is None else workers,
+    )
+    if loss not in ("focal", "bce"):
+        raise typer.BadParameter(f"--loss {loss!r}: expected focal or bce")
+    summary = run_pretrain(ws, backbone=backbone, init=init, cfg=cfg, force=force, resume=resume)
+    if summary.get("skipped"):
+        summary.pop("skipped")
+        print_skipped(STAGE, summary, as_json)
+        return
+    emit(summary, as_json, lambda: _render(summary, ws))

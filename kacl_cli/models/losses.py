@@ -1,0 +1,110 @@
+"""Classification losses and the training-objective interface the one training loop calls.
+
+Defaults, and why:
+- ``focal`` (alpha 0.25, gamma 2; Lin et al. 2017, as the paper's "focal loss"): the
+  (1 - p_t)^gamma factor shrinks the loss of the many easy negatives of a 14-label chest X-ray
+  problem (most findings are absent in most images), so rare positives are not drowned out.
+  alpha weighs positives by alpha and negatives by 1 - alpha; 0.25 is the published default
+  that pairs with gamma 2 (gamma already down-weights the easy negatives far more than alpha
+  down-weights positives). ``--loss focal`` uses :func:`torchvision.ops.sigmoid_focal_loss`.
+- ``bce`` with ``pos_weight`` = negatives / positives of each finding on the train split
+  (clipped to [1, 100]; 1 where a finding has no positives): the usual re-weighting for
+  multi-label imbalance, so each finding's positives and negatives weigh the same in total.
+Both are averaged over every (image, finding) element of the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import sigmoid_focal_loss
+
+from ..errors import KaclError
+
+LOSSES = ("focal", "bce")
+POS_WEIGHT_MAX = 100.0
+
+
+def pos_weight_from_labels(labels: np.ndarray, max_weight: float = POS_WEIGHT_MAX) -> torch.Tensor:
+    """Per-finding negatives/positives of a label matrix (n x F), clipped to [1, max]."""
+    labels = np.asarray(labels, dtype=np.float64)
+    pos = labels.sum(axis=0)
+    neg = labels.shape[0] - pos
+    w = np.where(pos > 0, neg / np.maximum(pos, 1.0), 1.0)
+    return torch.as_tensor(np.clip(w, 1.0, max_weight), dtype=torch.float32)
+
+
+def focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
+    """Mean sigmoid focal loss over all elements (alpha < 0 disables the alpha weighting)."""
+    return sigmoid_focal_loss(logits.float(), targets.float(), alpha=alpha, gamma=gamma,
+                              reduction="mean")
+
+
+class Objective(nn.Module):
+    """What the training loop optimises: ``forward(model, batch) -> (total, parts)``.
+
+    ``batch`` holds device tensors: ``image`` (B x 1 x s x s, preprocessed and augmented),
+    ``labels`` (B x F float), ``row``, any dataset extras, and ``image2`` for two-view sets.
+    ``parts`` are detached-or-not scalar tensors for logging (``cls``, ``contrastive``, ...).
+    Parameters of an objective (e.g. contrast's radiomics encoder and projection heads) are
+    trained with the model and checkpointed under the ``objective.`` prefix.
+    """
+
+    def forward(  # pragma: no cover - interface
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def validation_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Loss reported on the val split: the classification loss of ``logits``.
+
+        Val images carry no second view or radiomics guarantee, so by default only the
+        classification part is measured; an objective may override this.
+        """
+        return self.classification_loss(logits, batch["labels"])
+
+
+class ClassificationObjective(Objective):
+    """Supervised multi-label loss (focal or pos-weighted BCE): pretrain's whole objective."""
+
+    def __init__(
+        self,
+        loss: str = "focal",
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        pos_weight: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise KaclError(f"--loss {loss!r}: expected one of {', '.join(LOSSES)}")
+        self.loss = loss
+        self.alpha = float(alpha)
+        self.gamma = float(gamma)
+        # A buffer, not a parameter: it moves with .to(device) and is not trained; kept out
+        # of the state dict (persistent=False) because it is recomputed from the train split.
+        self.register_buffer(
+            "pos_weight", pos_weight if pos_weight is not None else torch.empty(0),
+            persistent=False,
+        )
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.loss == "focal":
+            return focal_loss(logits, labels, self.alpha, self.gamma)
+        pw = self.pos_weight if self.pos_weight.numel() else None
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pw)
+
+    def forward(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(batch["image"])
+        loss = self.classification_loss(logits, batch["labels"])
+        return loss, {"cls": loss.detach()}
