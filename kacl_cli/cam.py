@@ -172,26 +172,67 @@ def map_to_box(cam_map: np.ndarray, frac: float = 0.5) -> MapBox:
     where a box would just be the whole image and say nothing) and a map with NaN/inf give
     ``box=None`` with a reason. ``frac`` must lie in (0, 1] (a programming error otherwise).
     """
+    m = np.asarray(cam_map)
+    if m.ndim != 2 or m.size == 0:
+        _check_frac(frac)
+        return MapBox(None, math.nan, math.nan, f"not a 2-D map (shape {m.shape})")
+    return maps_to_boxes(m[None], frac)[0]
+
+
+def _check_frac(frac: float) -> None:
     if not 0.0 < frac <= 1.0:
         raise ValueError(f"threshold fraction must be in (0, 1], got {frac}")
-    m = np.asarray(cam_map, dtype=np.float64)
-    if m.ndim != 2 or m.size == 0:
-        return MapBox(None, math.nan, math.nan, f"not a 2-D map (shape {m.shape})")
-    if not np.isfinite(m).all():
-        return MapBox(None, math.nan, math.nan, REASON_NONFINITE)
-    peak = float(m.max())
-    if peak <= 0.0:
-        return MapBox(None, peak, 0.0, REASON_EMPTY)
-    if peak == float(m.min()):
-        return MapBox(None, peak, float(m.sum()), REASON_FLAT)
-    labels, n = ndimage.label(m >= frac * peak, structure=EIGHT_CONNECTED)
-    masses = np.atleast_1d(ndimage.sum_labels(m, labels, index=np.arange(1, n + 1)))
-    best = int(np.argmax(masses))  # ties: the first component in raster order
-    rows, cols = ndimage.find_objects(labels, max_label=best + 1)[best]
-    box = (
-        float(cols.start),
-        float(rows.start),
-        float(cols.stop - cols.start),
-        float(rows.stop - rows.start),
-    )
-    return MapBox(box, peak, float(masses[best]), None)
+
+
+def maps_to_boxes(maps: np.ndarray, frac: float = 0.5) -> list[MapBox]:
+    """:func:`map_to_box` for a stack of maps (N x h x w), with one labelling pass for all.
+
+    Why: the stage makes 14 boxes per image; labelling the whole stack at once (a 3-D
+    structure that connects 8-neighbours within a map, never across maps) is tens of times
+    faster than a scipy call per map, which would otherwise bound GPU throughput.
+    """
+    _check_frac(frac)
+    m = np.asarray(maps, dtype=np.float64)
+    if m.ndim != 3:
+        raise ValueError(f"expected N x h x w maps, got shape {m.shape}")
+    n = len(m)
+    if n == 0:
+        return []
+    if m.shape[1] * m.shape[2] == 0:
+        return [MapBox(None, math.nan, math.nan, f"not a 2-D map (shape {m.shape[1:]})")] * n
+    finite = np.isfinite(m).all(axis=(1, 2))
+    safe = np.where(finite[:, None, None], m, 0.0)
+    peak = safe.max(axis=(1, 2))
+    flat = peak == safe.min(axis=(1, 2))
+    ok = finite & (peak > 0) & ~flat
+    mask = (safe >= frac * peak[:, None, None]) & ok[:, None, None]
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = EIGHT_CONNECTED
+    labels, n_labels = ndimage.label(mask, structure=structure)
+    best: dict[int, int] = {}
+    objects: list = []
+    masses = np.zeros(0)
+    if n_labels:
+        ids = np.arange(1, n_labels + 1)
+        masses = np.asarray(ndimage.sum_labels(safe, labels, index=ids), dtype=np.float64)
+        objects = ndimage.find_objects(labels)
+        owner = np.array([o[0].start for o in objects])
+        # per map: the largest mass; ties go to the first component in raster order
+        order = np.lexsort((ids, -masses, owner))
+        first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]]
+        best = {int(owner[j]): int(j) for j in first}
+    out = []
+    for i in range(n):
+        if not finite[i]:
+            out.append(MapBox(None, math.nan, math.nan, REASON_NONFINITE))
+        elif peak[i] <= 0.0:
+            out.append(MapBox(None, float(peak[i]), 0.0, REASON_EMPTY))
+        elif flat[i]:
+            out.append(MapBox(None, float(peak[i]), float(safe[i].sum()), REASON_FLAT))
+        else:
+            j = best[i]
+            _, rows, cols = objects[j]
+            box = (float(cols.start), float(rows.start), float(cols.stop - cols.start),
+                   float(rows.stop - rows.start))
+            out.append(MapBox(box, float(peak[i]), float(masses[j]), None))
+    return out

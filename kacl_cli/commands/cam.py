@@ -1,20 +1,74 @@
-"""`kacl cam`: not implemented yet (placeholder that fails honestly)."""
+"""`kacl cam`: batched multi-label Grad-CAM maps and boxes from a round's checkpoint."""
 
 from __future__ import annotations
 
-from ..cli import WorkspaceOpt, handle_errors
-from ..errors import KaclError
-from ..workspace import DEFAULT_WORKSPACE
+from typing import Annotated
+
+import typer
+
+from ..cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, emit, handle_errors, out, skipped
+from ..workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "cam"
 
 
+def _fraction(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value} is not in (0, 1]")
+    return value
+
+
 @handle_errors
-def command(workspace: WorkspaceOpt = DEFAULT_WORKSPACE) -> None:
+def command(
+    round_: Annotated[
+        int | None,
+        typer.Option("--round", min=0,
+                     help="Checkpoint round-K to explain (default: the latest finished round)."),
+    ] = None,
+    split: Annotated[
+        str, typer.Option("--split", help="train | val | test | all")
+    ] = "all",
+    threshold: Annotated[
+        float,
+        typer.Option("--threshold", callback=_fraction,
+                     help="Box region: map values >= this fraction of the map's peak, in (0, 1]."),
+    ] = 0.5,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 64,
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="DataLoader worker processes reading the store.")
+    ] = 0,
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+) -> None:
     """Batched multi-label Grad-CAM maps and boxes from a round's checkpoint.
 
-    Not implemented yet: this stage exits 1.
+    One forward pass gives all 14 findings' maps (GAP + linear head). Raw maps go to
+    store.h5 /cams/round-K; one cam_boxes row per (image, finding) holds the probability and
+    the box in original pixels (NULL box + reason for empty or flat maps).
 
     Example: kacl cam --round 0 --split test
     """
-    raise KaclError("`kacl cam` is not implemented yet")
+    from ..cam_stage import run_cam_stage  # torch import only when the command runs
+
+    ws = Workspace(workspace)
+    result = run_cam_stage(ws, round_, split=split, batch_size=batch_size, threshold=threshold,
+                           device=device, force=force, workers=workers)
+    if result.pop("skipped", False):
+        skipped(NAME, result, as_json)
+        return
+
+    def render() -> None:
+        rate = result.get("images_per_s")
+        out.print(
+            f"cam round {result['round']} ({result['split']}): {result['images']} images "
+            f"({result['computed']} computed, {result['reused']} reused), "
+            f"{result['boxes']} boxes, {result['empty_maps']} maps without a box, "
+            f"{result['seconds']:.1f} s" + (f", {rate:.1f} images/s" if rate else ""),
+            highlight=False,
+        )
+        for reason, n in result.get("no_box_reasons", {}).items():
+            out.print(f"  {n} x {reason}", highlight=False)
+
+    emit(result, as_json, render)
