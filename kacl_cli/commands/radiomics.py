@@ -1,20 +1,142 @@
-"""`kacl radiomics`: not implemented yet (placeholder that fails honestly)."""
+"""`kacl radiomics`: radiomic features of the Grad-CAM (or ground-truth) regions of a round."""
 
 from __future__ import annotations
 
-from ..cli import WorkspaceOpt, handle_errors
-from ..errors import KaclError
-from ..workspace import DEFAULT_WORKSPACE
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..cli import (
+    ForceOpt,
+    JsonOpt,
+    WorkspaceOpt,
+    emit,
+    err,
+    handle_errors,
+    out,
+    parse_shard,
+    skipped,
+)
+from ..workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "radiomics"
 
 
+class RoiMode(str, Enum):
+    """Typer turns an Enum into a choice: a bad value is a usage error (exit 2)."""
+
+    cam = "cam"
+    gt = "gt"
+    cam_gt = "cam+gt"
+
+
+class BackendName(str, Enum):
+    pyradiomics = "pyradiomics"
+    fast = "fast"
+
+
 @handle_errors
-def command(workspace: WorkspaceOpt = DEFAULT_WORKSPACE) -> None:
+def command(
+    round_: Annotated[
+        int | None,
+        typer.Option("--round", "-r", help="Use the cam_boxes of this round (default: latest)."),
+    ] = None,
+    roi: Annotated[
+        RoiMode,
+        typer.Option(
+            "--roi",
+            help="cam: Grad-CAM boxes; gt: ground-truth boxes of every image that has them; "
+            "cam+gt: GT boxes for box-supervised images, CAM boxes for the rest.",
+        ),
+    ] = RoiMode.cam,
+    backend: Annotated[
+        BackendName,
+        typer.Option("--backend", help="pyradiomics (reference) | fast (vectorised)."),
+    ] = BackendName.pyradiomics,
+    params: Annotated[
+        Path | None,
+        typer.Option("--params", help="pyradiomics-format YAML params file (Original only)."),
+    ] = None,
+    min_prob: Annotated[
+        float,
+        typer.Option(
+            "--min-prob",
+            help="Also compute ROIs of findings with probability >= this (the positive ROI, "
+            "the image's most confident boxed finding, is always computed).",
+        ),
+    ] = 0.5,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes.")] = 1,
+    split: Annotated[
+        list[str] | None,
+        typer.Option("--split", help="Only images of this split (repeatable): train|val|test."),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", help="i/n: only images with row % n == i (0-based); shards "
+                     "write straight to the catalog in short transactions, no merge needed."),
+    ] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+) -> None:
     """Radiomic features of the CAM (or ground-truth) regions.
 
-    Not implemented yet: this stage exits 1.
+    pyradiomics classes firstorder, shape2D, glcm, glrlm, glszm, gldm, ngtdm (binWidth 25)
+    on the raw 8-bit store pixels of each ROI, as a true 2D image.
+    Writes the catalog tables rois, radiomics, radiomics_features, radiomics_settings and
+    radiomics_stats (training-split mean/std for z-scoring).
+    Chunks are committed as they finish, so an interrupted run resumes.
+    Failed ROIs (e.g. thinner than 2 px) are recorded with a reason; they do not fail the run.
 
     Example: kacl radiomics --round 1 --roi cam --workers 8
     """
-    raise KaclError("`kacl radiomics` is not implemented yet")
+    from ..radiomics.stage import run_radiomics_stage
+
+    ws = Workspace(workspace)
+    ws.require()
+    if round_ is None:
+        round_ = _latest_cam_round(ws)
+    summary = run_radiomics_stage(
+        ws, round_, roi=roi.value, backend=backend.value, params=params, workers=workers,
+        split=split, force=force, shard=parse_shard(shard), min_prob=min_prob,
+    )
+    if summary.get("skipped"):
+        skipped(NAME, {k: v for k, v in summary.items() if k != "skipped"}, as_json)
+        return
+    emit(summary, as_json, lambda: _render(summary))
+
+
+def _latest_cam_round(ws: Workspace) -> int:
+    from ..errors import NotReadyError
+
+    rows = ws.catalog.query("SELECT max(round) FROM cam_boxes")
+    if not rows or rows[0][0] is None:
+        raise NotReadyError("no Grad-CAM boxes in this workspace: run `kacl cam --round 0` first")
+    return int(rows[0][0])
+
+
+def _render(s: dict) -> None:
+    out.print(
+        f"radiomics round {s['round']} ({s['backend']}, roi {s['roi']}, settings "
+        f"{s['settings_hash']}): {s['rois']} ROIs on {s['images']} images "
+        f"({s['positive_rois']} positive, {s['gt_rois']} from GT boxes), "
+        f"{s['features']} features",
+        highlight=False,
+    )
+    out.print(
+        f"computed {s['computed']} ({s['reused']} reused) in {s['seconds']:.1f} s "
+        f"= {s['rois_per_s']:.1f} ROIs/s with {s['workers']} worker(s)",
+        highlight=False,
+    )
+    out.print(
+        f"failed ROIs: {s['failed']}"
+        + (" (" + ", ".join(f"{k}: {v}" for k, v in s["failed_reasons"].items()) + ")"
+           if s["failed_reasons"] else "")
+        + f"; nonfinite values: {s['nonfinite_values']}; training rows for z-scoring: "
+        f"{s['train_rows_for_stats']}",
+        highlight=False,
+    )
+    if s["train_rows_for_stats"] == 0:
+        err.print("warning: no training-split positive ROIs: z-scoring statistics are missing")
