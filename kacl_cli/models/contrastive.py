@@ -1,0 +1,231 @@
+"""Knowledge-augmented contrastive objective: classification + lambda * NT-Xent.
+
+Han et al. (WACV 2022) pair each X-ray's image embedding with the embedding of radiomic
+features computed on that X-ray's Grad-CAM region: the radiomics embedding is the positive,
+the other X-rays of the batch are the negatives (SimCLR's NT-Xent / InfoNCE). Here:
+
+- image side: the image network's global-average-pooled features (the representation its
+  classifier reads) -> :class:`ProjectionHead` -> ``proj_dim``;
+- radiomics side: z-scored features -> :class:`RadiomicsEncoder` (MLP) ->
+  :class:`ProjectionHead` -> ``proj_dim``;
+- :func:`nt_xent`: cosine similarities / temperature, cross-entropy in both directions
+  (image -> radiomics and radiomics -> image), averaged. Cross-modal only (a B x B matrix, the
+  CLIP form of NT-Xent): image-image pairs are not contrasted, because two X-ray embeddings
+  are not a positive/negative pair the method defines.
+- Images without a radiomics positive (no CAM box, or a failed extraction) are masked out of
+  the contrastive term: they are neither anchors nor negatives and contribute classification
+  loss only.
+
+Total loss = classification (focal or BCE, the same :class:`ClassificationObjective` pretrain
+uses) + lambda * NT-Xent. :class:`AugmentObjective` is the SimCLR ablation: the positive is a
+second augmented view of the same X-ray (same :func:`nt_xent`, same heads), so the ablation
+changes only where the positive comes from.
+
+Defaults and why (the paper gives none; method.md asks for T in [0.05, 0.5], 64-128 dims):
+- ``temperature = 0.1``: SimCLR's and MoCo's usual value, inside the range. Lower values sharpen
+  the softmax so only the hardest in-batch negatives matter, which with batches of 16-64 X-rays
+  (many sharing a finding, i.e. false negatives) makes the gradient noisy; higher values
+  (0.5) flatten it until the positive barely stands out.
+- ``proj_dim = 128``: SimCLR's projection size, the top of the asked range; the head is cheap
+  and the loss is computed on normalised vectors, so more dimensions only help separability.
+- ``hidden = 512`` (image head) and ``256`` (radiomics MLP): the radiomics input is ~100
+  features, so a 256-wide two-layer MLP has ample capacity without memorising small sets.
+- ``feature_clip = 5``: z-scores are clipped to +-5 before the MLP. Features with a tiny
+  training-split std (e.g. shape features of near-constant boxes) give huge z-scores on other
+  images; clipping keeps one such outlier from dominating a batch.
+- ``lambda``: chosen in :mod:`kacl_cli.contrast` (see docs/contrast.md for the measurement).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import ClassificationObjective, Objective
+
+POSITIVES = ("radiomics", "augment", "none")
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric cross-modal NT-Xent between paired rows of ``a`` and ``b`` (B x D each).
+
+    Row i of ``a`` and row i of ``b`` are positives; every other row of the other modality
+    is a negative. ``mask`` (B bools) keeps only some pairs: masked rows are neither anchors
+    nor negatives. Returns the mean of the a->b and b->a cross-entropies, computed in float32.
+    With fewer than two kept pairs there is no negative and the loss is an exact zero that is
+    still connected to both inputs (so every parameter gets a gradient, which DDP needs).
+    """
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"nt_xent needs two B x D tensors of one shape, got {a.shape}, {b.shape}")
+    a = a.float()
+    b = b.float()
+    zero = (a.sum() + b.sum()) * 0.0
+    if mask is not None:
+        mask = mask.to(device=a.device, dtype=torch.bool).reshape(-1)
+        a, b = a[mask], b[mask]
+    n = a.shape[0]
+    if n < 2:
+        return zero
+    a = F.normalize(a, dim=1)
+    b = F.normalize(b, dim=1)
+    logits = a @ b.t() / temperature
+    target = torch.arange(n, device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) + zero
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR's non-linear projection: Linear -> ReLU -> Linear (no norm layers, so masked or
+    tiny batches behave the same in train and eval mode)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class RadiomicsEncoder(nn.Module):
+    """MLP over z-scored radiomic features: clip -> Linear -> LayerNorm -> ReLU -> Linear -> ReLU.
+
+    LayerNorm rather than BatchNorm: the encoder also sees rows that the mask drops later and
+    small per-GPU batches; per-sample normalisation keeps it independent of batch make-up.
+    """
+
+    def __init__(self, n_features: int, hidden: int = 256, embed_dim: int = 256,
+                 feature_clip: float = 5.0):
+        super().__init__()
+        self.feature_clip = float(feature_clip)
+        self.net = nn.Sequential(
+            nn.Linear(n_features, hidden), nn.LayerNorm(hidden), nn.ReLU(),
+            nn.Linear(hidden, embed_dim), nn.ReLU(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
+        if self.feature_clip > 0:
+            x = x.clamp(-self.feature_clip, self.feature_clip)
+        return self.net(x)
+
+
+@dataclass(frozen=True)
+class ContrastSpec:
+    """Shape-defining settings of a contrastive objective (saved in the checkpoint meta).
+
+    Two objectives with equal ``weights_key()`` have identically shaped parameters that mean
+    the same thing, so a later round may continue the earlier round's weights.
+    """
+
+    positives: str
+    feature_dim: int
+    proj_dim: int = 128
+    image_hidden: int = 512
+    temperature: float = 0.1
+    lam: float = 0.5
+    n_features: int = 0
+    radiomics_hidden: int = 256
+    radiomics_embed: int = 256
+    feature_clip: float = 5.0
+    settings_hash: str | None = None
+    feature_names_hash: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def weights_key(self) -> dict[str, Any]:
+        d = self.to_dict()
+        for k in ("temperature", "lam", "feature_clip"):  # no effect on the weights' meaning
+            d.pop(k)
+        return d
+
+
+class ContrastiveObjective(Objective):
+    """Classification + lambda * NT-Xent(image projection, radiomics projection).
+
+    Batches carry ``radiomics`` (B x n_features, z-scored) and ``has_radiomics`` (B bools);
+    a batch without them (e.g. validation) is scored on classification only.
+    """
+
+    def __init__(self, classification: ClassificationObjective, spec: ContrastSpec):
+        super().__init__()
+        if spec.positives != "radiomics" or spec.n_features <= 0:
+            raise ValueError("ContrastiveObjective needs positives='radiomics' and n_features > 0")
+        self.spec = spec
+        self.classification = classification
+        self.image_proj = ProjectionHead(spec.feature_dim, spec.image_hidden, spec.proj_dim)
+        self.radiomics_encoder = RadiomicsEncoder(
+            spec.n_features, spec.radiomics_hidden, spec.radiomics_embed, spec.feature_clip)
+        self.radiomics_proj = ProjectionHead(spec.radiomics_embed, spec.radiomics_hidden,
+                                             spec.proj_dim)
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.classification.classification_loss(logits, labels)
+
+    def embed(self, model: nn.Module, batch: dict[str, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, image projection, radiomics projection) of a batch."""
+        _, pooled, logits = model.forward_all(batch["image"])
+        z_img = self.image_proj(pooled.float())
+        z_rad = self.radiomics_proj(self.radiomics_encoder(batch["radiomics"]))
+        return logits, z_img, z_rad
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if "radiomics" not in batch:
+            logits = model(batch["image"])
+            cls = self.classification_loss(logits, batch["labels"])
+            return cls, {"cls": cls.detach()}
+        logits, z_img, z_rad = self.embed(model, batch)
+        cls = self.classification_loss(logits, batch["labels"])
+        con = nt_xent(z_img, z_rad, self.spec.temperature, batch.get("has_radiomics"))
+        total = cls + self.spec.lam * con
+        return total, {"cls": cls.detach(), "contrastive": con.detach()}
+
+
+class AugmentObjective(Objective):
+    """SimCLR ablation: classification + lambda * NT-Xent between two augmented views.
+
+    Both views go through the network in one forward pass (2B images); classification is
+    scored on the first view only, so its signal equals the other settings'.
+    """
+
+    def __init__(self, classification: ClassificationObjective, spec: ContrastSpec):
+        super().__init__()
+        if spec.positives != "augment":
+            raise ValueError("AugmentObjective needs positives='augment'")
+        self.spec = spec
+        self.classification = classification
+        self.image_proj = ProjectionHead(spec.feature_dim, spec.image_hidden, spec.proj_dim)
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.classification.classification_loss(logits, labels)
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if "image2" not in batch:
+            logits = model(batch["image"])
+            cls = self.classification_loss(logits, batch["labels"])
+            return cls, {"cls": cls.detach()}
+        b = batch["image"].shape[0]
+        _, pooled, logits = model.forward_all(torch.cat([batch["image"], batch["image2"]]))
+        cls = self.classification_loss(logits[:b], batch["labels"])
+        z = self.image_proj(pooled.float())
+        con = nt_xent(z[:b], z[b:], self.spec.temperature)
+        total = cls + self.spec.lam * con
+        return total, {"cls": cls.detach(), "contrastive": con.detach()}
+
+
+def build_objective(classification: ClassificationObjective, spec: ContrastSpec) -> Objective:
+    """The objective of a ``--positives`` setting (``none`` = classification only)."""
+    if spec.positives == "radiomics":
+        return ContrastiveObjective(classification, spec)
+    if spec.positives == "augment":
+        return AugmentObjective(classification, spec)
+    if spec.positives == "none":
+        return classification
+    raise ValueError(f"positives must be one of {', '.join(POSITIVES)}, got {spec.positives!r}")
