@@ -1,0 +1,79 @@
+"""`kacl evaluate` end to end on hand-written rounds: output, JSON, skip, --round all, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from kacl_cli.app import app
+
+_spec = importlib.util.spec_from_file_location(
+    "evaluate_fakes", Path(__file__).parents[1] / "evaluate_fakes.py")
+fakes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fakes)
+
+runner = CliRunner()
+
+
+def kacl(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_round_all_over_two_rounds_json_then_skip(tiny_workspace) -> None:
+    ws = tiny_workspace(n=48, size=32)
+    fakes.write_fake_round(ws, 0)
+    fakes.write_fake_round(ws, 1, seed=4, signal=0.3, with_cams=False)
+    res = kacl("evaluate", "-w", str(ws.root), "--round", "all", "--bootstrap", "30",
+               "--overlays", "2", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert [d["round"] for d in doc["rounds"]] == [0, 1]
+    assert doc["rounds"][0]["headline"]["mean_auc"] > doc["rounds"][1]["headline"]["mean_auc"]
+    summary = Path(doc["summary_report"])
+    text = summary.read_text()
+    assert summary == ws.reports / "summary" / "report.html"
+    for d in doc["rounds"]:
+        assert Path(d["report"]).exists()
+        assert f"{d['headline']['mean_auc']:.4f}" in text
+    n_runs = ws.catalog.count("runs", "stage = 'evaluate'")
+    assert n_runs == 2
+
+    again = kacl("evaluate", "-w", str(ws.root), "--round", "all", "--bootstrap", "30",
+                 "--overlays", "2", "--json")
+    assert again.exit_code == 0
+    assert "done, skipping" in again.stderr
+    assert all(d["skipped"] for d in json.loads(again.stdout)["rounds"])
+    assert ws.catalog.count("runs", "stage = 'evaluate'") == n_runs
+
+
+def test_single_round_tables_on_stdout_and_out_dir(tiny_workspace, tmp_path) -> None:
+    ws = tiny_workspace(n=48, size=32)
+    fakes.write_fake_round(ws, 0, with_cams=False)
+    out = tmp_path / "rep"
+    res = kacl("evaluate", "-w", str(ws.root), "--round", "0", "--bootstrap", "0",
+               "--out", str(out))
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (out / "report.html").exists()
+    for finding in ("Cardiomegaly", "Pneumothorax", "Hernia"):
+        assert finding in res.stdout
+    assert "Localization accuracy, IoU > T" in res.stdout
+    assert f"mean AUC {metrics['headline']['mean_auc']:.4f}" in res.stdout
+    assert f"report: {out / 'report.html'}" in res.stdout
+    assert ws.catalog.count("metrics", "round = 0 AND split = 'test'") > 0
+
+
+def test_bad_input_is_one_line_error(tiny_workspace) -> None:
+    ws = tiny_workspace(n=8, size=32)
+    res = kacl("evaluate", "-w", str(ws.root), "--round", "0")
+    assert res.exit_code == 1
+    assert "no cam_boxes for round 0" in res.stderr and "Traceback" not in res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = kacl("evaluate", "-w", str(ws.root), "--round", "all")
+    assert res.exit_code == 1 and "nothing to evaluate" in res.stderr
+    assert kacl("evaluate", "-w", str(ws.root), "--round", "x").exit_code == 2
+    res = kacl("evaluate", "-w", str(ws.root / "nope"))
+    assert res.exit_code == 1 and "kacl prepare" in res.stderr
