@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from kacl_cli.app import app
@@ -77,3 +78,43 @@ def test_bad_input_is_one_line_error(tiny_workspace) -> None:
     assert kacl("evaluate", "-w", str(ws.root), "--round", "x").exit_code == 2
     res = kacl("evaluate", "-w", str(ws.root / "nope"))
     assert res.exit_code == 1 and "kacl prepare" in res.stderr
+
+
+@pytest.mark.slow
+def test_runs_the_cam_stage_when_maps_are_missing_or_older_than_the_checkpoint(
+        tiny_workspace) -> None:
+    import torch
+
+    from kacl_cli.findings import FINDINGS
+    from kacl_cli.models.checkpoint import model_meta, save_checkpoint
+    from kacl_cli.models.image_net import GRAY_MEAN, GRAY_STD, build_image_net
+
+    torch.set_num_threads(1)
+    ws = tiny_workspace(n=16, size=32)
+
+    def train(seed: int) -> None:  # stands in for pretrain: a tiny random checkpoint round-0
+        torch.manual_seed(seed)
+        model = build_image_net("tiny", n_classes=len(FINDINGS), init="none")
+        save_checkpoint(ws.checkpoint_dir(0),
+                        {f"image_net.{k}": v for k, v in model.state_dict().items()},
+                        model_meta("tiny", 32, 32, GRAY_MEAN, GRAY_STD, 0, "pretrain"))
+
+    train(0)
+    args = ("evaluate", "-w", str(ws.root), "--bootstrap", "0", "--overlays", "2",
+            "--device", "cpu", "--json")
+    res = kacl(*args)  # --round latest = 0, the only checkpoint
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["round"] == 0 and "running the cam stage" in res.stderr
+    assert ws.catalog.count("runs", "stage = 'cam' AND status = 'done'") == 1
+    n_test = ws.catalog.count("images", "split = 'test'")
+    assert ws.catalog.count("cam_boxes", "round = 0") >= n_test * len(FINDINGS)
+    assert doc["report"].endswith("round-0/report.html")
+    assert kacl(*args).exit_code == 0
+    assert ws.catalog.count("runs", "stage = 'cam'") == 1  # nothing stale: no new cam run
+
+    train(1)  # re-trained round: its maps are stale, so evaluate re-runs cam and re-evaluates
+    res = kacl(*args)
+    assert res.exit_code == 0, res.output
+    assert ws.catalog.count("runs", "stage = 'cam' AND status = 'done'") == 2
+    assert not json.loads(res.stdout)["skipped"]
