@@ -297,7 +297,11 @@ def fit(
     step_module = TrainStep(model, objective)
     trained = distributed.wrap(step_module, ctx, device)
     params = [p for p in step_module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # An objective may group the parameters with their own learning rates (contrast's
+    # --backbone-lr-scale: `param_groups(model, lr)`); otherwise one group at cfg.lr.
+    groups_fn = getattr(objective, "param_groups", None)
+    groups = groups_fn(model, cfg.lr) if callable(groups_fn) else params
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     sampler = distributed.train_sampler(train_set, ctx, cfg.seed)
     drop_last = len(sampler) > cfg.batch_size  # BatchNorm needs >1 sample; keep tiny sets whole
