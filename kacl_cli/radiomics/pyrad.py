@@ -36,6 +36,14 @@ def silence_pyradiomics() -> None:
     logging.getLogger("radiomics").setLevel(logging.CRITICAL + 10)
 
 
+def single_threaded_sitk() -> None:
+    """One ITK thread per process: kacl parallelises across ROI worker processes, and ITK's
+    per-filter thread pool costs more than it saves on images of a few thousand pixels."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
 def roi_arrays(image: np.ndarray, box: Box, margin: int = MARGIN) -> tuple[np.ndarray, np.ndarray]:
     """The float64 crop around ``box`` and its 0/1 mask, padded so the mask has a 0 border."""
     h, w = image.shape

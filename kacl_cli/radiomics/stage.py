@@ -33,6 +33,7 @@ from ..store import ImageReader
 from ..workspace import StageRun, Workspace, stable_json
 from . import settings as settings_mod
 from .backend import BACKENDS, Backend, get_backend
+from .pyrad import single_threaded_sitk
 from .rois import DEFAULT_MIN_PROB, ROI_MODES, Roi, build_rois, select_images
 
 STAGE = "radiomics"
@@ -46,6 +47,7 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(store_path: str, backend_name: str, settings: dict[str, Any]) -> None:
     """Per-process state: one open store reader and one backend (built once, not per chunk)."""
+    single_threaded_sitk()
     _WORKER["reader"] = ImageReader(Path(store_path))
     _WORKER["backend"] = get_backend(backend_name)
     _WORKER["settings"] = settings
@@ -80,15 +82,18 @@ def _sync_rois(ws: Workspace, round_: int, rois: list[Roi], image_ids: list[str]
     shash = settings_mod.settings_hash(settings)
     with ws.catalog.connect() as con:
         con.execute("BEGIN TRANSACTION")
-        con.execute("CREATE TEMP TABLE scope (image_id VARCHAR)")
-        con.executemany("INSERT INTO scope VALUES (?)", [[i] for i in image_ids])
+        # whole columns as list parameters: one statement instead of one per row
+        # (executemany costs ~4 ms a row; a full NIH round has ~10^5 ROIs)
+        con.execute("CREATE TEMP TABLE scope AS SELECT unnest(?::VARCHAR[]) AS image_id",
+                    [image_ids])
         con.execute(
-            "CREATE TEMP TABLE new_rois (image_id VARCHAR, finding VARCHAR, source VARCHAR, "
-            "x0 INTEGER, y0 INTEGER, x1 INTEGER, y1 INTEGER, is_positive BOOLEAN)"
-        )
-        con.executemany(
-            "INSERT INTO new_rois VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [[r.image_id, r.finding, r.source, *r.box, r.is_positive] for r in rois],
+            "CREATE TEMP TABLE new_rois AS SELECT unnest(?::VARCHAR[]) AS image_id, "
+            "unnest(?::VARCHAR[]) AS finding, unnest(?::VARCHAR[]) AS source, "
+            "unnest(?::INTEGER[]) AS x0, unnest(?::INTEGER[]) AS y0, "
+            "unnest(?::INTEGER[]) AS x1, unnest(?::INTEGER[]) AS y1, "
+            "unnest(?::BOOLEAN[]) AS is_positive",
+            [[r.image_id for r in rois], [r.finding for r in rois], [r.source for r in rois],
+             *([r.box[k] for r in rois] for k in range(4)), [r.is_positive for r in rois]],
         )
         # features of ROIs whose rectangle changed (or vanished) are stale
         stale = (
@@ -149,20 +154,24 @@ def _write_chunk(ws: Workspace, run: StageRun, round_: int, rois: list[Roi],
                  features: np.ndarray, reasons: list[str | None], backend: str,
                  shash: str) -> tuple[int, int]:
     """Commit one chunk's rows; return (failed ROIs, nonfinite values)."""
-    rows = []
-    n_nonfinite = 0
-    for roi, feats, reason in zip(rois, features, reasons, strict=True):
+    values: list[list[float] | None] = []
+    counts: list[int] = []
+    for feats, reason in zip(features, reasons, strict=True):
         if reason is None:
-            bad = int((~np.isfinite(feats)).sum())
-            n_nonfinite += bad
-            rows.append([round_, roi.image_id, roi.finding, backend, shash,
-                         feats.astype(np.float32).tolist(), bad, None])
+            counts.append(int((~np.isfinite(feats)).sum()))
+            values.append(feats.astype(np.float32).tolist())
         else:
-            rows.append([round_, roi.image_id, roi.finding, backend, shash, None, 0, reason])
+            counts.append(0)
+            values.append(None)
     with ws.catalog.connect() as con:
-        con.execute("BEGIN TRANSACTION")
-        con.executemany("INSERT OR REPLACE INTO radiomics VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        con.execute("COMMIT")
+        con.execute(
+            "INSERT OR REPLACE INTO radiomics SELECT ?, u.i, u.f, ?, ?, u.x, u.n, u.r FROM "
+            "(SELECT unnest(?::VARCHAR[]) AS i, unnest(?::VARCHAR[]) AS f, "
+            "unnest(?::FLOAT[][]) AS x, unnest(?::INTEGER[]) AS n, unnest(?::VARCHAR[]) AS r) u",
+            [round_, backend, shash, [r.image_id for r in rois], [r.finding for r in rois],
+             values, counts, list(reasons)],
+        )
+    n_nonfinite = sum(counts)
     failed = [(f"{r.image_id}/{r.finding}", reason)
               for r, reason in zip(rois, reasons, strict=True) if reason is not None]
     run.errors(failed)

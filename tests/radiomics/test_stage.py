@@ -274,7 +274,8 @@ def test_real_sample_gt_boxes_give_features(nih_sample: Path, tmp_path: Path) ->
     s = run_radiomics_stage(ws, 0, roi="gt")
     assert s["images"] == n_images and s["positive_rois"] == n_images
     assert s["failed"] == 0 and s["rois"] >= n_images
-    rows = ws.catalog.query("SELECT features, n_nonfinite FROM radiomics")
+    rows = ws.catalog.query(
+        "SELECT features, n_nonfinite FROM radiomics ORDER BY image_id, finding")
     feats = np.array([r[0] for r in rows])
     assert feats.shape == (s["rois"], 102) and np.isfinite(feats).all()
     names = S.feature_names(S.load_settings())
@@ -282,7 +283,8 @@ def test_real_sample_gt_boxes_give_features(nih_sample: Path, tmp_path: Path) ->
     mm_per_px = 0.143 * 1024 / 256
     # shape features are in mm: each ROI's area in store pixels x (mm per store pixel)^2
     roi_px = np.array([(r[2] - r[0]) * (r[3] - r[1]) for r in ws.catalog.query(
-        "SELECT x0, y0, x1, y1 FROM rois r JOIN radiomics USING (round, image_id, finding)")])
+        "SELECT x0, y0, x1, y1 FROM rois r JOIN radiomics USING (round, image_id, finding) "
+        "ORDER BY image_id, finding")])
     np.testing.assert_allclose(area, roi_px * mm_per_px**2, rtol=1e-5)
     mean = feats[:, names.index("original_firstorder_Mean")]
     assert ((mean > 0) & (mean < 255)).all()
