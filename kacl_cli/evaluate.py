@@ -66,30 +66,45 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(y, s))
 
 
-def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """AUC of many integer-weighted resamples of one sample at once (B x n weights -> B AUCs).
+class _WeightedAuc:
+    """The AUC of integer-weighted resamples of one sample, prepared once per finding.
 
     A bootstrap resample is the original sample with multiplicities, so its AUC is the
-    Mann-Whitney statistic with weights: sort the scores once, group ties, and for each group
-    count the (weighted) negatives below it plus half of those tied with it. That is a few
-    B x n array operations instead of B sorts; with weights all 1 it equals sklearn's AUC.
-    NaN for a resample without both classes.
+    weighted Mann-Whitney statistic: for each positive, the weight of the negatives scored
+    below it plus half of those tied with it. The negatives are sorted by score once; per
+    resample that is one cumulative sum over the negatives' weights and a gather at each
+    positive's (precomputed) position: a few passes over a B x n array for B resamples,
+    instead of B sorts or B sklearn calls.
     """
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    order = np.argsort(s, kind="mergesort")
-    s, y, w = s[order], y[order], w[:, order]
-    if s.size == 0:
-        return np.full(w.shape[0], np.nan)
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    wp = np.add.reduceat(w * y, starts, axis=1)
-    wn = np.add.reduceat(w * ~y, starts, axis=1)
-    neg_below = np.cumsum(wn, axis=1) - wn
-    num = (wp * (neg_below + 0.5 * wn)).sum(axis=1)
-    n_pos, n_neg = wp.sum(axis=1), wn.sum(axis=1)
-    denom = n_pos * n_neg
-    return np.divide(num, denom, out=np.full(num.shape, np.nan), where=denom > 0)
+
+    def __init__(self, labels: np.ndarray, scores: np.ndarray, columns: np.ndarray | None = None):
+        y = np.asarray(labels, dtype=bool)
+        s = np.asarray(scores, dtype=np.float64)
+        cols = np.arange(len(y)) if columns is None else np.asarray(columns)
+        neg = np.flatnonzero(~y)
+        order = np.argsort(s[neg], kind="mergesort")
+        s_neg = s[neg][order]
+        self.neg_cols = cols[neg[order]]
+        pos = np.flatnonzero(y)
+        self.pos_cols = cols[pos]
+        # cumulative negative weight strictly below / up to each positive's score
+        self.lo = np.searchsorted(s_neg, s[pos], side="left")
+        self.hi = np.searchsorted(s_neg, s[pos], side="right")
+
+    def __call__(self, weights: np.ndarray) -> np.ndarray:
+        w = np.atleast_2d(weights)
+        cn = np.zeros((w.shape[0], len(self.neg_cols) + 1), dtype=np.int64)
+        np.cumsum(w[:, self.neg_cols], axis=1, out=cn[:, 1:])
+        w_pos = w[:, self.pos_cols].astype(np.float64)
+        num = (w_pos * (cn[:, self.lo] + cn[:, self.hi])).sum(axis=1) * 0.5
+        denom = w_pos.sum(axis=1) * cn[:, -1]
+        return np.divide(num, denom, out=np.full(num.shape, np.nan), where=denom > 0)
+
+
+def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUCs of many integer-weighted resamples at once (B x n weights -> B AUCs); with weights
+    all 1 it is sklearn's AUC. NaN for a resample without both classes."""
+    return _WeightedAuc(labels, scores)(np.asarray(weights))
 
 
 def bootstrap_weights(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
@@ -102,7 +117,7 @@ def bootstrap_weights(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
         c = min(chunk, n_boot - done)
         idx = rng.integers(0, n, size=(c, n))
         flat = (idx + np.arange(c)[:, None] * n).ravel()
-        yield np.bincount(flat, minlength=c * n).reshape(c, n)
+        yield np.bincount(flat, minlength=c * n).reshape(c, n).astype(np.int32)
         done += c
 
 
@@ -110,7 +125,8 @@ def bootstrap_aucs(labels: np.ndarray, scores: np.ndarray, n_boot: int, seed: in
     """Per-finding AUCs of ``n_boot`` image-level bootstrap resamples: (n_boot x F).
 
     ``labels``/``scores`` are n x F; a NaN score (image without a probability for that finding)
-    leaves the image out of that finding only. NaN where a resample lacks a class.
+    leaves the image out of that finding only. NaN where a resample lacks a class. All findings
+    share the same resamples (images are resampled, with all their labels).
     """
     y = np.asarray(labels, dtype=bool)
     s = np.asarray(scores, dtype=np.float64)
@@ -118,13 +134,14 @@ def bootstrap_aucs(labels: np.ndarray, scores: np.ndarray, n_boot: int, seed: in
     out = np.full((n_boot, n_f), np.nan)
     if n == 0 or n_boot <= 0:
         return out
-    valid = [np.flatnonzero(np.isfinite(s[:, j])) for j in range(n_f)]
+    plans = []
+    for j in range(n_f):
+        v = np.flatnonzero(np.isfinite(s[:, j]))
+        plans.append(_WeightedAuc(y[v, j], s[v, j], v))
     row = 0
     for w in bootstrap_weights(n, n_boot, seed):
-        for j in range(n_f):
-            v = valid[j]
-            if v.size:
-                out[row:row + len(w), j] = weighted_auc(y[v, j], s[v, j], w[:, v])
+        for j, plan in enumerate(plans):
+            out[row:row + len(w), j] = plan(w)
         row += len(w)
     return out
 
