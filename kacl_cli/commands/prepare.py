@@ -1,20 +1,121 @@
-"""`kacl prepare`: not implemented yet (placeholder that fails honestly)."""
+"""`kacl prepare`: ingest NIH ChestX-ray14 (or the built-in synthetic phantoms) into a workspace.
+
+Thin CLI over :mod:`kacl_cli.data.ingest`; the rules (layouts, splits, missing vs error, resume)
+are documented there and in docs/data.md.
+"""
 
 from __future__ import annotations
 
-from ..cli import WorkspaceOpt, handle_errors
-from ..errors import KaclError
-from ..workspace import DEFAULT_WORKSPACE
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..cli import ForceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out, skipped
+from ..data import ingest
+from ..data.phantoms import DEFAULT_DIFFICULTY
+from ..workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "prepare"
 
+ROWS = [
+    ("source", "source"),
+    ("labels_file", "label file"),
+    ("size", "store size (px)"),
+    ("split", "split"),
+    ("csv_rows", "CSV rows"),
+    ("ingested", "ingested now"),
+    ("skipped_existing", "already in workspace"),
+    ("missing", "missing (no image file)"),
+    ("failed", "failed (unreadable, see errors table)"),
+    ("unlisted", "image files not in the CSV"),
+    ("over_limit", "left out by --limit"),
+    ("images", "images in workspace"),
+    ("train", "  train"),
+    ("val", "  val"),
+    ("test", "  test"),
+    ("gt_boxes", "GT boxes"),
+    ("images_with_boxes", "images with GT boxes"),
+    ("generated", "phantoms generated"),
+    ("difficulty", "phantom difficulty"),
+    ("seconds", "seconds"),
+    ("images_per_s", "images/s"),
+]
+
+
+def _render(summary: dict[str, Any]) -> None:
+    table = Table(title="kacl prepare", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    for key, label in ROWS:
+        if key in summary and summary[key] is not None:
+            table.add_row(label, str(summary[key]))
+    out.print(table)
+
 
 @handle_errors
-def command(workspace: WorkspaceOpt = DEFAULT_WORKSPACE) -> None:
+def command(
+    nih_dir: Annotated[Path | None, typer.Option(
+        "--nih-dir", help="NIH ChestX-ray14 folder: Data_Entry_2017*.csv, BBox_List_2017.csv, "
+                          "train_val_list.txt/test_list.txt and images/ (or images_0NN/images/)."
+    )] = None,
+    synthetic: Annotated[int | None, typer.Option(
+        "--synthetic", metavar="N", help="Generate N synthetic chest X-ray phantoms instead."
+    )] = None,
+    size: Annotated[int, typer.Option("--size", help="Store image size S (S x S pixels).")] = 256,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", help="Ingest at most N images (the first present ones, in CSV order).")] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="Decoding processes (0 = one per CPU core, at most 8).")] = 0,
+    split: Annotated[str, typer.Option(
+        "--split", help="official (train_val_list/test_list; val = 10% of train_val patients) "
+                        "| random (70/10/20 by patient).")] = "official",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the val/random split and of "
+                                                     "the phantoms.")] = 0,
+    difficulty: Annotated[float, typer.Option(
+        "--difficulty", help="Phantoms only: 0 (easy) .. 1 (hard): lower lesion contrast, "
+                             "more noise.")] = DEFAULT_DIFFICULTY,
+    enrich: Annotated[float, typer.Option(
+        "--enrich", help="Phantoms only: fraction of images drawn to contain a uniformly chosen "
+                         "finding (0 = the real prevalence).")] = 0.0,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+) -> None:
     """Ingest NIH ChestX-ray14 or synthetic phantoms into the workspace.
 
-    Not implemented yet: this stage exits 1.
+    Decodes the images present (8-bit gray, resized to --size), stores them in store.h5 and
+    their labels, GT boxes and patient-level splits in catalog.duckdb. Partial downloads are
+    fine: CSV rows without an image are counted as missing. Unreadable images are logged in the
+    errors table and the rest ingested (exit 0 if anything was ingested, 1 if nothing was).
+    Interrupted runs resume; finished ones are skipped unless --force.
 
-    Example: kacl prepare --nih-dir /data/nih  |  kacl prepare --synthetic 200 --size 128
+    Example: kacl prepare --nih-dir /data/nih --size 256 --workers 8
+
+    Example: kacl prepare --synthetic 600 --size 128
     """
-    raise KaclError("`kacl prepare` is not implemented yet")
+    if (nih_dir is None) == (synthetic is None):
+        raise typer.BadParameter("give exactly one of --nih-dir DIR or --synthetic N")
+    if split not in ("official", "random"):
+        raise typer.BadParameter(f"--split must be official or random, got {split!r}")
+    ws = Workspace(workspace)
+    n_workers = ingest.auto_workers(workers)
+    if synthetic is not None:
+        summary = ingest.prepare_synthetic(ws, synthetic, size, seed, difficulty, enrich=enrich,
+                                           workers=n_workers, force=force)
+    else:
+        assert nih_dir is not None
+        summary = ingest.prepare_nih(ws, nih_dir, size=size, limit=limit, workers=n_workers,
+                                     split=split, seed=seed, force=force)
+    if summary.get("skipped"):
+        skipped(NAME, summary, as_json)
+        return
+    if summary.get("failed"):
+        err.print(f"prepare: {summary['failed']} image(s) could not be read; the others were "
+                  "ingested (reasons: SELECT * FROM errors WHERE stage = 'prepare')")
+    if summary.get("missing"):
+        err.print(f"prepare: {summary['missing']} CSV row(s) have no image file (partial "
+                  "download?); they are not in the workspace")
+    emit(summary, as_json, lambda: _render(summary))
+
