@@ -38,6 +38,7 @@ def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = 
                  resume: bool = True) -> dict[str, Any]:
     """Train round 0 (or return the summary of the identical finished run, with skipped=True)."""
     from ..data.loader import StoreDataset, data_fingerprint, load_split
+    from ..device import resolve_device
     from ..models.checkpoint import model_meta
     from ..models.image_net import BACKBONES, GRAY_MEAN, GRAY_STD, build_image_net
     from ..models.losses import ClassificationObjective, pos_weight_from_labels
@@ -58,12 +59,14 @@ def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = 
         raise KaclError("the workspace has no train split images: check `kacl prepare`")
     config = {**cfg.hashed(), "backbone": backbone, "init": init_identity(init),
               "store_size": store_size}
+    resolve_device(cfg.device)
+    # Built before the run is recorded: a bad --init fails without leaving a failed run.
+    model = build_image_net(backbone, init=init)
     begun = ws.begin(STAGE, config, data_fingerprint(ws), round_=0, force=force)
     if isinstance(begun, dict):
         return {**begun, "skipped": True}
     run = begun
     try:
-        model = build_image_net(backbone, init=init)
         objective = ClassificationObjective(
             cfg.loss, cfg.focal_alpha, cfg.focal_gamma,
             pos_weight=pos_weight_from_labels(train.labels) if cfg.loss == "bce" else None,
