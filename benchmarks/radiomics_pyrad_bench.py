@@ -93,7 +93,7 @@ def main() -> None:
         print(f"{len(rois)} ROIs of the NIH GT-box distribution at {args.size} px: "
               f"median {np.median(sides[:, 0]):.0f} x {np.median(sides[:, 1]):.0f} px, "
               f"range {sides.min()}..{sides.max()} px; {len(S.feature_names(settings))} "
-              f"features, cpu cores {os.cpu_count()}")
+              f"features, cpu cores {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
         images = ws.store.read_images([r for r, _ in rois])
         backend = PyradiomicsBackend()
         backend.extract([images[0]], [rois[0][1]], settings)  # warm-up (imports, extractor)
@@ -112,13 +112,14 @@ def main() -> None:
     print()
     print(f"one round on {NIH_IMAGES:,} NIH images (stage rates above, linear in workers):")
     print(f"{'ROIs/image':>10}{'ROIs':>12}" + "".join(
-        f"{f'{w} worker(s) h':>16}" for _, w, *_ in results[1:]) + f"{'32 workers h':>15}")
+        f"{f'{w} worker(s) h':>16}" for _, w, *_ in results[1:]) + f"{'32 workers h*':>15}")
     best = max(results[1:], key=lambda r: r[2] / r[3] / r[1])
     per_worker = best[2] / best[3] / best[1]
     for per_image in (1.0, 1.5, 14.0):
         n = NIH_IMAGES * per_image
         cells = "".join(f"{n / (r[2] / r[3]) / 3600:>16.2f}" for r in results[1:])
         print(f"{per_image:>10.1f}{n:>12,.0f}{cells}{n / (per_worker * 32) / 3600:>15.2f}")
+    print("* best measured per-worker rate x 32, assuming 32 free cores and linear scaling")
 
 
 if __name__ == "__main__":
