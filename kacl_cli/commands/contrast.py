@@ -1,20 +1,124 @@
-"""`kacl contrast`: not implemented yet (placeholder that fails honestly)."""
+"""`kacl contrast`: knowledge-augmented contrastive training in rounds (the feedback loop)."""
 
 from __future__ import annotations
 
-from ..cli import WorkspaceOpt, handle_errors
-from ..errors import KaclError
-from ..workspace import DEFAULT_WORKSPACE
+from enum import Enum
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
+from ..workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "contrast"
 
 
+class Positives(str, Enum):
+    """Typer turns an Enum into a choice: a bad value is a usage error (exit 2)."""
+
+    radiomics = "radiomics"
+    augment = "augment"
+    none = "none"
+
+
+class Backend(str, Enum):
+    pyradiomics = "pyradiomics"
+    fast = "fast"
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(result: dict[str, Any]) -> None:
+    """The per-round summary table on stdout."""
+    table = Table(title=f"contrast: rounds 1..{len(result['rounds'])} "
+                        f"({result['config']['positives']} positives"
+                        f"{'' if result['config']['feedback'] else ', no feedback'})")
+    for col in ("round", "status", "val mean AUC", "contrastive loss", "with positive",
+                "objective", "seconds"):
+        table.add_column(col, justify="right")
+    for r in result["rounds"]:
+        with_pos = r.get("train_with_positive")
+        table.add_row(
+            str(r["round"]),
+            "skipped" if r.get("skipped") else "trained",
+            _fmt(r.get("val_mean_auc"), ".3f"),
+            _fmt(r.get("contrastive_loss"), ".4f"),
+            "-" if with_pos is None else f"{with_pos}/{r.get('train_images', '?')}",
+            str(r.get("objective_init", "-")),
+            _fmt(r.get("seconds"), ".1f"),
+        )
+    out.print(table)
+    out.print(f"latest checkpoint: round-{result['latest_round']}", highlight=False)
+
+
 @handle_errors
-def command(workspace: WorkspaceOpt = DEFAULT_WORKSPACE) -> None:
+def command(
+    rounds: Annotated[int, typer.Option(
+        "--rounds", min=1, help="Total number of contrast rounds wanted (not a count to add): "
+        "rounds already finished are skipped.")] = 3,
+    from_round: Annotated[int | None, typer.Option(
+        "--from-round", min=1, help="Restart at this round (needs checkpoint round-(K-1)).")]
+    = None,
+    epochs_per_round: Annotated[int, typer.Option(
+        "--epochs-per-round", min=1, help="Training epochs of each round.")] = 2,
+    temperature: Annotated[float, typer.Option(
+        "--temperature", help="NT-Xent temperature (in-range values: 0.05-0.5).")] = 0.1,
+    lam: Annotated[float, typer.Option(
+        "--lambda", help="Weight of the contrastive term: total = cls + lambda * NT-Xent.")]
+    = 0.5,
+    proj_dim: Annotated[int, typer.Option(
+        "--proj-dim", min=2, help="Projection dimensions of both heads.")] = 128,
+    box_supervision: Annotated[float, typer.Option(
+        "--box-supervision", min=0.0, max=1.0,
+        help="Fraction of box-annotated images (by patient) whose GT boxes train as ROIs; "
+        "they leave every evaluation. 0 = no boxes.")] = 0.0,
+    fold: Annotated[int, typer.Option(
+        "--fold", min=0, max=4, help="Which of the 5 patient folds is held out.")] = 0,
+    positives: Annotated[Positives, typer.Option(
+        "--positives", help="radiomics (the method) | augment (SimCLR ablation) | none "
+        "(classification only).")] = Positives.radiomics,
+    feedback: Annotated[bool, typer.Option(
+        "--feedback/--no-feedback",
+        help="--no-feedback: every round uses round 0's CAM boxes and radiomics.")] = True,
+    radiomics_backend: Annotated[Backend, typer.Option(
+        "--radiomics-backend", help="pyradiomics (reference) | fast (vectorised).")]
+    = Backend.pyradiomics,
+    backbone_lr_scale: Annotated[float, typer.Option(
+        "--backbone-lr-scale", help="Image network learning rate = this x --lr (the new "
+        "heads use --lr).")] = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 32,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate of each round.")] = 2e-4,
+    device: DeviceOpt = "auto",
+    workers: Annotated[int | None, typer.Option(
+        help="DataLoader workers and radiomics processes (default: cores, at most 8).")]
+    = None,
+    seed: int = 0,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+) -> None:
     """Knowledge-augmented contrastive training in rounds (the feedback loop).
 
-    Not implemented yet: this stage exits 1.
+    Round k: cam --round k-1 -> radiomics --round k-1 -> joint training (focal +
+    lambda * NT-Xent between image and radiomics projections) from round-(k-1) ->
+    checkpoints/round-k. Finished steps are skipped; a killed run continues where it stopped.
 
-    Example: kacl contrast --rounds 3
+    Example: kacl contrast --rounds 3 --epochs-per-round 2 --radiomics-backend fast
     """
-    raise KaclError("`kacl contrast` is not implemented yet")
+    from ..commands.pretrain import default_workers
+    from ..contrast import ContrastConfig, run_contrast
+
+    cfg = ContrastConfig(
+        rounds=rounds, from_round=from_round, epochs_per_round=epochs_per_round,
+        temperature=temperature, lam=lam, proj_dim=proj_dim, box_supervision=box_supervision,
+        fold=fold, positives=positives.value, feedback=feedback,
+        radiomics_backend=radiomics_backend.value, backbone_lr_scale=backbone_lr_scale,
+        batch_size=batch_size, lr=lr, seed=seed, device=device,
+        workers=default_workers() if workers is None else workers, force=force,
+    )
+    ws = Workspace(workspace)
+    result = run_contrast(ws, cfg, note=lambda text: err.print(text, highlight=False))
+    emit(result, as_json, lambda: render(result))

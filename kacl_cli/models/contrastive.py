@@ -144,7 +144,39 @@ class ContrastSpec:
         return d
 
 
-class ContrastiveObjective(Objective):
+class _ScaledBackbone:
+    """Optimizer parameter groups: the image network at ``backbone_lr_scale`` x the base
+    learning rate, the objective's own (fresh) heads at the base rate. The training loop
+    asks an objective for ``param_groups(model, lr)`` when it has one."""
+
+    backbone_lr_scale: float = 1.0
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        own = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad],
+                   "lr": lr * self.backbone_lr_scale}]
+        if own:
+            groups.append({"params": own, "lr": lr})
+        return groups
+
+
+class ClassificationOnly(_ScaledBackbone, Objective):
+    """``--positives none``: the classification objective alone, same epochs and optimizer
+    groups as the contrastive settings, so the ablation differs only by the missing term."""
+
+    def __init__(self, classification: ClassificationObjective):
+        super().__init__()
+        self.classification = classification
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.classification.classification_loss(logits, labels)
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.classification(model, batch)
+
+
+class ContrastiveObjective(_ScaledBackbone, Objective):
     """Classification + lambda * NT-Xent(image projection, radiomics projection).
 
     Batches carry ``radiomics`` (B x n_features, z-scored) and ``has_radiomics`` (B bools);
@@ -187,7 +219,7 @@ class ContrastiveObjective(Objective):
         return total, {"cls": cls.detach(), "contrastive": con.detach()}
 
 
-class AugmentObjective(Objective):
+class AugmentObjective(_ScaledBackbone, Objective):
     """SimCLR ablation: classification + lambda * NT-Xent between two augmented views.
 
     Both views go through the network in one forward pass (2B images); classification is
@@ -220,12 +252,18 @@ class AugmentObjective(Objective):
         return total, {"cls": cls.detach(), "contrastive": con.detach()}
 
 
-def build_objective(classification: ClassificationObjective, spec: ContrastSpec) -> Objective:
+def build_objective(classification: ClassificationObjective, spec: ContrastSpec,
+                    backbone_lr_scale: float = 1.0) -> Objective:
     """The objective of a ``--positives`` setting (``none`` = classification only)."""
+    objective: _ScaledBackbone
     if spec.positives == "radiomics":
-        return ContrastiveObjective(classification, spec)
-    if spec.positives == "augment":
-        return AugmentObjective(classification, spec)
-    if spec.positives == "none":
-        return classification
-    raise ValueError(f"positives must be one of {', '.join(POSITIVES)}, got {spec.positives!r}")
+        objective = ContrastiveObjective(classification, spec)
+    elif spec.positives == "augment":
+        objective = AugmentObjective(classification, spec)
+    elif spec.positives == "none":
+        objective = ClassificationOnly(classification)
+    else:
+        raise ValueError(
+            f"positives must be one of {', '.join(POSITIVES)}, got {spec.positives!r}")
+    objective.backbone_lr_scale = float(backbone_lr_scale)
+    return objective  # type: ignore[return-value]

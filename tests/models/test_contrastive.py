@@ -9,6 +9,7 @@ import torch
 
 from kacl_cli.models.contrastive import (
     AugmentObjective,
+    ClassificationOnly,
     ContrastiveObjective,
     ContrastSpec,
     build_objective,
@@ -162,7 +163,8 @@ def test_augment_objective_two_views() -> None:
 
 def test_build_objective() -> None:
     cls = ClassificationObjective("focal")
-    assert build_objective(cls, _spec("none")) is cls
+    none = build_objective(cls, _spec("none"))
+    assert isinstance(none, ClassificationOnly) and not none.state_dict()
     assert isinstance(build_objective(cls, _spec("augment")), AugmentObjective)
     obj = build_objective(cls, _spec("radiomics"))
     assert isinstance(obj, ContrastiveObjective)
@@ -171,3 +173,15 @@ def test_build_objective() -> None:
     assert not any(k.startswith("classification.") for k in keys)  # pos_weight not persisted
     with pytest.raises(ValueError):
         build_objective(cls, _spec("nonsense"))
+
+
+def test_param_groups_scale_the_backbone() -> None:
+    model = build_image_net("tiny")
+    obj = build_objective(ClassificationObjective("focal"), _spec("radiomics"),
+                          backbone_lr_scale=0.1)
+    groups = obj.param_groups(model, 1e-3)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-4, 1e-3])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters())) + len(
+        list(obj.parameters()))
+    none = build_objective(ClassificationObjective("focal"), _spec("none"), 0.5)
+    assert [g["lr"] for g in none.param_groups(model, 1e-3)] == pytest.approx([5e-4])
