@@ -19,7 +19,7 @@ import datetime as dt
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from .catalog import label_columns_sql
 from .cli import err
 from .errors import KaclError, NotReadyError
 from .findings import BOX_FINDINGS, BOX_LABEL_ALIASES, FINDINGS
+from .progress import bar
 from .workspace import StageRun, Workspace, stable_json
 
 __all__ = [
@@ -121,12 +122,14 @@ def bootstrap_weights(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
         done += c
 
 
-def bootstrap_aucs(labels: np.ndarray, scores: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+def bootstrap_aucs(labels: np.ndarray, scores: np.ndarray, n_boot: int, seed: int,
+                   progress: Callable[[int], object] | None = None) -> np.ndarray:
     """Per-finding AUCs of ``n_boot`` image-level bootstrap resamples: (n_boot x F).
 
     ``labels``/``scores`` are n x F; a NaN score (image without a probability for that finding)
     leaves the image out of that finding only. NaN where a resample lacks a class. All findings
-    share the same resamples (images are resampled, with all their labels).
+    share the same resamples (images are resampled, with all their labels). ``progress(k)`` is
+    called after each chunk of k resamples.
     """
     y = np.asarray(labels, dtype=bool)
     s = np.asarray(scores, dtype=np.float64)
@@ -143,6 +146,8 @@ def bootstrap_aucs(labels: np.ndarray, scores: np.ndarray, n_boot: int, seed: in
         for j, plan in enumerate(plans):
             out[row:row + len(w), j] = plan(w)
         row += len(w)
+        if progress is not None:
+            progress(len(w))
     return out
 
 
@@ -297,7 +302,10 @@ def compute_metrics(data: EvalData, n_boot: int = 1000, seed: int = 0) -> dict[s
     """All metrics of one (round, split) as one JSON-ready document (metrics.json)."""
     notes: list[str] = []
     # -- classification -----------------------------------------------------------------
-    boot = bootstrap_aucs(data.labels, data.probs, n_boot, seed) if n_boot > 0 else None
+    boot = None
+    if n_boot > 0:
+        with bar(n_boot, "bootstrap", unit="resample") as pb:
+            boot = bootstrap_aucs(data.labels, data.probs, n_boot, seed, progress=pb.update)
     cls_rows, included = [], []
     for j, f in enumerate(FINDINGS):
         keep = np.isfinite(data.probs[:, j])

@@ -153,3 +153,29 @@ def test_summary_report_shows_every_round(round_report) -> None:
     per_finding = parsed.tables["rounds-auc"]
     assert per_finding[0] == ["finding", "round 0", "round 1"]
     assert len(parsed.images) == 1
+
+
+@pytest.mark.nih
+def test_report_on_the_real_nih_sample(nih_sample, tmp_path) -> None:
+    """Real CSVs and boxes (6 box-annotated images of the sample, all on the official test
+    list): every test-split GT box is a pair, one box-supervised image is excluded, and the
+    report names the dataset and split beside the published numbers."""
+    from kacl_cli.data.ingest import prepare_nih
+    from kacl_cli.workspace import Workspace
+
+    ws = Workspace(tmp_path / "nih")
+    prepare_nih(ws, nih_sample, size=32, workers=1)
+    fakes.write_fake_round(ws, 0)
+    boxes = ws.catalog.query(
+        "SELECT g.image_id, count(*) FROM gt_boxes g JOIN images i USING (image_id) "
+        "WHERE i.split = 'test' GROUP BY 1 ORDER BY 1")
+    assert boxes, "the sample's box-annotated images are on the official test list"
+    ws.catalog.execute("INSERT INTO box_supervision VALUES (?, 0, 0.8, 'test')", [boxes[0][0]])
+    doc = evaluate_round(ws, 0, n_boot=20, overlays=3)
+    loc = doc["localization"]
+    assert loc["n_excluded_images"] == 1 and loc["n_excluded_pairs"] == boxes[0][1]
+    assert loc["n_pairs"] == sum(n for _, n in boxes) - boxes[0][1]
+    text, parsed = parse(Path(doc["report"]))
+    assert_self_contained(text, parsed)
+    assert "NIH ChestX-ray14" in text and "official patient split" in text
+    assert len(parsed.images) == 3
