@@ -242,7 +242,7 @@ def overlay_figure(ws: Workspace, data: EvalData, iou: np.ndarray,
             pb = bx.scale_xywh(pred, sx, sy)
             ax.add_patch(Rectangle(pb[:2], pb[2], pb[3], fill=False, ec="red", lw=1.6, ls="--"))
         prob = data.probs[img_i, j]
-        score = f"IoU {fmt(iou[p], 2)}" if np.isfinite(iou[p]) else "no predicted box"
+        score = f"IoU {fmt(iou[p], 3)}" if np.isfinite(iou[p]) else "no predicted box"
         ax.set_title(f"{f}\n{data.image_ids[img_i]}  {score}  p {fmt(prob, 2)}",
                      fontsize=7)
         ax.set_xlim(0, size)
