@@ -37,6 +37,8 @@ def init_identity(init: str) -> str:
 def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = False,
                  resume: bool = True) -> dict[str, Any]:
     """Train round 0 (or return the summary of the identical finished run, with skipped=True)."""
+    import torch
+
     from ..data.loader import StoreDataset, data_fingerprint, load_split
     from ..device import resolve_device
     from ..models.checkpoint import model_meta
@@ -61,6 +63,8 @@ def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = 
               "store_size": store_size}
     resolve_device(cfg.device)
     # Built before the run is recorded: a bad --init fails without leaving a failed run.
+    # Seeded first, so the random initialisation (and with it the whole run) follows --seed.
+    torch.manual_seed(cfg.seed)
     model = build_image_net(backbone, init=init)
     begun = ws.begin(STAGE, config, data_fingerprint(ws), round_=0, force=force)
     if isinstance(begun, dict):

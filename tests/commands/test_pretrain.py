@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from kacl_cli.app import app
-from kacl_cli.models.checkpoint import load_image_net
+from kacl_cli.models.checkpoint import load_image_net, read_checkpoint
 
 runner = CliRunner()
 FAST = ["--backbone", "tiny", "--image-size", "32", "--batch-size", "4", "--workers", "0",
@@ -40,9 +40,13 @@ def test_pretrain_writes_checkpoint_and_skips_rerun(tiny_workspace) -> None:
     assert "done, skipping" in again.stderr
     assert ws.catalog.count("runs", "stage = 'pretrain'") == 1
 
+    first, _ = read_checkpoint(ws.checkpoint_dir(0))
     forced = _pretrain(ws, "--epochs", "2", "--force")
     assert forced.exit_code == 0, forced.stderr
     assert "best epoch" in forced.stdout  # the human table
+    second, _ = read_checkpoint(ws.checkpoint_dir(0))
+    for key, value in first.items():  # same --seed on the CPU: the same weights
+        assert torch.equal(second[key], value), key
     assert ws.catalog.count("runs", "stage = 'pretrain' AND status = 'done'") == 2
 
 
