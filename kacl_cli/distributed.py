@@ -96,6 +96,14 @@ def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t
 
 
+def sync_buffers(module: nn.Module, ctx: DistContext) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running stats drift apart per rank after
+    the last step), so validation, and with it the best-epoch choice, agree on all ranks."""
+    if ctx.active:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.active:
         dist.barrier()

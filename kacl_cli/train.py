@@ -395,6 +395,7 @@ def fit(
                     f"{stage} round {round_}: loss is not finite in epoch {epoch + 1} "
                     f"(try a lower --lr)"
                 )
+            distributed.sync_buffers(step_module, ctx)
             if val_set is not None and len(val_set):
                 y, p, val_loss = evaluate_split(model, objective, val_set, meta, device, val_bs,
                                                 cfg.workers, autocast, channels_last)

@@ -152,9 +152,12 @@ def command(
 
     Example: kacl pretrain --backbone densenet121 --epochs 10 --device cuda
     """
+    from ..distributed import from_env
     from ..train import TrainConfig
 
-    ws = Workspace(workspace)
+    # Under torchrun only rank 0 writes the catalog and checkpoints.
+    main_rank = from_env().is_main
+    ws = Workspace(workspace, writes=main_rank)
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
         focal_alpha=focal_alpha, focal_gamma=focal_gamma, image_size=image_size or 0,
@@ -164,6 +167,8 @@ def command(
     if loss not in ("focal", "bce"):
         raise typer.BadParameter(f"--loss {loss!r}: expected focal or bce")
     summary = run_pretrain(ws, backbone=backbone, init=init, cfg=cfg, force=force, resume=resume)
+    if not main_rank:
+        return  # rank 0 reports for the whole torchrun job
     if summary.get("skipped"):
         summary.pop("skipped")
         print_skipped(STAGE, summary, as_json)
