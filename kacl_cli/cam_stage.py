@@ -31,7 +31,7 @@ from .boxes import scale_xywh
 from .cam import batched_gradcam, maps_to_boxes
 from .data.loader import SPLITS, StoreDataset
 from .device import resolve_device
-from .errors import InputError, KaclError, NotReadyError
+from .errors import CheckpointError, InputError, KaclError, NotReadyError
 from .findings import FINDINGS
 from .models.checkpoint import META_FILE, MODEL_FILE, load_image_net, preprocess
 from .store import cam_key
@@ -217,8 +217,9 @@ def _work(
         for start in range(0, len(pending), chunk_size):
             idx = pending[start:start + chunk_size]
             t0 = time.perf_counter()
-            rows_out, maps, probs, bad = _infer_chunk(
-                ws, model, meta, dev, np.asarray(images["row"])[idx], batch_size, workers, pb
+            rows_out, maps, probs = _infer_chunk(
+                ws, model, meta, dev, np.asarray(images["row"])[idx], batch_size, workers, pb,
+                ckpt,
             )
             map_shape = maps.shape[-2:]
             columns = _box_columns(
@@ -234,7 +235,6 @@ def _work(
                     "INSERT OR REPLACE INTO cam_boxes SELECT round, image_id, finding, "
                     "probability, x, y, w, h, peak, mass, reason FROM chunk"
                 )
-            run.errors([(str(ids[idx][i]), why) for i, why in bad])
             computed += len(idx)
     summary = _summarise(ws, round_, ids)
     seconds = time.perf_counter() - started
@@ -251,9 +251,13 @@ def _work(
 
 def _infer_chunk(
     ws: Workspace, model: torch.nn.Module, meta: dict[str, Any], dev: torch.device,
-    rows: np.ndarray, batch_size: int, workers: int, pb: Any,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """(store rows, float16 maps k x F x h x w, probabilities k x F, [(i, bad-output reason)])."""
+    rows: np.ndarray, batch_size: int, workers: int, pb: Any, ckpt: Path,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(store rows, float16 maps k x F x h x w, probabilities k x F) of some store rows.
+
+    Non-finite logits stop the stage: pixels are uint8, so NaN/inf can only come from the
+    weights (a diverged training run), and a made-up probability would poison evaluate's AUC.
+    """
     dataset = StoreDataset(ws.store.path, rows, np.zeros((len(rows), len(FINDINGS)), np.float32),
                            augment=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -263,6 +267,12 @@ def _infer_chunk(
         for batch in loader:
             x = preprocess(batch["image"], meta, dev)
             logits, maps = batched_gradcam(model, x)
+            if not torch.isfinite(logits).all():
+                raise CheckpointError(
+                    f"{ckpt}: the model gives non-finite logits (NaN/inf), e.g. for store row "
+                    f"{int(batch['row'][~torch.isfinite(logits).all(dim=1).cpu()][0])}: a "
+                    "diverged training run? retrain this round"
+                )
             out_rows.append(batch["row"].numpy())
             # float16 here, before the boxes: the stored map reproduces its box exactly.
             out_maps.append(maps.to(torch.float16).cpu().numpy())
@@ -271,12 +281,7 @@ def _infer_chunk(
     finally:
         # HDF5 refuses to open the store for writing while this process still reads it.
         dataset.reader.close()
-    maps_np = np.concatenate(out_maps)
-    probs_np = np.concatenate(out_probs)
-    bad = [(i, "non-finite logits") for i in np.flatnonzero(~np.isfinite(probs_np).all(axis=1))]
-    # A probability of exactly 0/1 from a finite logit is fine; NaN is not storable as one.
-    probs_np = np.nan_to_num(probs_np, nan=0.5)
-    return np.concatenate(out_rows), maps_np, probs_np, bad
+    return np.concatenate(out_rows), np.concatenate(out_maps), np.concatenate(out_probs)
 
 
 def _box_columns(

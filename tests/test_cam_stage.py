@@ -192,3 +192,16 @@ def test_missing_and_foreign_checkpoints_and_bad_options(tiny_workspace) -> None
         cam_stage.run_cam_stage(ws, 0, threshold=0.0)
     with pytest.raises(KaclError, match="shard"):
         cam_stage.run_cam_stage(ws, 0, shard=(0, 2))
+
+
+def test_non_finite_logits_stop_the_stage_without_rows(ws: Workspace, monkeypatch) -> None:
+    def broken(model, x):
+        logits = torch.zeros(len(x), len(FINDINGS))
+        logits[0, 2] = float("nan")
+        return logits, torch.ones(len(x), len(FINDINGS), 8, 8)
+
+    monkeypatch.setattr(cam_stage, "batched_gradcam", broken)
+    with pytest.raises(CheckpointError, match="non-finite logits"):
+        cam_stage.run_cam_stage(ws, 0, device="cpu")
+    assert ws.catalog.count("cam_boxes") == 0
+    assert ws.catalog.query("SELECT status FROM runs WHERE stage = 'cam'") == [("failed",)]
