@@ -24,6 +24,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,13 +58,36 @@ def auto_workers(workers: int) -> int:
 
 # -- decoding ------------------------------------------------------------------------------
 def _decoded_stream(jobs: list[tuple[int, str, int]], workers: int) -> Iterator[Decoded]:
-    """Decoded images in job order; a process pool when ``workers`` > 1 (see :func:`pool`)."""
+    """Decoded images in job order; a process pool when ``workers`` > 1 (see :func:`pool`).
+
+    ``Pool.imap`` would queue all 112k jobs at once and buffer every result the main process
+    has not consumed yet; a semaphore around the job feed bounds what is in flight (memory
+    stays flat even when store writes are slower than decoding).
+    """
     if workers <= 1 or len(jobs) < 2:
         for job in jobs:
             yield decode_job(job)
         return
-    with pool(min(workers, len(jobs))) as p:
-        yield from p.imap(decode_job, jobs, chunksize=4)
+    workers = min(workers, len(jobs))
+    slots = threading.Semaphore(workers * 16)
+    stop = threading.Event()
+
+    def feed() -> Iterator[tuple[int, str, int]]:
+        for job in jobs:
+            while not slots.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            if stop.is_set():
+                return
+            yield job
+
+    with pool(workers) as p:
+        try:
+            for d in p.imap(decode_job, feed(), chunksize=4):
+                slots.release()
+                yield d
+        finally:
+            stop.set()  # unblock the feeder so the pool can shut down
 
 
 def pool(workers: int, preload: tuple[str, ...] = ("kacl_cli.data.nih",)):

@@ -412,12 +412,37 @@ def assign_splits(
     else:
         raise InputError(f"unknown split {mode!r}: expected official or random")
     cache: dict[str, str] = {}
-    out = {}
     for e in entries:
         if e.patient_id not in cache:
             cache[e.patient_id] = split_of(e.patient_id)
-        out[e.image_id] = cache[e.patient_id]
-    return out
+    _fill_empty_splits(cache, seed, mode, val_fraction, fractions)
+    return {e.image_id: cache[e.patient_id] for e in entries}
+
+
+def _fill_empty_splits(by_patient: dict[str, str], seed: int, mode: str,
+                       val_fraction: float, fractions: tuple[float, float, float]) -> None:
+    """On tiny files a hashed 10% can be nobody: move the patient nearest to the empty split's
+    hash range there (from the largest split, which keeps at least one patient).
+
+    Only ever triggers when a split is empty, so real-sized data keeps the pure hash rule.
+    """
+    if mode == "official":
+        ranges = {"val": (0.0, val_fraction)}
+        donors = ["train"]  # test comes from the official list, never moved
+    else:
+        tr, va, _ = fractions
+        ranges = {"val": (tr, tr + va), "test": (tr + va, 1.0)}
+        donors = ["train", "val", "test"]
+    for split, (lo, hi) in ranges.items():
+        if split in by_patient.values():
+            continue
+        groups = {d: [p for p, s in by_patient.items() if s == d] for d in donors if d != split}
+        donor = max(groups, key=lambda d: len(groups[d]))
+        if len(groups[donor]) < 2:
+            continue
+        dist = {p: max(lo - u, u - hi, 0.0)
+                for p in groups[donor] for u in (patient_uniform(p, seed),)}
+        by_patient[min(groups[donor], key=dist.__getitem__)] = split
 
 
 # -- decoding (the unit of work of prepare's worker processes) -----------------------------

@@ -351,6 +351,9 @@ class Phantom:
         lw, lh = pr.uniform(0.92, 1.08), pr.uniform(0.90, 1.06)
         if "Emphysema" in self.has:  # hyperinflated: taller lungs, flat low domes
             lh *= 1.0 + 0.10 * self.k["contrast"]
+        if "Fibrosis" in self.has:  # volume loss: smaller lungs
+            lw *= 1.0 - 0.05 * self.k["contrast"]
+            lh *= 1.0 - 0.07 * self.k["contrast"]
         self.lungs = {
             "R": Lung(0.5 - 0.19 * body_w, 0.45, 0.165 * lw, 0.29 * lh,
                       0.55 + (0.2 * self.k["contrast"] if "Emphysema" in self.has else 0.0)),
@@ -610,11 +613,12 @@ class Phantom:
         A -= 0.08 * self.k["contrast"] * lung
 
     def _fibrosis(self, A, lungs, lung) -> None:
-        """Fine reticular net, basal and peripheral."""
+        """Fine reticular net over a faint haze, basal and peripheral (volume loss set up
+        earlier)."""
         u, v = self.frame.u, self.frame.v
         net = np.exp(-(smooth_noise(self.lrng, u.shape, 0.012 * self.size) / 0.3) ** 2)
         where = np.clip((v - 0.35) / 0.3, 0, 1) * np.clip((np.abs(u - 0.5) - 0.1) / 0.2, 0, 1)
-        A += 0.14 * self.k["contrast"] * net * where * lung
+        A += self.k["contrast"] * (0.14 * net + 0.05) * where * lung
 
     def _pleural_thickening(self, A, lungs, lung) -> None:
         """A dense rim along the lateral wall and apex of one or both lungs."""

@@ -158,6 +158,16 @@ def test_random_split_fractions_and_stability_under_subsets() -> None:
     assert all(sub_splits[e.image_id] == splits[e.image_id] for e in sub)
 
 
+def test_tiny_files_still_get_every_split() -> None:
+    entries = _entries(4)
+    off = _patients_by_split(entries, nih.assign_splits(entries, "official", 0, test_ids={
+        "00000000_000.png"}))
+    assert [len(off[k]) for k in ("train", "val", "test")] == [2, 1, 1]
+    for seed in range(5):
+        rnd = _patients_by_split(entries, nih.assign_splits(entries, "random", seed))
+        assert all(rnd[k] for k in ("train", "val", "test")), rnd
+
+
 def test_official_split_without_lists_is_a_clear_error() -> None:
     with pytest.raises(InputError, match="--split random"):
         nih.assign_splits(_entries(3), "official", seed=0, test_ids=None)

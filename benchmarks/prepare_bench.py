@@ -1,0 +1,198 @@
+"""prepare throughput and store read speed (and, optionally, the phantom difficulty curve).
+
+1. ``kacl prepare`` on 1024 x 1024 PNGs (phantoms written once into benchmarks/out/, or the real
+   NIH sample with ``--nih DIR``) with ``--workers W``, end to end (CSV parse, pool start-up,
+   store + catalog commits), against the raw rate of decoding + resizing the same files with
+   ``load_for_store`` in a warm pool of the same W processes. Target: >= 0.8 of raw.
+2. Training-batch reads: random batches of 64 rows through ``ImageReader`` from the prepared
+   256-px store, against decoding + resizing the PNGs of the same batches each time (one
+   process each, as one DataLoader worker would). Target: >= 20x.
+3. ``--calibrate``: mean test AUC of a logistic regression on 32 x 32 downsampled phantoms per
+   difficulty (the "plain classifier" that the default difficulty should neither fail nor
+   saturate).
+
+Run: ``.venv/bin/python -m benchmarks.prepare_bench [--n 200] [--workers 2] [--nih DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kacl_cli.data import ingest, phantoms
+from kacl_cli.data.nih import scan_images
+from kacl_cli.imageio import load_for_store
+from kacl_cli.store import ImageReader
+from kacl_cli.workspace import Workspace
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def phantom_folder(n: int, size: int, workers: int) -> Path:
+    """n phantoms of size px as an NIH folder, generated once and reused."""
+    root = OUT / f"phantoms-{n}-{size}"
+    expect = {"n": n, "size": size, "seed": 0, "generator": phantoms.GENERATOR_VERSION}
+    if not phantoms.release_is_complete(root, expect):
+        if root.exists():
+            shutil.rmtree(root)
+        t = time.perf_counter()
+        phantoms.write_release(root, n, size, seed=0, enrich=0.3, workers=workers)
+        print(f"# generated {n} phantoms at {size} px in {time.perf_counter() - t:.0f} s "
+              f"({workers} workers)", file=sys.stderr)
+    return root
+
+
+def raw_rate(paths: list[str], size: int, workers: int) -> float:
+    """images/s of decode + resize alone, pool already started (its start-up not counted)."""
+    jobs = [(p, size) for p in paths]
+    if workers <= 1:
+        t = time.perf_counter()
+        for p, s in jobs:
+            load_for_store(p, s)
+        return len(jobs) / (time.perf_counter() - t)
+    with ingest.pool(workers) as pool:
+        pool.map(abs, range(workers * 4))  # warm: workers forked and idle
+        t = time.perf_counter()
+        for _ in pool.imap(_load, jobs, chunksize=4):
+            pass
+        return len(jobs) / (time.perf_counter() - t)
+
+
+def _load(job: tuple[str, int]) -> None:
+    load_for_store(job[0], job[1])
+
+
+def bench_prepare(root: Path, size: int, workers: int) -> tuple[list[tuple], Path]:
+    paths = [str(p) for p in scan_images(root).values()]
+    raw_1 = raw_rate(paths, size, 1)
+    raw_w = raw_rate(paths, size, workers)
+    ws_dir = Path(tempfile.mkdtemp(prefix="kacl-prepare-bench-"))
+    ws = Workspace(ws_dir / "ws")
+    t = time.perf_counter()
+    summary = ingest.prepare_nih(ws, root, size=size, workers=workers)
+    wall = time.perf_counter() - t
+    n = summary["ingested"]
+    rows = [
+        ("images (1024 px PNG)", f"{n}"),
+        ("raw decode+resize, 1 process", f"{raw_1:.1f} img/s"),
+        (f"raw decode+resize, {workers} processes (warm pool)", f"{raw_w:.1f} img/s"),
+        (f"kacl prepare --workers {workers}, end to end", f"{n / wall:.1f} img/s"),
+        ("  ratio to raw (target >= 0.8)", f"{n / wall / raw_w:.2f}"),
+        ("  its ingest loop alone (after the CSV parse)", f"{summary['images_per_s']} img/s"),
+        ("  ratio to raw", f"{summary['images_per_s'] / raw_w:.2f}"),
+    ]
+    return rows, ws_dir
+
+
+def bench_reads(ws: Workspace, root: Path, size: int, batches: int, batch: int) -> list[tuple]:
+    """Random training batches from the store vs. decoding their PNGs again.
+
+    Two store paths: ``reader[row]`` per item (what ``StoreDataset.__getitem__`` does inside a
+    DataLoader) and ``reader.batch(rows)`` (h5py fancy indexing, used by batch stages).
+    """
+    rng = np.random.default_rng(0)
+    ids_rows = ws.catalog.query("SELECT row, source_path FROM images ORDER BY row")
+    rows = np.array([r[0] for r in ids_rows])
+    paths = [r[1] for r in ids_rows]
+    k = min(batch, len(rows))
+    picks = [rng.choice(len(rows), size=k, replace=False) for _ in range(batches)]
+    reader = ImageReader(ws.store.path)
+    reader[int(rows[0])]  # open once, as a DataLoader worker does
+
+    def rate(fn, items) -> float:
+        t = time.perf_counter()
+        for p in items:
+            out = fn(p)
+        assert out.shape == (k, size, size)
+        return len(items) * k / (time.perf_counter() - t)
+
+    per_item = rate(lambda p: np.stack([reader[int(rows[i])] for i in p]), picks)
+    fancy = rate(lambda p: reader.batch(rows[p]), picks[: max(1, batches // 5)])
+    # Decoding is slow: fewer batches give the same rate.
+    png = rate(lambda p: np.stack([load_for_store(paths[i], size)[0] for i in p]),
+               picks[: max(1, batches // 10)])
+    reader.close()
+    return [
+        (f"store, {k} random rows via ImageReader[row] ({size} px)", f"{per_item:.0f} img/s"),
+        (f"store, {k} random rows via ImageReader.batch", f"{fancy:.0f} img/s"),
+        ("PNG decode+resize of the same batches", f"{png:.1f} img/s"),
+        ("  speed-up of ImageReader[row] (target >= 20x)", f"{per_item / png:.0f}x"),
+        ("  speed-up of ImageReader.batch", f"{fancy / png:.1f}x"),
+    ]
+
+
+def calibrate(n: int, size: int, difficulties: list[float]) -> list[tuple]:
+    """Mean/min/max test AUC of per-finding logistic regressions on 32 x 32 pixels."""
+    from PIL import Image
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    from kacl_cli.findings import FINDINGS
+
+    specs = phantoms.plan(n, seed=0, enrich=0.5)
+    y = np.array([[f in s.findings for f in FINDINGS] for s in specs])
+    test = np.array([s.patient % 5 == 0 for s in specs])  # by patient
+    rows = []
+    for d in difficulties:
+        x = np.array([np.asarray(Image.fromarray(phantoms.render(s, size, d)[0]).resize(
+            (32, 32), Image.Resampling.BILINEAR), np.float32).ravel() for s in specs])
+        sc = StandardScaler().fit(x[~test])
+        xtr, xte = sc.transform(x[~test]), sc.transform(x[test])
+        aucs = []
+        for j in range(len(FINDINGS)):
+            if y[~test, j].sum() >= 3 and 0 < y[test, j].sum() < test.sum():
+                m = LogisticRegression(C=0.01, max_iter=300).fit(xtr, y[~test, j])
+                aucs.append(roc_auc_score(y[test, j], m.decision_function(xte)))
+        rows.append((f"difficulty {d:.2f}: logistic regression test AUC",
+                     f"mean {np.mean(aucs):.3f} (min {min(aucs):.2f}, max {max(aucs):.2f}, "
+                     f"{len(aucs)} findings)"))
+    return rows
+
+
+def table(title: str, rows: list[tuple]) -> None:
+    print(f"\n{title}")
+    w = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.prepare_bench",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=200, help="1024-px phantom PNGs to ingest")
+    ap.add_argument("--nih", type=Path, help="use this NIH folder instead of phantoms")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--calibrate", action="store_true",
+                    help="also measure the phantom difficulty curve (slow: minutes)")
+    ap.add_argument("--calibrate-n", type=int, default=1500)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("KACL_NO_PROGRESS", "1")
+    root = args.nih or phantom_folder(args.n, 1024, max(args.workers, 1))
+    print(f"prepare_bench: {root} | {os.cpu_count()} CPU cores visible, load average "
+          f"{os.getloadavg()[0]:.1f} | workers {args.workers}")
+    rows, ws_dir = bench_prepare(root, args.size, args.workers)
+    table("prepare throughput", rows)
+    try:
+        table("store reads for training",
+              bench_reads(Workspace(ws_dir / "ws"), root, args.size, args.batches, args.batch))
+    finally:
+        shutil.rmtree(ws_dir, ignore_errors=True)
+    if args.calibrate:
+        table(f"phantom difficulty ({args.calibrate_n} images at 64 px, 20% patients held out)",
+              calibrate(args.calibrate_n, 64, [0.0, 0.25, 0.5, 0.75, 1.0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
