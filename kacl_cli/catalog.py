@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS runs (
     config_json VARCHAR NOT NULL,
     config_hash VARCHAR NOT NULL,
     input_fingerprint VARCHAR NOT NULL,
-    status VARCHAR NOT NULL,           -- running | done | failed
+    status VARCHAR NOT NULL,           -- running | done | failed | interrupted
     started_at TIMESTAMP NOT NULL,
     finished_at TIMESTAMP,
     seconds DOUBLE,

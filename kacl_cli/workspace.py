@@ -200,6 +200,14 @@ class Workspace:
                            default=str)
             )
             with self.catalog.connect() as con:
+                # A run of the same stage still marked 'running' was killed: say so, since
+                # this one resumes its work.
+                con.execute(
+                    "UPDATE runs SET status = 'interrupted' WHERE status = 'running' "
+                    "AND stage = ? AND round IS NOT DISTINCT FROM ? "
+                    "AND shard IS NOT DISTINCT FROM ?",
+                    [stage, round_, shard],
+                )
                 con.execute(
                     "INSERT INTO runs (run_id, stage, round, shard, config_json, config_hash, "
                     "input_fingerprint, status, started_at, version) "

@@ -30,3 +30,13 @@ def test_store_roundtrip_with_unsorted_rows(tiny_workspace) -> None:
     assert imgs.shape == (4, 32, 32)
     assert (imgs[1] == imgs[2]).all()
     assert (imgs[0] == ws.store.read_images([5])[0]).all()
+
+
+def test_killed_run_is_marked_interrupted_by_the_next(tiny_workspace) -> None:
+    ws = tiny_workspace(n=2)
+    killed = ws.begin("demo", {"x": 1}, "fp", round_=0)
+    assert isinstance(killed, StageRun)  # never finished: the process "died" here
+    resumed = ws.begin("demo", {"x": 1}, "fp", round_=0)
+    status = dict(ws.catalog.query("SELECT run_id, status FROM runs"))
+    assert status[killed.run_id] == "interrupted"
+    assert status[resumed.run_id] == "running"
