@@ -31,7 +31,7 @@ from .boxes import scale_xywh
 from .cam import batched_gradcam, maps_to_boxes
 from .data.loader import SPLITS, StoreDataset
 from .device import resolve_device
-from .errors import CheckpointError, InputError, KaclError, NotReadyError
+from .errors import CheckpointError, InputError, NotReadyError
 from .findings import FINDINGS
 from .models.checkpoint import META_FILE, MODEL_FILE, load_image_net, preprocess
 from .store import cam_key
@@ -104,9 +104,11 @@ def run_cam_stage(
     """Compute maps and boxes of all findings for the images of ``split`` (None = all).
 
     Returns the run summary (with ``skipped: True`` when an identical run had finished).
+    With ``shard=(i, n)`` (or under torchrun: rank r of N = shard r/N, merged by rank 0) the
+    shard's images are processed into a part (see :mod:`kacl_cli.shards`).
     """
-    if shard is not None:
-        raise KaclError("cam does not support --shard yet: run it without --shard")
+    from . import shards
+
     if not 0.0 < threshold <= 1.0:
         raise InputError(f"--threshold {threshold}: must be a fraction of the peak in (0, 1]")
     if batch_size < 1 or chunk_size < 1 or workers < 0:
@@ -114,6 +116,12 @@ def run_cam_stage(
     ws.require()
     split_name, splits = resolve_splits(split)
     round_ = resolve_round(ws, round_)
+    if shard is not None or shards.ddp_sharding():
+        return shards.run_sharded(
+            ws, STAGE, round_, shard, lambda part: run_cam_stage(
+                part, round_, split=split, batch_size=batch_size, threshold=threshold,
+                device=device, force=force, workers=workers, chunk_size=chunk_size),
+            device=device, force=force)
     ckpt = ws.checkpoint_dir(round_)
     images = _images(ws, splits)
     if not len(images["image_id"]):

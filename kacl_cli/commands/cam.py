@@ -6,7 +6,19 @@ from typing import Annotated
 
 import typer
 
-from ..cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, emit, handle_errors, out, skipped
+from ..cli import (
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    ShardOpt,
+    WorkspaceOpt,
+    emit,
+    err,
+    handle_errors,
+    out,
+    parse_shard,
+    skipped,
+)
 from ..workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "cam"
@@ -38,6 +50,7 @@ def command(
         int, typer.Option("--workers", min=0, help="DataLoader worker processes reading the store.")
     ] = 0,
     device: DeviceOpt = "auto",
+    shard: ShardOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
@@ -48,13 +61,21 @@ def command(
     store.h5 /cams/round-K; one cam_boxes row per (image, finding) holds the probability and
     the box in original pixels (NULL box + reason for empty or flat maps).
 
+    With --shard i/n only shard i's images (sorted image_id, every n-th) are processed, into
+    WS/parts/cam-round-K/shard-i-of-n; `kacl merge` folds the parts in. Under torchrun each
+    rank takes its shard and rank 0 merges.
+
     Example: kacl cam --round 0 --split test
     """
     from ..cam_stage import run_cam_stage  # torch import only when the command runs
 
     ws = Workspace(workspace)
     result = run_cam_stage(ws, round_, split=split, batch_size=batch_size, threshold=threshold,
-                           device=device, force=force, workers=workers)
+                           device=device, force=force, workers=workers,
+                           shard=parse_shard(shard))
+    if shard is not None:
+        err.print(f"cam: shard {result['shard']} written to {result['part']}; when every shard "
+                  f"has finished: kacl merge --stage cam --round {result['round']}")
     if result.pop("skipped", False):
         skipped(NAME, result, as_json)
         return

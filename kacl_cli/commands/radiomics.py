@@ -74,8 +74,9 @@ def command(
     ] = None,
     shard: Annotated[
         str | None,
-        typer.Option("--shard", help="i/n: only images with row % n == i (0-based); shards "
-                     "write straight to the catalog in short transactions, no merge needed."),
+        typer.Option("--shard", help="i/n: only shard i of n (0-based; every n-th image by "
+                     "sorted image_id), written to WS/parts/radiomics-round-K/shard-i-of-n; "
+                     "fold the parts in with `kacl merge`."),
     ] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -102,6 +103,9 @@ def command(
         ws, round_, roi=roi.value, backend=backend.value, params=params, workers=workers,
         split=split, force=force, shard=parse_shard(shard), min_prob=min_prob,
     )
+    if shard is not None:
+        err.print(f"radiomics: shard {summary['shard']} written to {summary['part']}; when "
+                  f"every shard has finished: kacl merge --stage radiomics --round {round_}")
     if summary.get("skipped"):
         skipped(NAME, {k: v for k, v in summary.items() if k != "skipped"}, as_json)
         return

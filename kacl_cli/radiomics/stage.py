@@ -282,9 +282,12 @@ def run_radiomics_stage(
 ) -> dict[str, Any]:
     """Compute the round's radiomics; returns the summary (``skipped: True`` if already done).
 
-    ``shard=(i, n)`` restricts the run to images with ``row % n == i`` (the rows of other
-    shards are untouched, statistics cover whatever the catalog holds at the end).
+    ``shard=(i, n)`` computes shard i's images (sorted image_id, positions i, i+n, ...) into
+    a part of its own, folded in by ``kacl merge`` (which also recomputes the statistics);
+    under torchrun rank r of N runs shard r/N and rank 0 merges (see :mod:`kacl_cli.shards`).
     """
+    from .. import shards
+
     ws.require()
     if roi not in ROI_MODES:
         raise InputError(f"--roi must be one of {', '.join(ROI_MODES)}, got {roi!r}")
@@ -295,13 +298,19 @@ def run_radiomics_stage(
     if not 0.0 <= min_prob <= 1.0:
         raise InputError(f"--min-prob must be in [0, 1], got {min_prob}")
     splits = [split] if isinstance(split, str) else (list(split) if split else None)
+    if shard is not None or shards.ddp_sharding():
+        return shards.run_sharded(
+            ws, STAGE, round_, shard, lambda part: run_radiomics_stage(
+                part, round_, roi=roi, backend=backend, params=params, workers=workers,
+                split=split, force=force, min_prob=min_prob, chunk=chunk),
+            force=force)
     settings = settings_mod.load_settings(params)
     impl = get_backend(backend)  # fail early when a backend is unavailable
     names = impl.feature_names(settings)
     shash = settings_mod.settings_hash(settings)
     size = ws.store.image_size()
 
-    images = select_images(ws, splits, shard)
+    images = select_images(ws, splits)
     if not images:
         raise InputError(f"no images in split(s) {', '.join(splits or ['any'])}")
     rois = build_rois(ws, round_, images, roi=roi, min_prob=min_prob,
@@ -309,8 +318,7 @@ def run_radiomics_stage(
     config = {"round": round_, "roi": roi, "backend": backend, "settings_hash": shash,
               "min_prob": min_prob, "split": splits}
     fingerprint = _roi_fingerprint(rois, ws.store.n_rows(), size)
-    shard_s = None if shard is None else f"{shard[0]}/{shard[1]}"
-    begun = ws.begin(STAGE, config, fingerprint, round_=round_, shard=shard_s, force=force)
+    begun = ws.begin(STAGE, config, fingerprint, round_=round_, force=force)
     if isinstance(begun, dict):
         return {**begun, "skipped": True}
     run = begun
