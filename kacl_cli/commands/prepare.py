@@ -38,8 +38,9 @@ ROWS = [
     ("gt_boxes", "GT boxes"),
     ("images_with_boxes", "images with GT boxes"),
     ("generated", "phantoms generated"),
+    ("generate_seconds", "  seconds to generate them"),
     ("difficulty", "phantom difficulty"),
-    ("seconds", "seconds"),
+    ("seconds", "seconds to ingest"),
     ("images_per_s", "images/s"),
 ]
 

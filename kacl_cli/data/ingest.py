@@ -19,6 +19,7 @@ not an image) is an ``errors`` row with the reason; everything else is still ing
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -41,7 +42,7 @@ from .nih import Decoded, decode_job
 
 STAGE = "prepare"
 DATASET_KEY = "prepare_dataset"  # meta row: what the workspace's images are (see _claim)
-DEFAULT_CHUNK = 256
+DEFAULT_CHUNK = 256  # images per commit: fewer commits cost less CPU beside the decoders
 VAL_FRACTION = 0.1
 MAX_AUTO_WORKERS = 8
 
@@ -50,26 +51,68 @@ ChunkHook = Callable[[int, str], None]
 
 
 def auto_workers(workers: int) -> int:
-    """``0`` = one worker per CPU core, capped (decoding PNGs stops scaling before disks do)."""
+    """``0`` = one worker per usable CPU core (the affinity mask a batch scheduler grants, not
+    the machine's count), capped: past ~8 decoders the single writer becomes the limit."""
     if workers > 0:
         return workers
-    return max(1, min(MAX_AUTO_WORKERS, os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_AUTO_WORKERS, cores or 1))
 
 
 # -- decoding ------------------------------------------------------------------------------
-def _decoded_stream(jobs: list[tuple[int, str, int]], workers: int) -> Iterator[Decoded]:
-    """Decoded images in job order; a process pool when ``workers`` > 1 (see :func:`pool`).
+class Decoders:
+    """The decode pool, started in a background thread as soon as prepare knows it will work.
+
+    Starting workers takes a few hundred ms; meanwhile the main process parses the CSVs and
+    does its catalog bookkeeping, so on small runs the start-up is not added to the wall time.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            self._pool = pool(self.workers)
+        except BaseException as exc:  # re-raised in the main thread by get()
+            self._error = exc
+
+    def get(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._pool
+
+    def close(self) -> None:
+        self._thread.join()
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> Decoders:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _decoded_stream(jobs: list[tuple[int, str, int]], decoders: Decoders | None
+                    ) -> Iterator[Decoded]:
+    """Decoded images in job order: in-process, or through ``decoders`` (see :func:`pool`).
 
     ``Pool.imap`` would queue all 112k jobs at once and buffer every result the main process
     has not consumed yet; a semaphore around the job feed bounds what is in flight (memory
     stays flat even when store writes are slower than decoding).
     """
-    if workers <= 1 or len(jobs) < 2:
+    if decoders is None or len(jobs) < 2:
         for job in jobs:
             yield decode_job(job)
         return
-    workers = min(workers, len(jobs))
-    slots = threading.Semaphore(workers * 16)
+    slots = threading.Semaphore(decoders.workers * 16)
     stop = threading.Event()
 
     def feed() -> Iterator[tuple[int, str, int]]:
@@ -81,13 +124,12 @@ def _decoded_stream(jobs: list[tuple[int, str, int]], workers: int) -> Iterator[
                 return
             yield job
 
-    with pool(workers) as p:
-        try:
-            for d in p.imap(decode_job, feed(), chunksize=4):
-                slots.release()
-                yield d
-        finally:
-            stop.set()  # unblock the feeder so the pool can shut down
+    try:
+        for d in decoders.get().imap(decode_job, feed(), chunksize=4):
+            slots.release()
+            yield d
+    finally:
+        stop.set()  # unblock the feeder so the pool can shut down
 
 
 def pool(workers: int, preload: tuple[str, ...] = ("kacl_cli.data.nih",)):
@@ -104,7 +146,7 @@ def pool(workers: int, preload: tuple[str, ...] = ("kacl_cli.data.nih",)):
         ctx.set_forkserver_preload(list(preload))
     else:  # pragma: no cover - Windows
         ctx = mp.get_context("spawn")
-    return ctx.Pool(workers)
+    return ctx.Pool(workers, initializer=nih.worker_init)
 
 
 # -- workspace bookkeeping -----------------------------------------------------------------
@@ -187,11 +229,14 @@ def ingest_release(
     split: str = "official",
     seed: int = 0,
     limit: int | None = None,
-    workers: int = 1,
+    decoders: Decoders | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     on_chunk: ChunkHook | None = None,
 ) -> dict[str, Any]:
-    """Ingest the images of ``release`` present on disk into ``ws`` (resumable; see module)."""
+    """Ingest the images of ``release`` present on disk into ``ws`` (resumable; see module).
+
+    ``decoders``: a started worker pool, or None to decode in this process.
+    """
     t0 = time.perf_counter()
     if split == "official" and not release.has_official_split:
         raise InputError(
@@ -257,7 +302,7 @@ def ingest_release(
         buf.clear()
 
     with bar(len(todo), "prepare") as pb:
-        for d in _decoded_stream(jobs, workers):
+        for d in _decoded_stream(jobs, decoders):
             buf.append((todo[d.index], d))
             pb.update(1)
             if len(buf) >= chunk_size:
@@ -355,12 +400,17 @@ def prepare_nih(
         done = ws.find_done(STAGE, None, config_hash(config), fingerprint)
         if done is not None:
             return {**done, "skipped": True}
-    release = nih.read_release(inputs)  # validates the CSVs before anything is written
-    identity = {k: config[k] for k in ("source", "nih_dir", "size", "split", "seed")}
-    identity["labels"] = inputs.file_hashes
-    return _run(ws, config, fingerprint, identity, force, lambda run: ingest_release(
-        ws, release, run, size=size, split=split, seed=seed, limit=limit, workers=workers,
-        chunk_size=chunk_size, on_chunk=on_chunk))
+    with _decoders(workers) as decoders:  # starts while the CSVs are parsed
+        release = nih.read_release(inputs)  # validates the CSVs before anything is written
+        identity = {k: config[k] for k in ("source", "nih_dir", "size", "split", "seed")}
+        identity["labels"] = inputs.file_hashes
+        return _run(ws, config, fingerprint, identity, force, lambda run: ingest_release(
+            ws, release, run, size=size, split=split, seed=seed, limit=limit,
+            decoders=decoders, chunk_size=chunk_size, on_chunk=on_chunk))
+
+
+def _decoders(workers: int) -> Decoders | contextlib.nullcontext:
+    return Decoders(workers) if workers > 1 else contextlib.nullcontext()
 
 
 def prepare_synthetic(
@@ -393,7 +443,7 @@ def prepare_synthetic(
     def work(run: StageRun) -> dict[str, Any]:
         expect = {k: config[k] for k in ("n", "size", "seed", "difficulty", "enrich",
                                          "generator")}
-        generated = 0
+        generated, t0 = 0, time.perf_counter()
         if force or not phantoms.release_is_complete(root, expect):
             if root.exists():
                 shutil.rmtree(root)
@@ -401,11 +451,15 @@ def prepare_synthetic(
                 phantoms.write_release(root, n, size, seed, difficulty, enrich, workers,
                                        progress=pb.update)
             generated = n
-        release = nih.read_release(root)
-        summary = ingest_release(ws, release, run, size=size, split="official", seed=seed,
-                                 workers=workers, chunk_size=chunk_size, on_chunk=on_chunk)
+        gen_seconds = round(time.perf_counter() - t0, 2)
+        with _decoders(workers) as decoders:
+            release = nih.read_release(root)
+            summary = ingest_release(ws, release, run, size=size, split="official",
+                                     seed=seed, decoders=decoders, chunk_size=chunk_size,
+                                     on_chunk=on_chunk)
         summary.update(source="synthetic", phantom_dir=str(root), generated=generated,
-                       difficulty=difficulty, enrich=enrich, seed=seed)
+                       generate_seconds=gen_seconds, difficulty=difficulty, enrich=enrich,
+                       seed=seed)
         return summary
 
     return _run(ws, config, phantoms.GENERATOR_VERSION, dict(config), force, work)
