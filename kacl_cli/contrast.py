@@ -36,7 +36,6 @@ import torch
 from . import distributed
 from .cam_stage import checkpoint_fingerprint, run_cam_stage
 from .data.loader import SplitData, StoreDataset, data_fingerprint, load_split
-from .device import resolve_device
 from .errors import InputError, KaclError, NotReadyError
 from .models.checkpoint import OBJECTIVE_PREFIX, load_image_net, read_checkpoint, read_meta
 from .models.contrastive import POSITIVES, ContrastSpec, build_objective
@@ -244,12 +243,16 @@ def run_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps,
     config = {**cfg.hashed(), "round": k}
     fingerprint = (f"checkpoint={checkpoint_fingerprint(prev_dir)};"
                    f"data={data_fingerprint(ws, ('train', 'val', 'test'))}")
-    begun = ws.begin(STAGE, config, fingerprint, round_=k, force=cfg.force)
+    # Under torchrun: every rank has read its inputs; rank 0 records the run, the others
+    # mirror it (distributed.begin_stage), so only rank 0 ever writes the catalog.
+    begun = distributed.begin_stage(ws, cfg.device, STAGE, config, fingerprint, round_=k,
+                                    force=cfg.force)
     if isinstance(begun, dict):
         if k in ws.finished_rounds():
             note(f"contrast round {k}: done, skipping (same config and inputs)")
             return {**begun, "skipped": True}
-        begun = ws.begin(STAGE, config, fingerprint, round_=k, force=True)
+        begun = distributed.begin_stage(ws, cfg.device, STAGE, config, fingerprint, round_=k,
+                                        force=True)
     run = begun
     try:
         summary = _train_round(ws, k, cfg, steps, run, ctx, note)
@@ -285,17 +288,17 @@ def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run,
                  "run; they stay excluded from evaluation (this round uses no GT boxes)")
     box_ids = set(sel.image_ids) if sel else set()
 
-    # -- cam -> radiomics of the source round (rank 0 only; the others wait) --
+    # -- cam -> radiomics of the source round --
+    # Under torchrun each rank computes its shard of both stages and rank 0 merges them
+    # (kacl_cli.shards); the barrier lets rank 0's box-supervision rows land before the
+    # shards read the catalog.
     pos: PositiveFeatures | None = None
     if cfg.positives == "radiomics":
-        if ctx.is_main:
-            info["cam"] = _brief(steps.cam(src))
-            roi = "cam+gt" if box_ids else "cam"
-            # Only training images' radiomics are used; box supervision may pull test images in.
-            info["radiomics"] = _brief(steps.radiomics(src, roi, None if box_ids else "train"))
-        if ctx.active:
-            distributed.setup(ctx, resolve_device(cfg.device))
-            distributed.barrier(ctx)
+        distributed.barrier(ctx)
+        info["cam"] = _brief(steps.cam(src))
+        roi = "cam+gt" if box_ids else "cam"
+        # Only training images' radiomics are used; box supervision may pull test images in.
+        info["radiomics"] = _brief(steps.radiomics(src, roi, None if box_ids else "train"))
         pos = load_positive_features(ws, src)
 
     # -- data --

@@ -397,8 +397,13 @@ def fit(
                 )
             distributed.sync_buffers(step_module, ctx)
             if val_set is not None and len(val_set):
-                y, p, val_loss = evaluate_split(model, objective, val_set, meta, device, val_bs,
-                                                cfg.workers, autocast, channels_last)
+                # Under torchrun each rank scores its slice of val; the predictions are
+                # all-gathered, so every rank computes the same AUC and keeps the same epoch.
+                y, p, val_loss = evaluate_split(model, objective,
+                                                distributed.shard_dataset(val_set, ctx), meta,
+                                                device, val_bs, cfg.workers, autocast,
+                                                channels_last)
+                y, p, val_loss = distributed.gather_eval(y, p, val_loss, ctx)
                 val_auc, per_auc = mean_auc(y, p)
             else:
                 val_loss, val_auc, per_auc = float("nan"), float("nan"), {}

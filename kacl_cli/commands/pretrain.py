@@ -39,6 +39,7 @@ def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = 
     """Train round 0 (or return the summary of the identical finished run, with skipped=True)."""
     import torch
 
+    from .. import distributed
     from ..data.loader import StoreDataset, data_fingerprint, load_split
     from ..device import resolve_device
     from ..models.checkpoint import model_meta
@@ -66,7 +67,11 @@ def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = 
     # Seeded first, so the random initialisation (and with it the whole run) follows --seed.
     torch.manual_seed(cfg.seed)
     model = build_image_net(backbone, init=init)
-    begun = ws.begin(STAGE, config, data_fingerprint(ws), round_=0, force=force)
+    fingerprint = data_fingerprint(ws)
+    # Under torchrun: every rank has read its inputs; rank 0 records the run, the others
+    # mirror it, and only rank 0 touches the catalog from here on.
+    begun = distributed.begin_stage(ws, cfg.device, STAGE, config, fingerprint, round_=0,
+                                    force=force)
     if isinstance(begun, dict):
         return {**begun, "skipped": True}
     run = begun
