@@ -119,8 +119,8 @@ class FastOptions:
         """pyradiomics' ``checkMask`` verdict for a whole-rectangle mask, worded the same."""
         dims = int(height > 1) + int(width > 1)
         if dims == 0:
-            msg = "mask only contains 1 segmented voxel! Cannot extract features for a single voxel."
-            return f"{REASON_ERROR}: {msg}"
+            return (f"{REASON_ERROR}: mask only contains 1 segmented voxel! "
+                    "Cannot extract features for a single voxel.")
         if dims < self.min_dims:
             return (f"{REASON_ERROR}: mask has too few dimensions (number of dimensions {dims}, "
                     f"minimum required {self.min_dims})")
@@ -306,11 +306,12 @@ def first_order(m: Mosaic, pixel_area: np.ndarray, shift: float = 0.0) -> dict[s
     vmin = present.argmax(axis=1).astype(np.float64)
     vmax = (255 - present[:, ::-1].argmax(axis=1)).astype(np.float64)
     dev = v[None, :] - mean[:, None]
-    m2 = (c * dev**2).sum(axis=1) / count
-    m3 = (c * dev**3).sum(axis=1) / count
-    m4 = (c * dev**4).sum(axis=1) / count
+    dev2 = dev * dev
+    m2 = (c * dev2).sum(axis=1) / count
+    m3 = (c * dev2 * dev).sum(axis=1) / count
+    m4 = (c * dev2 * dev2).sum(axis=1) / count
     m2_safe = np.where(m2 == 0, 1.0, m2)
-    energy = c @ (v + shift) ** 2
+    energy = c @ ((v + shift) * (v + shift))
     p10, p25, p50, p75, p90 = (_percentile(cum, count, q) for q in (10, 25, 50, 75, 90))
     robust = (v[None, :] - p10[:, None] >= 0) & (v[None, :] - p90[:, None] <= 0)
     cr = np.where(robust, c, 0.0)

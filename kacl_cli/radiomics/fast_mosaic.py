@@ -8,16 +8,16 @@ whole-array operation (a shifted comparison, a ``bincount`` keyed by ROI id, one
 falls in a gap is outside the mask, exactly as pyradiomics' bounds and mask checks say.
 The only per-ROI Python work is the copy of each crop into its slot.
 
-Packing: shelves (rows of ROIs) filled tallest-first, on a canvas several times wider than
-tall, which keeps the waste small and the diagonal layouts of :mod:`.fast_texture` cheap.
+Packing: shelves (rows of ROIs) filled tallest-first on a roughly square canvas; the shelves
+are also the bands in which :mod:`.fast_texture` shears the canvas for diagonal runs.
 
 Discretisation (pyradiomics ``imageoperations.getBinEdges`` + ``numpy.digitize``, on the
 float64 values the reference backend passes): with ``binWidth`` the edges are
 ``arange(min - min % binWidth, max + 2 * binWidth, binWidth)``, so a ROI's level table only
 depends on that lower bound; with ``binCount`` they are ``histogram([min, max], binCount)``
 edges with the last one raised by 1, so they depend on (min, max). Since the pixels are
-uint8, each distinct bound gives one 256-entry look-up table and the whole canvas is
-discretised by one gather.
+uint8, each distinct bound gives one 256-entry look-up table, applied to each crop as it is
+copied into the canvas.
 """
 
 from __future__ import annotations
@@ -33,18 +33,16 @@ MAX_CANVAS_WIDTH = 1 << 14
 
 @dataclass
 class Mosaic:
-    """A batch of n rectangular ROIs on one canvas (index n marks "outside")."""
+    """A batch of n rectangular ROIs on one canvas."""
 
-    values: np.ndarray  # H x W uint8 raw intensities (0 in gaps; use ``roi`` for the mask)
-    roi: np.ndarray  # H x W intp ROI index, n outside
+    codes: np.ndarray  # H x W intp: roi * (G + 1) + level; ``outside`` (= n * (G + 1)) in gaps
     levels: np.ndarray  # H x W uint8/uint16 discretised grey level 1..G, 0 outside
     hist: np.ndarray  # n x 256 int64 counts of the raw values of each ROI
     level_counts: np.ndarray  # n x (G + 1) int64 pixels per grey level (column 0 unused)
     ng: np.ndarray  # n int: pyradiomics' Ng, the highest grey level in the ROI
     heights: np.ndarray  # n int
     widths: np.ndarray  # n int
-    ys: np.ndarray  # n int: top row of each ROI on the canvas
-    xs: np.ndarray  # n int: left column of each ROI on the canvas
+    bands: list[slice]  # row ranges of the shelves, each including its empty rows above/below
     cache: dict = field(default_factory=dict)
 
     @property
@@ -56,41 +54,50 @@ class Mosaic:
         """G: the highest grey level of any ROI (levels run 1..G, 0 is outside)."""
         return self.level_counts.shape[1] - 1
 
-    def roi_level(self) -> np.ndarray:
-        """``roi * (G + 1) + level`` per pixel (intp): the bincount key of (ROI, level) pairs.
+    @property
+    def outside(self) -> int:
+        """The code of gap pixels: level 0 of the virtual ROI n, dropped by every consumer."""
+        return self.n * (self.n_levels + 1)
 
-        Gap pixels land in the row of the virtual ROI n, which callers drop.
-        """
-        if "roi_level" not in self.cache:
-            self.cache["roi_level"] = self.roi * (self.n_levels + 1) + self.levels
-        return self.cache["roi_level"]
+    def compact_codes(self) -> np.ndarray:
+        """``codes`` in the narrowest unsigned dtype (cheaper to transpose and shear)."""
+        if "compact" not in self.cache:
+            dtype = np.uint16 if self.outside < 1 << 16 else np.uint32
+            self.cache["compact"] = self.codes.astype(dtype)
+        return self.cache["compact"]
 
 
-def pack(heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+def pack(
+    heights: np.ndarray, widths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int, int, list[slice]]:
     """Shelf-pack rectangles with one-pixel gaps and a one-pixel border.
 
-    Returns (ys, xs, H, W). Rows 0 and H-1 and columns 0 and W-1 stay empty, and no two
-    rectangles touch, not even diagonally.
+    Returns (ys, xs, H, W, bands). Rows 0 and H-1 and columns 0 and W-1 stay empty, no two
+    rectangles touch, not even diagonally, and ``bands`` are the shelves' row ranges with
+    their empty rows above and below. A roughly square canvas keeps shelves short, which
+    fills it best (85-90% for the NIH box-size distribution).
     """
     n = len(heights)
     ys = np.zeros(n, dtype=np.intp)
     xs = np.zeros(n, dtype=np.intp)
     if n == 0:
-        return ys, xs, 2, 2
+        return ys, xs, 2, 2, []
     area = float(((heights + 1) * (widths + 1)).sum())
-    width = max(int(widths.max()) + 2, min(MAX_CANVAS_WIDTH, int(4 * math.sqrt(area)) + 2))
+    width = max(int(widths.max()) + 2, min(MAX_CANVAS_WIDTH, int(math.sqrt(area)) + 2))
     order = np.lexsort((-widths, -heights))  # tallest first: each shelf's height is its first
     y, x, shelf = 1, 1, 0
+    bands = []
     hs, ws = heights.tolist(), widths.tolist()
     for i in order.tolist():
         h, w = hs[i], ws[i]
         if x + w + 1 > width:
+            bands.append(slice(y - 1, y + shelf + 1))
             y, x, shelf = y + shelf + 1, 1, 0
         ys[i], xs[i] = y, x
         x += w + 1
         shelf = max(shelf, h)
-    return ys, xs, y + shelf + 1, width
-
+    bands.append(slice(y - 1, y + shelf + 1))
+    return ys, xs, y + shelf + 1, width, bands
 
 def level_tables(
     hist: np.ndarray, bin_width: float | None, bin_count: int | None
@@ -133,23 +140,24 @@ def build(
     n = len(crops)
     heights = np.array([c.shape[0] for c in crops], dtype=np.intp)
     widths = np.array([c.shape[1] for c in crops], dtype=np.intp)
-    ys, xs, height, width = pack(heights, widths)
-    values = np.zeros((height, width), dtype=np.uint8)
-    roi = np.full((height, width), n, dtype=np.intp)
-    for i, crop in enumerate(crops):  # the only per-ROI loop: one copy into the slot
-        y, x = ys[i], xs[i]
-        values[y:y + crop.shape[0], x:x + crop.shape[1]] = crop
-        roi[y:y + crop.shape[0], x:x + crop.shape[1]] = i
-    key = roi * 256 + values
-    hist = np.bincount(key.ravel(), minlength=(n + 1) * 256).reshape(n + 1, 256)[:n]
+    ys, xs, height, width, bands = pack(heights, widths)
+    hist = np.zeros((n, 256), dtype=np.int64)
+    for i, crop in enumerate(crops):
+        hist[i] = np.bincount(crop.ravel(), minlength=256)
     table, ng = level_tables(hist, bin_width, bin_count)
     top = int(ng.max()) if n else 1
-    dtype = np.uint8 if top < 256 else np.uint16
-    full = np.zeros((n + 1, 256), dtype=dtype)
-    full[:n] = table
-    levels = full.ravel()[key]
-    pair = np.repeat(np.arange(n) * (top + 1), 256) + table.ravel()
-    level_counts = np.bincount(pair, weights=hist.ravel(), minlength=n * (top + 1))
-    level_counts = level_counts.reshape(n, top + 1).astype(np.int64)
+    g1 = top + 1
+    level_table = table.astype(np.uint8 if top < 256 else np.uint16)
+    code_table = table + (np.arange(n, dtype=np.intp) * g1)[:, None]
+    codes = np.full((height, width), n * g1, dtype=np.intp)
+    levels = np.zeros((height, width), dtype=level_table.dtype)
+    for i, crop in enumerate(crops):  # the only per-ROI work: two table look-ups per crop
+        y, x = ys[i], xs[i]
+        h, w = crop.shape
+        codes[y:y + h, x:x + w] = code_table[i][crop]
+        np.take(level_table[i], crop, out=levels[y:y + h, x:x + w], mode="clip")
+    pair = np.repeat(np.arange(n) * g1, 256) + table.ravel()
+    level_counts = np.bincount(pair, weights=hist.ravel(), minlength=n * g1)
+    level_counts = level_counts.reshape(n, g1).astype(np.int64)
     level_counts[:, 0] = 0
-    return Mosaic(values, roi, levels, hist, level_counts, ng, heights, widths, ys, xs)
+    return Mosaic(codes, levels, hist, level_counts, ng, heights, widths, bands)

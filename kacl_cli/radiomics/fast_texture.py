@@ -29,19 +29,21 @@ from collections.abc import Iterator
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from scipy import ndimage
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
 
 from .fast_mosaic import Mosaic
 
 EPS = np.spacing(1)
 N_ANGLES = 4
-# (rows of p, rows of q) slices for q = p + angle on the canvas, angles as in pyradiomics 2D
-_ALL = slice(None)
-ANGLE_SLICES = (
-    ((_ALL, slice(None, -1)), (_ALL, slice(1, None))),  # (0, 1)
-    ((slice(None, -1), slice(None, -1)), (slice(1, None), slice(1, None))),  # (1, 1)
-    ((slice(None, -1), _ALL), (slice(1, None), _ALL)),  # (1, 0)
-    ((slice(None, -1), slice(1, None)), (slice(1, None), slice(None, -1))),  # (1, -1)
-)
+# Texture below works on the flattened canvas: angle (dy, dx) is the flat offset dy * W + dx.
+# Pairs that wrap around a row end always involve a border pixel, which is outside.
+RESIDUAL_SHARE = 1 / 32  # GLSZM: colours rarer than this share of the canvas skip labelling
+
+
+def flat_offsets(width: int) -> tuple[int, int, int, int]:
+    """Flat offsets of pyradiomics' 2D angles (0, 1), (1, 1), (1, 0), (1, -1)."""
+    return 1, width + 1, width, width - 1
 # Memory per sub-batch of ROIs for the dense per-ROI feature arrays (large binCounts).
 DENSE_BUDGET = 64 << 20
 
@@ -72,14 +74,22 @@ def _angle_mean(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def glcm_counts(m: Mosaic) -> np.ndarray:
-    """n x 4 x G x G raw (asymmetric) co-occurrence counts, cached on the mosaic."""
+    """n x 4 x G x G raw (asymmetric) co-occurrence counts, cached on the mosaic.
+
+    Counted from the runs along each angle rather than from pixel pairs: a run of length L
+    holds L - 1 pairs (level, level), and each pair of consecutive runs one pair (level of
+    the first, level of the next); smooth images have runs of 5-8 pixels.
+    """
     if "glcm" not in m.cache:
         n, g1 = m.n, m.n_levels + 1
-        k1 = m.roi_level() * g1
+        level_of = np.arange(m.outside + 1) % g1  # outside -> 0, dropped below
         counts = np.empty((n, N_ANGLES, g1 - 1, g1 - 1), dtype=np.float64)
-        for a, (ps, qs) in enumerate(ANGLE_SLICES):
-            key = k1[ps] + m.levels[qs]
-            c = np.bincount(key.ravel(), minlength=(n + 1) * g1 * g1)
+        size = (n + 1) * g1 * g1
+        for a, (code, length) in enumerate(line_runs(m)):
+            row = code * g1
+            level = level_of[code]
+            c = np.bincount(row + level, length - 1.0, size)  # pairs inside runs
+            c += np.bincount(row[:-1] + level[1:], None, size)  # pairs across run ends
             counts[:, a] = c[: n * g1 * g1].reshape(n, g1, g1)[:, 1:, 1:]
         m.cache["glcm"] = counts
     return m.cache["glcm"]
@@ -95,13 +105,14 @@ def glcm(m: Mosaic, symmetric: bool = True) -> dict[str, np.ndarray]:
         p = counts[sl]
         if symmetric:
             p = p + p.transpose(0, 1, 3, 2)
-        for name, value in _glcm_features(p, m.ng[sl], valid[sl], present[sl]).items():
+        for name, value in _glcm_features(p, m.ng[sl], valid[sl], present[sl],
+                                           symmetric).items():
             out.setdefault(name, []).append(value)
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def _glcm_features(
-    p: np.ndarray, ng: np.ndarray, valid: np.ndarray, present: np.ndarray
+    p: np.ndarray, ng: np.ndarray, valid: np.ndarray, present: np.ndarray, symmetric: bool
 ) -> dict[str, np.ndarray]:
     n, a, g, _ = p.shape
     total = p.sum(axis=(2, 3))
@@ -127,8 +138,9 @@ def _glcm_features(
     f["Autocorrelation"] = np.einsum("naij,i,j->na", p, lv, lv)
     f["JointAverage"] = ux
     centre = ks[None, None, :] - (ux + uy)[..., None]
-    f["ClusterProminence"] = (pxy_sum * centre**4).sum(axis=2)
-    f["ClusterShade"] = (pxy_sum * centre**3).sum(axis=2)
+    centre2 = centre * centre
+    f["ClusterProminence"] = (pxy_sum * centre2 * centre2).sum(axis=2)
+    f["ClusterShade"] = (pxy_sum * centre2 * centre).sum(axis=2)
     f["ClusterTendency"] = (pxy_sum * centre**2).sum(axis=2)
     f["Contrast"] = pxy_diff @ kd**2
     dx = lv[None, None, :] - ux[..., None]
@@ -165,38 +177,83 @@ def _glcm_features(
     f["SumEntropy"] = -(pxy_sum * np.log2(pxy_sum + EPS)).sum(axis=2)
     f["SumSquares"] = np.einsum("nai,nai->na", px, dx**2)
     out = {name: _angle_mean(v, valid) for name, v in f.items()}
-    out["MCC"] = _mcc(p, px, py, valid, present)
+    out["MCC"] = _mcc(p, px, py, valid, present, symmetric)
     return out
 
 
-def _mcc(
-    p: np.ndarray, px: np.ndarray, py: np.ndarray, valid: np.ndarray, present: np.ndarray
-) -> np.ndarray:
-    """sqrt of the second largest eigenvalue of Q, as pyradiomics computes it.
+MCC_EXACT_BELOW = 1e-4  # second eigenvalues this small take pyradiomics' exact path
 
-    pyradiomics deletes the grey levels absent from the ROI before ``eigvals`` (extra zero
-    rows would add zero eigenvalues), returns 1 for a single level, and takes the square
-    root in complex arithmetic whenever any eigenvalue of the ROI's angle stack is complex
-    (numpy returns a complex array then), where a real negative eigenvalue would give NaN.
-    ROIs are therefore grouped by their number of levels; each group is one batched call.
+
+def _compressed(p: np.ndarray, px: np.ndarray, py: np.ndarray, present: np.ndarray,
+                rows: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The GLCMs of ``rows`` (all with kk levels) restricted to their present levels."""
+    idx = np.argsort(~present[rows], axis=1, kind="stable")[:, :kk]
+    r4 = rows[:, None, None, None]
+    a4 = np.arange(p.shape[1])[None, :, None, None]
+    pc = p[r4, a4, idx[:, None, :, None], idx[:, None, None, :]]
+    pxc = np.take_along_axis(px[rows], idx[:, None, :], axis=2)
+    pyc = np.take_along_axis(py[rows], idx[:, None, :], axis=2)
+    return pc, pxc, pyc
+
+
+def _mcc(
+    p: np.ndarray, px: np.ndarray, py: np.ndarray, valid: np.ndarray, present: np.ndarray,
+    symmetric: bool,
+) -> np.ndarray:
+    """sqrt of the second largest eigenvalue of Q (pyradiomics' MCC), grouped by level count.
+
+    pyradiomics computes Q_ij = sum_k p(i,k) p(j,k) / (p_x(i) p_y(k) + eps) on the GLCM
+    without its absent levels and returns 1 for a single level. For a symmetric GLCM, Q is
+    similar to A^2 with A = D^-1/2 P D^-1/2 (D = diag(p_x)), so the symmetric solver on A
+    gives the same eigenvalues (up to eps) 3x faster. ROIs whose second eigenvalue is tiny,
+    where pyradiomics' general solver may return a slightly negative (sqrt -> NaN, angle
+    skipped) or complex value, and asymmetric GLCMs go through :func:`_mcc_exact`.
     """
-    n, a, g, _ = p.shape
+    n = p.shape[0]
     out = np.ones(n, dtype=np.float64)
     k = present.sum(axis=1)
+    exact = np.zeros(n, dtype=bool)
     for kk in np.unique(k[k >= 2]).tolist():
         rows = np.flatnonzero(k == kk)
-        idx = np.argsort(~present[rows], axis=1, kind="stable")[:, :kk]
-        r4 = rows[:, None, None, None]
-        a4 = np.arange(a)[None, :, None, None]
-        pc = p[r4, a4, idx[:, None, :, None], idx[:, None, None, :]]
-        pxc = np.take_along_axis(px[rows], idx[:, None, :], axis=2)
-        pyc = np.take_along_axis(py[rows], idx[:, None, :], axis=2)
+        if not symmetric:
+            exact[rows] = True
+            continue
+        pc, pxc, _ = _compressed(p, px, py, present, rows, kk)
+        ok = valid[rows]
+        with np.errstate(divide="ignore"):
+            scale = np.where(pxc > 0, 1 / np.sqrt(pxc), 0.0)
+        a = pc * scale[..., :, None] * scale[..., None, :]
+        a[~ok] = 0.0
+        mu = np.linalg.eigvalsh(a)
+        second = np.sort(mu * mu, axis=-1)[..., -2]
+        exact[rows[((second < MCC_EXACT_BELOW) & ok).any(axis=1)]] = True
+        out[rows] = _angle_mean(np.sqrt(second), ok)
+    if exact.any():
+        out[exact] = _mcc_exact(p, px, py, valid, present, np.flatnonzero(exact))
+    return out
+
+
+def _mcc_exact(
+    p: np.ndarray, px: np.ndarray, py: np.ndarray, valid: np.ndarray, present: np.ndarray,
+    which: np.ndarray,
+) -> np.ndarray:
+    """pyradiomics' own MCC arithmetic for the ROIs ``which`` (each with >= 2 levels).
+
+    The square root is complex whenever any eigenvalue of the ROI's angle stack is complex
+    (numpy's ``eigvals`` then returns a complex array); otherwise a negative eigenvalue
+    gives NaN, which the angle mean skips.
+    """
+    out = np.empty(len(which), dtype=np.float64)
+    k = present[which].sum(axis=1)
+    for kk in np.unique(k).tolist():
+        sel = np.flatnonzero(k == kk)
+        rows = which[sel]
+        pc, pxc, pyc = _compressed(p, px, py, present, rows, kk)
         w = pc / (pxc[..., :, None] * pyc[..., None, :] + EPS)
         q = np.einsum("naik,najk->naij", w, pc)
         ok = valid[rows]
         q[~ok] = 0.0  # dropped angles: keep eigvals finite, masked below
-        ev = np.linalg.eigvals(q)
-        ev = np.sort(ev, axis=-1)  # complex: lexicographic (real, imag), like pyradiomics
+        ev = np.sort(np.linalg.eigvals(q), axis=-1)  # complex: by (real, imag) like numpy
         second = ev[..., -2]
         with np.errstate(invalid="ignore"):
             if np.iscomplexobj(ev):
@@ -206,51 +263,57 @@ def _mcc(
                 val = np.where(cplx[:, None], complex_part, real_part)
             else:
                 val = np.sqrt(second)
-        out[rows] = _angle_mean(val, ok)
+        out[sel] = _angle_mean(val, ok)
     return out
 
 
 # ----------------------------------------------------------------------------------- GLRLM
 
 
-def _run_layouts(m: Mosaic) -> Iterator[tuple[int, np.ndarray, object]]:
-    """(angle, 2D layout whose rows are the lines of that angle, pos -> (y, x))."""
-    lv = m.levels
-    h, w = lv.shape
-    yield 0, lv, lambda pos: np.divmod(pos, w)
+def _line_layouts(m: Mosaic) -> Iterator[tuple[int, np.ndarray]]:
+    """(angle, flat array of ROI codes in which the lines of that angle are consecutive).
 
-    def vertical(pos):
-        x, y = np.divmod(pos, h)
-        return y, x
-
-    yield 2, np.ascontiguousarray(lv.T), vertical
+    Every line starts and ends with an outside pixel, so runs never join two lines. For the
+    diagonals each shelf band is sheared (S[y, j] = band[y, j - y], a free strided view of
+    the band padded on the right) and transposed, so diagonals become rows.
+    """
+    codes = m.compact_codes()
+    outside = m.outside
+    yield 0, codes.ravel()
+    yield 2, np.ascontiguousarray(codes.T).ravel()
+    width = codes.shape[1]
     for angle, flip in ((1, False), (3, True)):
-        # shear so that diagonals become columns: S[y, j] = L[y, j - y] (0 where j - y is
-        # outside), a free strided view of L padded on the right by h columns
-        padded = np.zeros((h, w + h), dtype=lv.dtype)
-        padded[:, :w] = lv[:, ::-1] if flip else lv
-        step = padded.itemsize
-        sheared = as_strided(padded, shape=(h, w + h - 1), strides=((w + h - 1) * step, step))
-        layout = np.ascontiguousarray(sheared.T)
-
-        def diagonal(pos, flip=flip):
-            j, y = np.divmod(pos, h)
-            x = j - y
-            return y, (w - 1 - x) if flip else x
-
-        yield angle, layout, diagonal
+        parts = []
+        for band in m.bands:
+            rows = codes[band]
+            hb = rows.shape[0]
+            padded = np.full((hb, width + hb), outside, dtype=codes.dtype)
+            padded[:, :width] = rows[:, ::-1] if flip else rows
+            step = padded.itemsize
+            sheared = as_strided(
+                padded, shape=(hb, width + hb - 1), strides=((width + hb - 1) * step, step)
+            )
+            parts.append(np.ascontiguousarray(sheared.T).ravel())
+        yield angle, np.concatenate(parts)
 
 
-def runs(layout: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Maximal runs of equal non-zero values along the rows of a layout whose rows all
-    start and end with 0 (so the flattened array never joins two rows): (start, length,
-    value)."""
-    flat = layout.ravel()
-    starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    lengths = np.diff(starts, append=flat.size)
-    values = flat[starts]
-    keep = values != 0
-    return starts[keep], lengths[keep], values[keep]
+def line_runs(m: Mosaic) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per angle: (code, length) of every maximal run of equal codes along that angle's
+    lines, outside runs included and in line order (cached: GLCM and GLRLM share them).
+
+    Consecutive runs of one layout are neighbours along the angle unless one of them is
+    outside (lines start and end outside), which is all the GLCM needs.
+    """
+    if "runs" not in m.cache:
+        found: list = [None] * N_ANGLES
+        for angle, flat in _line_layouts(m):
+            starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+            starts = np.concatenate(([0], starts))  # flat[0] is outside
+            found[angle] = (flat[starts].astype(np.intp), np.diff(starts, append=flat.size))
+            if angle == 0:
+                m.cache["row_starts"] = starts  # canvas positions of the horizontal runs
+        m.cache["runs"] = found
+    return m.cache["runs"]
 
 
 def glrlm(m: Mosaic) -> dict[str, np.ndarray]:
@@ -260,59 +323,67 @@ def glrlm(m: Mosaic) -> dict[str, np.ndarray]:
         [m.widths, np.minimum(m.heights, m.widths), m.heights, np.minimum(m.heights, m.widths)],
         axis=1,
     ).ravel()  # per (roi, angle): the longest possible run
-    ngs = np.repeat(m.ng, N_ANGLES)
-    seg = ngs * longest
+    seg = np.repeat(m.ng, N_ANGLES) * longest
     off = np.concatenate(([0], np.cumsum(seg)))
-    roi_flat = m.roi.ravel()
+    code_roi, code_level = np.divmod(np.arange(n * g1), g1)
     keys = []
-    for angle, layout, to_yx in _run_layouts(m):
-        start, length, level = runs(layout)
-        y, x = to_yx(start)
-        ra = roi_flat[y * m.roi.shape[1] + x] * N_ANGLES + angle
-        keys.append(off[ra] + (level.astype(np.intp) - 1) * longest[ra] + (length - 1))
+    for angle, (code, length) in enumerate(line_runs(m)):
+        keep = code != m.outside
+        code, length = code[keep], length[keep]
+        ra = code_roi * N_ANGLES + angle
+        # per code: where the (roi, angle, level, run length 1) cell of the GLRLM sits
+        base = off[ra] + (code_level - 1) * longest[ra] - 1
+        keys.append(base[code] + length)
     # one bincount over (roi, angle, level, run length): the GLRLM of every ROI and angle
     counts = np.bincount(np.concatenate(keys), minlength=int(off[-1]))
     cell = np.flatnonzero(counts)
     c = counts[cell].astype(np.float64)
-    ra = np.searchsorted(off, cell, side="right") - 1
+    ra = np.searchsorted(off, cell, side="right") - 1  # sorted: cells come in key order
     gl, rl = np.divmod(cell - off[ra], longest[ra])
-    gl = (gl + 1).astype(np.float64)
-    rl = (rl + 1).astype(np.float64)
+    gl += 1
+    rl += 1
     na = n * N_ANGLES
-
-    def per(weights: np.ndarray) -> np.ndarray:
-        return np.bincount(ra, weights, na)
-
-    nr = per(c)
+    starts = np.searchsorted(ra, np.arange(na))  # every (roi, angle) has runs
+    g2 = (gl * gl).astype(np.float64)
+    r2 = (rl * rl).astype(np.float64)
+    rlf = rl.astype(np.float64)
+    # per-cell terms of the sums over the GLRLM, reduced per (roi, angle) in one call
+    terms = np.stack([c, c * rlf, c / r2, c * r2, c / g2, c * g2, c / (g2 * r2), c * g2 / r2,
+                      c * r2 / g2, c * r2 * g2], axis=1)
+    sums = np.add.reduceat(terms, starts, axis=0) if na else np.zeros((0, terms.shape[1]))
+    nr, npix = sums[:, 0], sums[:, 1]
     nr_safe = np.where(nr > 0, nr, 1.0)
-    npix = per(c * rl)
-    f: dict[str, np.ndarray] = {}
-    f["ShortRunEmphasis"] = per(c / rl**2) / nr_safe
-    f["LongRunEmphasis"] = per(c * rl**2) / nr_safe
-    pg = np.bincount(ra * g1 + gl.astype(np.intp), c, na * g1).reshape(na, g1)
-    f["GrayLevelNonUniformity"] = (pg**2).sum(axis=1) / nr_safe
-    f["GrayLevelNonUniformityNormalized"] = (pg**2).sum(axis=1) / nr_safe**2
+    mu_r = npix / nr_safe
+    dev = rlf - mu_r[ra]
+    prob = c / nr_safe[ra]
+    extra = np.stack([c * dev * dev, prob * np.log2(prob + EPS)], axis=1)
+    run_var, run_ent = (np.add.reduceat(extra, starts, axis=0) if na else np.zeros((0, 2))).T
+    pg = np.bincount(ra * g1 + gl, c, na * g1).reshape(na, g1)
     off_len = np.concatenate(([0], np.cumsum(longest)))
-    pr = np.bincount(off_len[ra] + rl.astype(np.intp) - 1, c, int(off_len[-1]))
-    rln = np.add.reduceat(pr**2, off_len[:-1]) if na else np.zeros(0)
-    f["RunLengthNonUniformity"] = rln / nr_safe
-    f["RunLengthNonUniformityNormalized"] = rln / nr_safe**2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        f["RunPercentage"] = nr / npix
+    pr = np.bincount(off_len[ra] + rl - 1, c, int(off_len[-1]))
+    rln = np.add.reduceat(pr * pr, off_len[:-1]) if na else np.zeros(0)
+    gln = (pg * pg).sum(axis=1)
     pgn = pg / nr_safe[:, None]
     lv = np.arange(g1, dtype=np.float64)
     mu = pgn @ lv
-    f["GrayLevelVariance"] = (pgn * (lv[None, :] - mu[:, None]) ** 2).sum(axis=1)
-    mu_r = npix / nr_safe
-    f["RunVariance"] = per(c * (rl - mu_r[ra]) ** 2) / nr_safe
-    prob = c / nr_safe[ra]
-    f["RunEntropy"] = -per(prob * np.log2(prob + EPS))
-    f["LowGrayLevelRunEmphasis"] = per(c / gl**2) / nr_safe
-    f["HighGrayLevelRunEmphasis"] = per(c * gl**2) / nr_safe
-    f["ShortRunLowGrayLevelEmphasis"] = per(c / (gl**2 * rl**2)) / nr_safe
-    f["ShortRunHighGrayLevelEmphasis"] = per(c * gl**2 / rl**2) / nr_safe
-    f["LongRunLowGrayLevelEmphasis"] = per(c * rl**2 / gl**2) / nr_safe
-    f["LongRunHighGrayLevelEmphasis"] = per(c * rl**2 * gl**2) / nr_safe
+    f: dict[str, np.ndarray] = {
+        "ShortRunEmphasis": sums[:, 2] / nr_safe,
+        "LongRunEmphasis": sums[:, 3] / nr_safe,
+        "GrayLevelNonUniformity": gln / nr_safe,
+        "GrayLevelNonUniformityNormalized": gln / nr_safe**2,
+        "RunLengthNonUniformity": rln / nr_safe,
+        "RunLengthNonUniformityNormalized": rln / nr_safe**2,
+        "RunPercentage": nr / np.where(npix > 0, npix, 1.0),
+        "GrayLevelVariance": (pgn * (lv[None, :] - mu[:, None]) ** 2).sum(axis=1),
+        "RunVariance": run_var / nr_safe,
+        "RunEntropy": -run_ent,
+        "LowGrayLevelRunEmphasis": sums[:, 4] / nr_safe,
+        "HighGrayLevelRunEmphasis": sums[:, 5] / nr_safe,
+        "ShortRunLowGrayLevelEmphasis": sums[:, 6] / nr_safe,
+        "ShortRunHighGrayLevelEmphasis": sums[:, 7] / nr_safe,
+        "LongRunLowGrayLevelEmphasis": sums[:, 8] / nr_safe,
+        "LongRunHighGrayLevelEmphasis": sums[:, 9] / nr_safe,
+    }
     ok = valid & (nr.reshape(n, N_ANGLES) > 0)
     return {k: _angle_mean(v.reshape(n, N_ANGLES), ok) for k, v in f.items()}
 
@@ -320,48 +391,171 @@ def glrlm(m: Mosaic) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------- GLSZM
 
 
-def level_colouring(m: Mosaic) -> list[np.ndarray]:
-    """Groups of grey levels no two of which are 8-adjacent anywhere on the canvas.
+MAX_COLOURS = 62  # colours are bit positions in an int64
 
-    Zones of the levels of one group can then be labelled by a single binary
-    ``ndimage.label`` call without merging different levels. The adjacency comes from the
-    GLCM counts; smooth images need 2-3 groups, white noise one per level.
+
+def colouring(m: Mosaic) -> np.ndarray:
+    """(n + 1) x (G + 1) colour of each (ROI, level), -1 where absent or outside.
+
+    Levels of one colour are never 8-adjacent within a ROI (ROIs never touch), so the zones
+    of all (ROI, level) pairs of one colour come from a single binary ``ndimage.label``
+    call. Greedy colouring per ROI from its GLCM, most frequent level first, so that the
+    colours beyond the first two (needed where three levels meet, e.g. at sharp edges)
+    go to few pixels: smooth X-ray ROIs put ~99% of their pixels in colours 0 and 1.
     """
-    counts = glcm_counts(m).sum(axis=(0, 1))
-    adjacent = (counts + counts.T) > 0
-    np.fill_diagonal(adjacent, False)
-    levels_present = np.flatnonzero(m.level_counts.sum(axis=0)[1:] > 0) + 1
-    colour = np.full(m.n_levels + 1, -1)
-    groups: list[list[int]] = []
-    for lvl in levels_present.tolist():
-        taken = {colour[j] for j in np.flatnonzero(adjacent[lvl - 1]) + 1 if colour[j] >= 0}
-        c = next(i for i in range(len(groups) + 1) if i not in taken)
-        if c == len(groups):
-            groups.append([])
-        groups[c].append(lvl)
-        colour[lvl] = c
-    return [np.array(grp) for grp in groups]
+    n, g = m.n, m.n_levels
+    counts = m.level_counts[:, 1:]
+    present = counts > 0
+    colour = np.full((n + 1, g + 1), -1, dtype=np.int64)
+    if g + 1 > MAX_COLOURS:  # too many levels for bit masks: one colour per level
+        colour[:n, 1:] = np.where(present, np.arange(g), -1)
+        return colour
+    pairs = glcm_counts(m).sum(axis=1)
+    adjacent = (pairs + pairs.transpose(0, 2, 1)) > 0
+    col = colour[:n, 1:]
+    rows = np.arange(n)
+    for lvl in np.argsort(-counts, axis=1, kind="stable").T:  # k-th most frequent level
+        seen = adjacent[rows, lvl] & (col >= 0)
+        taken = np.bitwise_or.reduce(np.where(seen, np.left_shift(1, np.maximum(col, 0)), 0),
+                                     axis=1)
+        free = ~taken
+        lowest = np.log2((free & -free).astype(np.float64)).astype(np.int64)
+        col[rows, lvl] = np.where(present[rows, lvl], lowest, -1)
+    return colour
+
+
+PARITY_MAX_SHARE = 1 / 25  # GLSZM: largest share of conflicted pixels for the parity scheme
 
 
 def zones(m: Mosaic) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All 8-connected zones of equal level: (roi, level, size) per zone."""
-    structure = np.ones((3, 3), dtype=bool)
-    lv = m.levels.ravel()
-    roi = m.roi.ravel()
-    z_roi, z_level, z_size = [], [], []
-    for group in level_colouring(m):
-        table = np.zeros(m.n_levels + 1, dtype=bool)
-        table[group] = True
-        mask = table[m.levels]
-        labels, count = ndimage.label(mask, structure=structure)
-        idx = np.flatnonzero(mask)
-        z = labels.ravel()[idx] - 1
-        z_size.append(np.bincount(z, minlength=count))
-        first = np.empty(count, dtype=np.intp)
-        first[z] = idx  # any pixel of a zone gives its ROI and level
-        z_roi.append(roi[first])
-        z_level.append(lv[first])
-    return np.concatenate(z_roi), np.concatenate(z_level), np.concatenate(z_size)
+    """All 8-connected zones of equal level: (roi, level, size) per zone.
+
+    Zones are unions of horizontal runs. Two schemes give the same zones; the cheaper one is
+    chosen from the GLCM counts:
+    - parity (smooth images): neighbouring levels mostly differ by 1, so runs of odd and of
+      even levels are labelled separately (two ``ndimage.label`` calls), leaving out the few
+      "conflicted" runs with a pixel that touches another level of the same parity;
+    - colouring (noisy images): see :func:`colouring`; rare colours are left out.
+    The runs left out are then joined to their equal-level neighbours by union-find.
+    """
+    counts = glcm_counts(m)
+    lv = np.arange(1, m.n_levels + 1)
+    gap = np.abs(lv[:, None] - lv[None, :])
+    conflicts = counts[:, :, (gap > 0) & (gap % 2 == 0)].sum()
+    code, length = line_runs(m)[0]
+    start = m.cache["row_starts"]
+    if 2 * conflicts <= PARITY_MAX_SHARE * m.codes.size:
+        z_code, z_size = _zones_parity(m, code, length, start)
+    else:
+        z_code, z_size = _zones_colouring(m, code, length, start)
+    g1 = m.n_levels + 1
+    return z_code // g1, z_code % g1, z_size
+
+
+def _label_runs(m: Mosaic, chosen: np.ndarray, length: np.ndarray,
+                start: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected components of the pixels of the chosen runs: per run its label (0 for
+    runs not chosen) and the number of labels."""
+    mask = np.repeat(chosen, length).reshape(m.codes.shape)
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    return labels.ravel()[start], count
+
+
+def _zones_parity(m: Mosaic, code: np.ndarray, length: np.ndarray,
+                  start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lf = m.levels.ravel()
+    size = lf.size
+    conflict = np.zeros(size, dtype=bool)
+    for d in flat_offsets(m.codes.shape[1]):
+        a, b = lf[: size - d], lf[d:]
+        bad = (a != b) & (((a ^ b) & 1) == 0) & (a != 0) & (b != 0)
+        conflict[: size - d] |= bad
+        conflict[d:] |= bad
+    loose = np.zeros(code.size, dtype=bool)
+    loose[np.searchsorted(start, np.flatnonzero(conflict), side="right") - 1] = True
+    level = code % (m.n_levels + 1)
+    clean = (code != m.outside) & ~loose
+    comp = np.full(code.size, -1, dtype=np.intp)
+    n_comp = 0
+    for parity in (0, 1):
+        chosen = clean & (level % 2 == parity)
+        label, count = _label_runs(m, chosen, length, start)
+        comp[chosen] = label[chosen] - 1 + n_comp
+        n_comp += count
+    return _merge_runs(m, code, length, start, comp, n_comp, np.flatnonzero(loose))
+
+
+def _zones_colouring(m: Mosaic, code: np.ndarray, length: np.ndarray,
+                     start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Zones by colour classes: common colours are labelled on the canvas, rare colours (a
+    few sharp-edged ROIs need 5-7 colours where the rest need 2-3) left to union-find."""
+    n = m.n
+    colour = colouring(m)
+    n_colours = int(colour.max()) + 1
+    inside = colour[:n, 1:] >= 0
+    share = np.bincount(colour[:n, 1:][inside], m.level_counts[:, 1:][inside], n_colours)
+    common = share >= RESIDUAL_SHARE * m.codes.size
+    run_colour = colour.ravel()[code]  # outside -> -1
+    comp = np.full(code.size, -1, dtype=np.intp)
+    n_comp = 0
+    for c in np.flatnonzero(common).tolist():
+        chosen = run_colour == c
+        label, count = _label_runs(m, chosen, length, start)
+        comp[chosen] = label[chosen] - 1 + n_comp
+        n_comp += count
+    loose = np.flatnonzero((run_colour >= 0) & ~np.append(common, True)[run_colour])
+    return _merge_runs(m, code, length, start, comp, n_comp, loose)
+
+
+def _merge_runs(
+    m: Mosaic, code: np.ndarray, length: np.ndarray, start: np.ndarray, comp: np.ndarray,
+    n_comp: int, loose: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Zones from labelled components (``comp`` per run, -1 if none) and ``loose`` runs,
+    joined by union-find to every equal-code run above or below them: (code, size)."""
+    labelled = comp >= 0
+    comp_size = np.bincount(comp[labelled], length[labelled], n_comp).astype(np.int64)
+    comp_code = np.empty(n_comp, dtype=np.intp)
+    comp_code[comp[labelled]] = code[labelled]
+    if loose.size == 0:
+        return comp_code, comp_size
+    k = loose.size  # loose run i is node i; component c is node k + c until compacted
+    rank = np.full(code.size, -1, dtype=np.intp)
+    rank[loose] = np.arange(k)
+    width = m.codes.shape[1]
+    first, last = start[loose], start[loose] + length[loose] - 1
+    src, dst = [np.arange(k)], [np.arange(k)]
+    for side in (-width, width):
+        # runs of the row above/below that overlap columns first - 1 .. last + 1 (8-neighbours;
+        # loose runs never touch the canvas border, so these columns stay in that row)
+        lo = np.searchsorted(start, first - 1 + side, side="right") - 1
+        hi = np.searchsorted(start, last + 1 + side, side="right") - 1
+        span = hi - lo + 1
+        owner = np.repeat(np.arange(k), span)
+        cand = lo[owner] + (np.arange(owner.size) - np.repeat(np.cumsum(span) - span, span))
+        same = np.flatnonzero(code[cand] == code[loose][owner])  # same ROI and level
+        cand = cand[same]
+        src.append(owner[same])
+        dst.append(np.where(rank[cand] >= 0, rank[cand], k + comp[cand]))
+    src_all, dst_all = np.concatenate(src), np.concatenate(dst)
+    # compact the node ids: the loose runs, then only the components they touch
+    touched = np.zeros(n_comp, dtype=bool)
+    touched[dst_all[dst_all >= k] - k] = True
+    comp_ids = np.flatnonzero(touched)
+    index = np.full(k + n_comp, -1, dtype=np.intp)
+    index[:k] = np.arange(k)
+    index[k + comp_ids] = k + np.arange(comp_ids.size)
+    n_nodes = k + comp_ids.size
+    graph = coo_array((np.ones(src_all.size, dtype=np.int8), (src_all, index[dst_all])),
+                      shape=(n_nodes, n_nodes))
+    n_groups, group = connected_components(graph, directed=False)
+    node_size = np.concatenate([length[loose], comp_size[comp_ids]])
+    node_code = np.concatenate([code[loose], comp_code[comp_ids]])
+    merged_code = np.empty(n_groups, dtype=np.intp)
+    merged_code[group] = node_code
+    merged_size = np.bincount(group, node_size, n_groups).astype(np.int64)
+    return (np.concatenate([comp_code[~touched], merged_code]),
+            np.concatenate([comp_size[~touched], merged_size]))
 
 
 def glszm(m: Mosaic) -> dict[str, np.ndarray]:
@@ -416,22 +610,29 @@ def glszm(m: Mosaic) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------ GLDM
 
 
+def _codes9(m: Mosaic) -> np.ndarray:
+    """Flat ``codes * 9``: the key base of (ROI, level, 0..8 neighbours) counts."""
+    if "codes9" not in m.cache:
+        m.cache["codes9"] = m.codes.ravel() * (2 * N_ANGLES + 1)
+    return m.cache["codes9"]
+
+
 def gldm(m: Mosaic, alpha: int = 0) -> dict[str, np.ndarray]:
     n, g1 = m.n, m.n_levels + 1
-    lv = m.levels
-    dep = np.zeros(lv.shape, dtype=np.uint8)
-    for ps, qs in ANGLE_SLICES:
-        a, b = lv[ps], lv[qs]
+    lv = m.levels.ravel()
+    size = lv.size
+    dep = np.zeros(size, dtype=np.uint8)
+    for d in flat_offsets(m.codes.shape[1]):
+        a, b = lv[: size - d], lv[d:]
         if alpha == 0:
             same = (a == b) & (a != 0)
         else:
             diff = np.abs(a.astype(np.int32) - b.astype(np.int32))
             same = (diff <= alpha) & (a != 0) & (b != 0)
-        dep[ps] += same
-        dep[qs] += same
+        dep[: size - d] += same
+        dep[d:] += same
     nd = 2 * N_ANGLES + 1
-    key = m.roi_level() * nd + dep
-    counts = np.bincount(key.ravel(), minlength=(n + 1) * g1 * nd)
+    counts = np.bincount(_codes9(m) + dep, minlength=(n + 1) * g1 * nd)
     p = counts[: n * g1 * nd].reshape(n, g1, nd)[:, 1:, :].astype(np.float64)
     ivec = np.arange(1, g1, dtype=np.float64)[None, :, None]
     jvec = np.arange(1, nd + 1, dtype=np.float64)[None, None, :]
@@ -466,21 +667,32 @@ def gldm(m: Mosaic, alpha: int = 0) -> dict[str, np.ndarray]:
 
 def ngtdm(m: Mosaic) -> dict[str, np.ndarray]:
     n, g1 = m.n, m.n_levels + 1
-    lv = m.levels.astype(np.int32)
-    inside = (m.levels != 0).astype(np.int16)
+    width = m.codes.shape[1]
+    lv = m.levels.ravel().astype(np.int16 if 9 * g1 < 1 << 15 else np.int32)
+    inside = (lv != 0).astype(np.int8)
 
-    def box(a: np.ndarray) -> np.ndarray:  # 3 x 3 sums of the interior pixels
-        rows = a[:, :-2] + a[:, 1:-1] + a[:, 2:]
-        return rows[:-2] + rows[1:-1] + rows[2:]
+    def box(a: np.ndarray) -> np.ndarray:
+        """3 x 3 sums centred on flat positions W + 1 .. N - W - 2 (row ends wrap onto the
+        border columns, which are outside and whose own sums are never used)."""
+        rows = a[:-2] + a[1:-1] + a[2:]
+        return rows[: -2 * width] + rows[width:-width] + rows[2 * width:]
 
-    centre = lv[1:-1, 1:-1]
-    total = box(lv) - centre
-    count = box(inside) - inside[1:-1, 1:-1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        diff = np.abs(centre - total / count)
-    diff[count == 0] = 0.0
-    key = m.roi_level()[1:-1, 1:-1].ravel()
-    s_all = np.bincount(key, diff.ravel(), (n + 1) * g1)[: n * g1].reshape(n, g1)[:, 1:]
+    inner = slice(width + 1, lv.size - width - 1)
+    centre = lv[inner]
+    total = box(lv)
+    total -= centre
+    count = box(inside)
+    count -= inside[inner]
+    # s_i sums |L - T/C| = |C L - T| / C over the pixels of level i: sum the integers
+    # |C L - T| per (ROI, level, C) and divide once per C (C = 0, no neighbour, adds 0)
+    dev = centre * count.astype(centre.dtype)
+    dev -= total
+    np.abs(dev, out=dev)
+    nd = 2 * N_ANGLES + 1
+    sums = np.bincount(_codes9(m)[inner] + count, dev, (n + 1) * g1 * nd)
+    per_count = np.zeros(nd)
+    per_count[1:] = 1 / np.arange(1, nd)
+    s_all = (sums[: n * g1 * nd].reshape(n, g1, nd) @ per_count)[:, 1:]
     n_all = m.level_counts[:, 1:].astype(np.float64)
     out: dict[str, list[np.ndarray]] = {}
     g = g1 - 1
