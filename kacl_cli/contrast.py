@@ -340,6 +340,9 @@ def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run,
     spec = ContrastSpec(positives=cfg.positives, feature_dim=model.feature_dim,
                         proj_dim=cfg.proj_dim, temperature=cfg.temperature, lam=cfg.lam,
                         **spec_extra)
+    # Seeded: fresh heads must not depend on what ran before in this process (under torchrun
+    # the sharded cam/radiomics steps draw other random numbers than a single process does).
+    torch.manual_seed(tcfg.seed)
     objective = build_objective(classification, spec, backbone_lr_scale=cfg.backbone_lr_scale)
     info["objective_init"] = _continue_objective(objective, spec, prev_tensors, prev_meta)
     meta = {k_: v for k_, v in prev_meta.items()

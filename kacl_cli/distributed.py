@@ -408,9 +408,9 @@ def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
 def wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
     """DDP-wrap the trainable module (model + objective) when running distributed.
 
-    BatchNorm layers become synchronised first (see :func:`convert_batchnorm`). Unused
-    parameters are searched only when the objective has parameters of its own (contrast's
-    radiomics encoder is idle in a step whose batch holds no radiomics positive).
+    BatchNorm layers become synchronised first (see :func:`convert_batchnorm`). Every
+    parameter gets a gradient in every step (the contrastive loss stays connected to its
+    heads even when a batch has no positive pair), so DDP needs no unused-parameter search.
     """
     if not ctx.active:
         return module
@@ -418,10 +418,7 @@ def wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module
 
     setup(ctx, device)
     convert_batchnorm(module, device)
-    objective = getattr(module, "objective", None)
-    find_unused = objective is not None and any(True for _ in objective.parameters())
-    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
-               find_unused_parameters=find_unused)
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 # -- stage bookkeeping -----------------------------------------------------------------------

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from .losses import ClassificationObjective, Objective
 
 POSITIVES = ("radiomics", "augment", "none")
@@ -214,7 +215,13 @@ class ContrastiveObjective(_ScaledBackbone, Objective):
             return cls, {"cls": cls.detach()}
         logits, z_img, z_rad = self.embed(model, batch)
         cls = self.classification_loss(logits, batch["labels"])
-        con = nt_xent(z_img, z_rad, self.spec.temperature, batch.get("has_radiomics"))
+        # Under torchrun the negatives are the whole global batch (every rank's rows), as in
+        # one process holding it; gather_with_grad routes each rank's gradients back to it.
+        mask = batch.get("has_radiomics")
+        if mask is not None:
+            mask = distributed.gather_with_grad(mask.to(torch.uint8)).bool()
+        con = nt_xent(distributed.gather_with_grad(z_img), distributed.gather_with_grad(z_rad),
+                      self.spec.temperature, mask)
         total = cls + self.spec.lam * con
         return total, {"cls": cls.detach(), "contrastive": con.detach()}
 
@@ -247,7 +254,9 @@ class AugmentObjective(_ScaledBackbone, Objective):
         _, pooled, logits = model.forward_all(torch.cat([batch["image"], batch["image2"]]))
         cls = self.classification_loss(logits[:b], batch["labels"])
         z = self.image_proj(pooled.float())
-        con = nt_xent(z[:b], z[b:], self.spec.temperature)
+        # global-batch negatives under torchrun, as in the radiomics objective above
+        con = nt_xent(distributed.gather_with_grad(z[:b]), distributed.gather_with_grad(z[b:]),
+                      self.spec.temperature)
         total = cls + self.spec.lam * con
         return total, {"cls": cls.detach(), "contrastive": con.detach()}
 
