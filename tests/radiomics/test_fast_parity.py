@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from kacl_cli.errors import InputError
-from kacl_cli.radiomics import fast
+from kacl_cli.radiomics import fast, fast_texture
 from kacl_cli.radiomics import settings as S
 from kacl_cli.radiomics.backend import Backend, BatchResult, get_backend
 from kacl_cli.radiomics.fast import FastBackend, extract_rois
@@ -289,6 +289,46 @@ def test_batching_does_not_change_values(settings: dict, monkeypatch) -> None:
     reordered = extract_rois(crops[::-1], settings, spacings[::-1])[::-1]
     for other in (alone, chunked, reordered):
         np.testing.assert_allclose(other, together, rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def mixed_rois(settings: dict) -> tuple[list, list, list, BatchResult]:
+    """Smooth (parity-scheme) and noisy (colouring-scheme) ROIs with their reference."""
+    rng = np.random.default_rng(11)
+    images, boxes, spacings = [], [], []
+    for k in range(24):
+        img = texture(("smooth", "coarse", "noise", "levels3")[k % 4], 64, rng)
+        h, w = rng.integers(2, 50, size=2)
+        y, x = rng.integers(0, 64 - h + 1), rng.integers(0, 64 - w + 1)
+        images.append(img)
+        boxes.append((int(x), int(y), int(x + w), int(y + h)))
+        spacings.append((1.0, 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = PyradiomicsBackend().extract(images, boxes, settings, spacings)
+    return images, boxes, spacings, ref
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"PARITY_MAX_SHARE": np.inf},  # parity labelling, with many conflicted runs
+        {"PARITY_MAX_SHARE": 0.0},  # colouring, common colours labelled
+        {"PARITY_MAX_SHARE": 0.0, "RESIDUAL_SHARE": 1.0},  # colouring, all by union-find
+        {"MCC_EXACT_BELOW": np.inf},  # pyradiomics' own MCC arithmetic for every ROI
+        {"DENSE_BUDGET": 1},  # dense GLCM/NGTDM features one ROI at a time
+    ],
+    ids=lambda k: ",".join(k),
+)
+def test_every_code_path_matches_pyradiomics(settings: dict, mixed_rois, monkeypatch,
+                                             knobs: dict) -> None:
+    """The cheaper-path switches change the work, never the values."""
+    images, boxes, spacings, ref = mixed_rois
+    for name, value in knobs.items():
+        monkeypatch.setattr(fast_texture, name, value)
+    got = FastBackend().extract(images, boxes, settings, spacings)
+    bad = mismatches(ref.features, got.features, FastBackend().feature_names(settings))
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize(
