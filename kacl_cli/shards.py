@@ -52,7 +52,7 @@ import duckdb
 import h5py
 import numpy as np
 
-from . import __version__, distributed
+from . import __version__
 from .errors import InputError, KaclError, NotReadyError
 from .store import IMAGES, Store, cam_key, read_rows
 from .workspace import Workspace, stable_json
@@ -168,6 +168,8 @@ def _inside_part() -> Iterator[None]:
 
 def ddp_sharding() -> bool:
     """Whether a stage called now should shard itself by torchrun rank."""
+    from . import distributed  # torch: only for the stages that need it
+
     return not _IN_PART[0] and distributed.from_env().active
 
 
@@ -315,6 +317,8 @@ def run_sharded(ws: Workspace, stage: str, round_: int | None,
     Under torchrun every rank returns a summary of the whole job (the parts' summaries
     combined); a failure on any rank fails every rank with that rank's message.
     """
+    from . import distributed
+
     sh = as_shard(shard)
     if sh is not None:
         return run_part(ws, stage, round_, sh, work, force=force)
@@ -368,7 +372,7 @@ def combine_summaries(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for key in dict.fromkeys(k for p in parts for k in p):
         values = [p[key] for p in parts if key in p]
         first = values[0]
-        if key == "seconds" and all(isinstance(v, (int, float)) for v in values):
+        if key.endswith("seconds") and all(isinstance(v, (int, float)) for v in values):
             out[key] = max(values)
         elif key in _SAME or isinstance(first, bool):
             out[key] = first

@@ -12,7 +12,18 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..cli import ForceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out, skipped
+from ..cli import (
+    ForceOpt,
+    JsonOpt,
+    ShardOpt,
+    WorkspaceOpt,
+    emit,
+    err,
+    handle_errors,
+    out,
+    parse_shard,
+    skipped,
+)
 from ..data import ingest
 from ..data.phantoms import DEFAULT_DIFFICULTY
 from ..workspace import DEFAULT_WORKSPACE, Workspace
@@ -80,6 +91,7 @@ def command(
     enrich: Annotated[float, typer.Option(
         "--enrich", help="Phantoms only: fraction of images drawn to contain a uniformly chosen "
                          "finding (0 = the real prevalence).")] = 0.0,
+    shard: ShardOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
@@ -91,6 +103,9 @@ def command(
     fine: CSV rows without an image are counted as missing. Unreadable images are logged in the
     errors table and the rest ingested (exit 0 if anything was ingested, 1 if nothing was).
     Interrupted runs resume; finished ones are skipped unless --force.
+    With --shard i/n only shard i of the images (every n-th by sorted image_id) is ingested,
+    into WS/parts/prepare/shard-i-of-n; `kacl merge` then gives them the workspace rows an
+    unsharded run would have.
 
     Example: kacl prepare --nih-dir /data/nih --size 256 --workers 8
 
@@ -102,13 +117,25 @@ def command(
         raise typer.BadParameter(f"--split must be official or random, got {split!r}")
     ws = Workspace(workspace)
     n_workers = ingest.auto_workers(workers)
-    if synthetic is not None:
-        summary = ingest.prepare_synthetic(ws, synthetic, size, seed, difficulty, enrich=enrich,
-                                           workers=n_workers, force=force)
-    else:
+    part = parse_shard(shard)
+
+    def run(target: Workspace, force: bool) -> dict[str, Any]:
+        if synthetic is not None:
+            return ingest.prepare_synthetic(
+                target, synthetic, size, seed, difficulty, enrich=enrich, workers=n_workers,
+                force=force, shard=part, phantom_root=ws.root / "phantoms")
         assert nih_dir is not None
-        summary = ingest.prepare_nih(ws, nih_dir, size=size, limit=limit, workers=n_workers,
-                                     split=split, seed=seed, force=force)
+        return ingest.prepare_nih(target, nih_dir, size=size, limit=limit, workers=n_workers,
+                                  split=split, seed=seed, force=force, shard=part)
+
+    if part is None:
+        summary = run(ws, force)
+    else:  # a part workspace of its own; --force restarts the part (kacl_cli.shards)
+        from ..shards import Shard, run_part
+
+        summary = run_part(ws, NAME, None, Shard(*part), lambda p: run(p, False), force=force)
+        err.print(f"prepare: shard {summary['shard']} written to {summary['part']}; when "
+                  "every shard has finished: kacl merge --stage prepare")
     if summary.get("skipped"):
         skipped(NAME, summary, as_json)
         return

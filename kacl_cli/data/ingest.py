@@ -36,6 +36,7 @@ import numpy as np
 from ..errors import InputError, KaclError
 from ..findings import FINDINGS
 from ..progress import bar
+from ..shards import file_lock
 from ..workspace import StageRun, Workspace, config_hash, stable_json
 from . import nih, phantoms
 from .nih import Decoded, decode_job
@@ -232,10 +233,12 @@ def ingest_release(
     decoders: Decoders | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     on_chunk: ChunkHook | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Ingest the images of ``release`` present on disk into ``ws`` (resumable; see module).
 
     ``decoders``: a started worker pool, or None to decode in this process.
+    ``shard=(i, n)``: only shard i's images (``kacl_cli.shards``; ``ws`` is then its part).
     """
     t0 = time.perf_counter()
     if split == "official" and not release.has_official_split:
@@ -253,6 +256,10 @@ def ingest_release(
     if limit is not None and len(present) > limit:
         over_limit = len(present) - limit
         present = present[:limit]
+    if shard is not None:  # one slice of what an unsharded run ingests; splits stay global
+        from ..shards import take_prepare_items
+
+        present = take_prepare_items(ws, present, shard)
 
     with ws.catalog.connect(read_only=True) as con:
         done = {r[0] for r in con.execute("SELECT image_id FROM images").fetchall()}
@@ -386,6 +393,7 @@ def prepare_nih(
     force: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     on_chunk: ChunkHook | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """``kacl prepare --nih-dir``: returns the summary (``skipped: True`` when already done)."""
     _check_size(size)
@@ -406,7 +414,7 @@ def prepare_nih(
         identity["labels"] = inputs.file_hashes
         return _run(ws, config, fingerprint, identity, force, lambda run: ingest_release(
             ws, release, run, size=size, split=split, seed=seed, limit=limit,
-            decoders=decoders, chunk_size=chunk_size, on_chunk=on_chunk))
+            decoders=decoders, chunk_size=chunk_size, on_chunk=on_chunk, shard=shard))
 
 
 def _decoders(workers: int) -> Decoders | contextlib.nullcontext:
@@ -425,9 +433,15 @@ def prepare_synthetic(
     force: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     on_chunk: ChunkHook | None = None,
+    shard: tuple[int, int] | None = None,
+    phantom_root: Path | None = None,
 ) -> dict[str, Any]:
     """``kacl prepare --synthetic N``: phantoms written as an NIH folder under ``WS/phantoms``,
-    then ingested by the very same code as real data. Returns the summary."""
+    then ingested by the very same code as real data. Returns the summary.
+
+    Shards (``ws`` = a part) share one phantom folder (``phantom_root``, the workspace's): the
+    first to arrive generates it under a file lock, the others wait and reuse it.
+    """
     _check_size(size)
     if n < 1:
         raise InputError("--synthetic needs at least 1 image")
@@ -438,25 +452,26 @@ def prepare_synthetic(
     config = {"source": "synthetic", "n": n, "size": size, "seed": seed,
               "difficulty": difficulty, "enrich": enrich,
               "generator": phantoms.GENERATOR_VERSION, "val_fraction": VAL_FRACTION}
-    root = ws.root / "phantoms"
+    root = phantom_root or ws.root / "phantoms"
 
     def work(run: StageRun) -> dict[str, Any]:
         expect = {k: config[k] for k in ("n", "size", "seed", "difficulty", "enrich",
                                          "generator")}
         generated, t0 = 0, time.perf_counter()
-        if force or not phantoms.release_is_complete(root, expect):
-            if root.exists():
-                shutil.rmtree(root)
-            with bar(n, "phantoms") as pb:
-                phantoms.write_release(root, n, size, seed, difficulty, enrich, workers,
-                                       progress=pb.update)
-            generated = n
+        with file_lock(root.with_name(root.name + ".lock")):
+            if force or not phantoms.release_is_complete(root, expect):
+                if root.exists():
+                    shutil.rmtree(root)
+                with bar(n, "phantoms") as pb:
+                    phantoms.write_release(root, n, size, seed, difficulty, enrich, workers,
+                                           progress=pb.update)
+                generated = n
         gen_seconds = round(time.perf_counter() - t0, 2)
         with _decoders(workers) as decoders:
             release = nih.read_release(root)
             summary = ingest_release(ws, release, run, size=size, split="official",
                                      seed=seed, decoders=decoders, chunk_size=chunk_size,
-                                     on_chunk=on_chunk)
+                                     on_chunk=on_chunk, shard=shard)
         summary.update(source="synthetic", phantom_dir=str(root), generated=generated,
                        generate_seconds=gen_seconds, difficulty=difficulty, enrich=enrich,
                        seed=seed)
