@@ -146,12 +146,24 @@ class Store:
 
 
 def read_rows(ds: h5py.Dataset, rows: np.ndarray | list[int]) -> np.ndarray:
-    """Fancy-index an HDF5 dataset with unsorted/duplicate rows (h5py wants sorted unique)."""
+    """Read rows in any order (duplicates allowed), one chunk read per distinct row.
+
+    h5py's fancy indexing builds a point selection that is 10-20x slower than reading the
+    one-image chunks one by one (measured: 135 vs 2,500 images/s), so rows are read in
+    ascending order and scattered back.
+    """
     rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((rows.size,) + ds.shape[1:], dtype=ds.dtype)
     if rows.size == 0:
-        return np.empty((0,) + ds.shape[1:], dtype=ds.dtype)
+        return out
     uniq, inverse = np.unique(rows, return_inverse=True)
-    return ds[uniq][inverse]
+    if uniq[0] < 0 or uniq[-1] >= ds.shape[0]:
+        raise IndexError(f"rows out of range 0..{ds.shape[0] - 1}")
+    block = np.empty((uniq.size,) + ds.shape[1:], dtype=ds.dtype)
+    for k, row in enumerate(uniq):
+        block[k] = ds[int(row)]
+    out[:] = block[inverse.reshape(-1)]
+    return out
 
 
 class ImageReader:
