@@ -35,7 +35,8 @@ MAX_CANVAS_WIDTH = 1 << 14
 class Mosaic:
     """A batch of n rectangular ROIs on one canvas."""
 
-    codes: np.ndarray  # H x W intp: roi * (G + 1) + level; ``outside`` (= n * (G + 1)) in gaps
+    codes: np.ndarray  # H x W roi * (G + 1) + level (narrowest unsigned dtype); ``outside``
+    # (= n * (G + 1)) in gaps
     levels: np.ndarray  # H x W uint8/uint16 discretised grey level 1..G, 0 outside
     hist: np.ndarray  # n x 256 int64 counts of the raw values of each ROI
     level_counts: np.ndarray  # n x (G + 1) int64 pixels per grey level (column 0 unused)
@@ -60,11 +61,8 @@ class Mosaic:
         return self.n * (self.n_levels + 1)
 
     def compact_codes(self) -> np.ndarray:
-        """``codes`` in the narrowest unsigned dtype (cheaper to transpose and shear)."""
-        if "compact" not in self.cache:
-            dtype = np.uint16 if self.outside < 1 << 16 else np.uint32
-            self.cache["compact"] = self.codes.astype(dtype)
-        return self.cache["compact"]
+        """``codes`` (already in the narrowest unsigned dtype: cheap to transpose and shear)."""
+        return self.codes
 
 
 def pack(
@@ -148,13 +146,14 @@ def build(
     top = int(ng.max()) if n else 1
     g1 = top + 1
     level_table = table.astype(np.uint8 if top < 256 else np.uint16)
-    code_table = table + (np.arange(n, dtype=np.intp) * g1)[:, None]
-    codes = np.full((height, width), n * g1, dtype=np.intp)
+    code_dtype = np.uint16 if n * g1 < 1 << 16 else np.uint32 if n * g1 < 1 << 32 else np.intp
+    code_table = (table + (np.arange(n, dtype=np.intp) * g1)[:, None]).astype(code_dtype)
+    codes = np.full((height, width), n * g1, dtype=code_dtype)
     levels = np.zeros((height, width), dtype=level_table.dtype)
     for i, crop in enumerate(crops):  # the only per-ROI work: two table look-ups per crop
         y, x = ys[i], xs[i]
         h, w = crop.shape
-        codes[y:y + h, x:x + w] = code_table[i][crop]
+        np.take(code_table[i], crop, out=codes[y:y + h, x:x + w], mode="clip")
         np.take(level_table[i], crop, out=levels[y:y + h, x:x + w], mode="clip")
     pair = np.repeat(np.arange(n) * g1, 256) + table.ravel()
     level_counts = np.bincount(pair, weights=hist.ravel(), minlength=n * g1)

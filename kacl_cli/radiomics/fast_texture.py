@@ -119,17 +119,19 @@ def _glcm_features(
     p = p / np.where(total > 0, total, 1.0)[..., None, None]
     lv = np.arange(1, g + 1, dtype=np.float64)
     px = p.sum(axis=3)  # n x a x g: p_x(i)
-    py = p.sum(axis=2)  # p_y(j)
+    py = px if symmetric else p.sum(axis=2)  # p_y(j)
     ux = px @ lv
-    uy = py @ lv
-    # p_{x+y}(k), k = 2..2g, and p_{x-y}(k), k = 0..g-1, via one bincount over all cells
-    ii, jj = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
-    rows = np.arange(n * a)[:, None]
-    flat = p.reshape(n * a, g * g)
-    k_sum = (rows * (2 * g - 1) + (ii + jj).ravel()[None, :]).ravel()
-    pxy_sum = np.bincount(k_sum, flat.ravel(), (n * a) * (2 * g - 1)).reshape(n, a, 2 * g - 1)
-    k_diff = (rows * g + np.abs(ii - jj).ravel()[None, :]).ravel()
-    pxy_diff = np.bincount(k_diff, flat.ravel(), (n * a) * g).reshape(n, a, g)
+    uy = ux if symmetric else py @ lv
+    # p_{x-y}(k), k = 0..g-1, from the diagonals; p_{x+y}(k), k = 2..2g, from the
+    # anti-diagonals (diagonals of the matrix with its columns reversed)
+    pxy_diff = np.empty((n, a, g))
+    pxy_diff[..., 0] = np.diagonal(p, 0, 2, 3).sum(axis=-1)
+    for k in range(1, g):
+        pxy_diff[..., k] = (np.diagonal(p, k, 2, 3).sum(axis=-1)
+                            + np.diagonal(p, -k, 2, 3).sum(axis=-1))
+    flipped = p[..., ::-1]
+    pxy_sum = np.stack([np.diagonal(flipped, g - 1 - k, 2, 3).sum(axis=-1)
+                        for k in range(2 * g - 1)], axis=-1)
     ks = np.arange(2, 2 * g + 1, dtype=np.float64)
     kd = np.arange(0, g, dtype=np.float64)
     ngf = ng.astype(np.float64)[:, None, None]
@@ -144,9 +146,9 @@ def _glcm_features(
     f["ClusterTendency"] = (pxy_sum * centre**2).sum(axis=2)
     f["Contrast"] = pxy_diff @ kd**2
     dx = lv[None, None, :] - ux[..., None]
-    dy = lv[None, None, :] - uy[..., None]
+    dy = dx if symmetric else lv[None, None, :] - uy[..., None]
     sigx = np.einsum("nai,nai->na", px, dx**2) ** 0.5
-    sigy = np.einsum("naj,naj->na", py, dy**2) ** 0.5
+    sigy = sigx if symmetric else np.einsum("naj,naj->na", py, dy**2) ** 0.5
     corm = np.einsum("naij,nai,naj->na", p, dx, dy)
     corr = corm / (sigx * sigy + EPS)
     f["Correlation"] = np.where(sigx * sigy == 0, 1.0, corr)
@@ -158,7 +160,7 @@ def _glcm_features(
     hxy = -(p * np.log2(p + EPS)).sum(axis=(2, 3))
     f["JointEntropy"] = hxy
     hx = -(px * np.log2(px + EPS)).sum(axis=2)
-    hy = -(py * np.log2(py + EPS)).sum(axis=2)
+    hy = hx if symmetric else -(py * np.log2(py + EPS)).sum(axis=2)
     pxpy = px[..., :, None] * py[..., None, :]
     hxy1 = -(p * np.log2(pxpy + EPS)).sum(axis=(2, 3))
     hxy2 = -(pxpy * np.log2(pxpy + EPS)).sum(axis=(2, 3))
@@ -613,7 +615,7 @@ def glszm(m: Mosaic) -> dict[str, np.ndarray]:
 def _codes9(m: Mosaic) -> np.ndarray:
     """Flat ``codes * 9``: the key base of (ROI, level, 0..8 neighbours) counts."""
     if "codes9" not in m.cache:
-        m.cache["codes9"] = m.codes.ravel() * (2 * N_ANGLES + 1)
+        m.cache["codes9"] = np.multiply(m.codes.ravel(), 2 * N_ANGLES + 1, dtype=np.intp)
     return m.cache["codes9"]
 
 
