@@ -66,7 +66,7 @@ class ContrastConfig:
     from_round: int | None = None
     epochs_per_round: int = 2
     temperature: float = 0.1
-    lam: float = 0.5
+    lam: float = 0.1
     proj_dim: int = 128
     box_supervision: float = 0.0
     fold: int = 0

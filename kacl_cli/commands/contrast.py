@@ -68,7 +68,7 @@ def command(
         "--temperature", help="NT-Xent temperature (in-range values: 0.05-0.5).")] = 0.1,
     lam: Annotated[float, typer.Option(
         "--lambda", help="Weight of the contrastive term: total = cls + lambda * NT-Xent.")]
-    = 0.5,
+    = 0.1,
     proj_dim: Annotated[int, typer.Option(
         "--proj-dim", min=2, help="Projection dimensions of both heads.")] = 128,
     box_supervision: Annotated[float, typer.Option(
