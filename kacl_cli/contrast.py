@@ -299,7 +299,14 @@ def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run,
         roi = "cam+gt" if box_ids else "cam"
         # Only training images' radiomics are used; box supervision may pull test images in.
         info["radiomics"] = _brief(steps.radiomics(src, roi, None if box_ids else "train"))
-        pos = load_positive_features(ws, src)
+        try:
+            pos = load_positive_features(ws, src)
+        except NotReadyError:
+            # The stage ran, so missing statistics mean no training image had a usable ROI.
+            raise KaclError(
+                f"contrast round {k}: radiomics of round {src} found no positive ROI on any "
+                f"training image (empty Grad-CAM maps?); train round {src} longer, or use "
+                "--positives augment|none") from None
 
     # -- data --
     train, val = training_data(ws, box_ids)
@@ -374,7 +381,14 @@ def previous_summary(ws: Workspace, k: int) -> dict[str, Any]:
         "ORDER BY finished_at DESC LIMIT 1", [STAGE, k])
     if rows:
         return {**json.loads(rows[0][0] or "{}"), "round": k, "skipped": True}
-    return {"round": k, "skipped": True}
+    # A round made elsewhere (or killed between checkpoint and bookkeeping): its meta says enough.
+    try:
+        metrics = read_meta(ws.checkpoint_dir(k)).get("metrics") or {}
+    except KaclError:
+        metrics = {}
+    history = metrics.get("history") or [{}]
+    return {"round": k, "skipped": True, "val_mean_auc": metrics.get("val_mean_auc"),
+            "contrastive_loss": history[-1].get("contrastive_loss")}
 
 
 def run_contrast(ws: Workspace, cfg: ContrastConfig,

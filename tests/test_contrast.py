@@ -17,7 +17,7 @@ from kacl_cli.contrast import (
     run_contrast,
     training_data,
 )
-from kacl_cli.errors import InputError, NotReadyError
+from kacl_cli.errors import InputError, KaclError, NotReadyError
 from kacl_cli.models.checkpoint import read_checkpoint
 from kacl_cli.models.contrastive import ContrastSpec, build_objective
 from kacl_cli.models.losses import ClassificationObjective
@@ -178,3 +178,31 @@ def test_box_supervision_round(ws) -> None:
     assert ws.catalog.query(
         "SELECT json_extract_string(config_json, '$.roi') FROM runs WHERE stage = 'radiomics'"
     ) == [("cam+gt",)]
+
+
+def test_no_positive_roi_is_a_clear_error(ws, monkeypatch) -> None:
+    import kacl_cli.contrast as contrast
+
+    monkeypatch.setattr(contrast._Steps, "cam", lambda self, r: {})
+    monkeypatch.setattr(contrast._Steps, "radiomics", lambda self, r, roi, split: {})
+
+    def none_found(ws_, round_):
+        raise NotReadyError("no radiomics statistics")
+
+    monkeypatch.setattr(contrast, "load_positive_features", none_found)
+    with pytest.raises(KaclError, match="no positive ROI"):
+        run_contrast(ws, _cfg(rounds=1), note=quiet)
+    assert ws.finished_rounds() == [0]
+    assert ws.catalog.query(
+        "SELECT status FROM runs WHERE stage = 'contrast'") == [("failed",)]
+
+
+def test_skipped_round_summary_falls_back_to_checkpoint_meta(ws) -> None:
+    from kacl_cli.contrast import previous_summary
+
+    run_contrast(ws, _cfg(rounds=1, positives="none"), note=quiet)
+    done = previous_summary(ws, 1)
+    assert done["skipped"] and done["train_images"] > 0
+    ws.catalog.execute("DELETE FROM runs WHERE stage = 'contrast'")
+    meta_only = previous_summary(ws, 1)
+    assert meta_only["val_mean_auc"] == pytest.approx(done["val_mean_auc"])
