@@ -329,15 +329,15 @@ def glrlm(m: Mosaic) -> dict[str, np.ndarray]:
     off = np.concatenate(([0], np.cumsum(seg)))
     code_roi, code_level = np.divmod(np.arange(n * g1), g1)
     keys = []
+    top = int(off[-1])
     for angle, (code, length) in enumerate(line_runs(m)):
-        keep = code != m.outside
-        code, length = code[keep], length[keep]
         ra = code_roi * N_ANGLES + angle
-        # per code: where the (roi, angle, level, run length 1) cell of the GLRLM sits
-        base = off[ra] + (code_level - 1) * longest[ra] - 1
+        # per code: where the (roi, angle, level, run length 1) cell of the GLRLM sits; the
+        # outside code (last) points past the end, so no filtering pass over the runs
+        base = np.append(off[ra] + (code_level - 1) * longest[ra] - 1, top)
         keys.append(base[code] + length)
     # one bincount over (roi, angle, level, run length): the GLRLM of every ROI and angle
-    counts = np.bincount(np.concatenate(keys), minlength=int(off[-1]))
+    counts = np.bincount(np.concatenate(keys), minlength=top)[:top]
     cell = np.flatnonzero(counts)
     c = counts[cell].astype(np.float64)
     ra = np.searchsorted(off, cell, side="right") - 1  # sorted: cells come in key order
@@ -350,16 +350,17 @@ def glrlm(m: Mosaic) -> dict[str, np.ndarray]:
     r2 = (rl * rl).astype(np.float64)
     rlf = rl.astype(np.float64)
     # per-cell terms of the sums over the GLRLM, reduced per (roi, angle) in one call
+    # (terms x cells: reduceat along the contiguous axis is 3x faster than across it)
     terms = np.stack([c, c * rlf, c / r2, c * r2, c / g2, c * g2, c / (g2 * r2), c * g2 / r2,
-                      c * r2 / g2, c * r2 * g2], axis=1)
-    sums = np.add.reduceat(terms, starts, axis=0) if na else np.zeros((0, terms.shape[1]))
+                      c * r2 / g2, c * r2 * g2])
+    sums = np.add.reduceat(terms, starts, axis=1).T if na else np.zeros((0, terms.shape[0]))
     nr, npix = sums[:, 0], sums[:, 1]
     nr_safe = np.where(nr > 0, nr, 1.0)
     mu_r = npix / nr_safe
     dev = rlf - mu_r[ra]
     prob = c / nr_safe[ra]
-    extra = np.stack([c * dev * dev, prob * np.log2(prob + EPS)], axis=1)
-    run_var, run_ent = (np.add.reduceat(extra, starts, axis=0) if na else np.zeros((0, 2))).T
+    extra = np.stack([c * dev * dev, prob * np.log2(prob + EPS)])
+    run_var, run_ent = np.add.reduceat(extra, starts, axis=1) if na else np.zeros((2, 0))
     pg = np.bincount(ra * g1 + gl, c, na * g1).reshape(na, g1)
     off_len = np.concatenate(([0], np.cumsum(longest)))
     pr = np.bincount(off_len[ra] + rl - 1, c, int(off_len[-1]))
@@ -459,32 +460,64 @@ def _label_runs(m: Mosaic, chosen: np.ndarray, length: np.ndarray,
     """8-connected components of the pixels of the chosen runs: per run its label (0 for
     runs not chosen) and the number of labels."""
     mask = np.repeat(chosen, length).reshape(m.codes.shape)
+    return _label_mask(mask, start)
+
+
+def _label_mask(mask: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected components of a canvas mask whose horizontal runs (starting at flat
+    positions ``start``) are each all in or all out: per run its label and the count."""
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     return labels.ravel()[start], count
 
 
+def _parity_codes(levels: np.ndarray) -> np.ndarray:
+    """Flat ``2 * level + 1`` inside, 0 outside (uint8 when levels allow).
+
+    For two such values a, b, ``t = a ^ b`` has bit 0 set iff exactly one is outside and,
+    when both are inside, bit 1 set iff their levels differ in parity. So "both inside,
+    different levels of the same parity" (a parity conflict) is ``t & 3 == 0 and t != 0``:
+    three cheap uint8 passes per angle instead of a comparison per condition.
+    """
+    top = int(levels.max(initial=0))
+    dtype = np.uint8 if 2 * top + 1 < 256 else np.uint16 if 2 * top + 1 < 1 << 16 else np.int64
+    lf = levels.ravel().astype(dtype)
+    enc = lf << 1
+    enc |= lf != 0
+    return enc
+
+
 def _zones_parity(m: Mosaic, code: np.ndarray, length: np.ndarray,
                   start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lf = m.levels.ravel()
-    size = lf.size
+    enc = _parity_codes(m.levels)
+    size = enc.size
     conflict = np.zeros(size, dtype=bool)
     for d in flat_offsets(m.codes.shape[1]):
-        a, b = lf[: size - d], lf[d:]
-        bad = (a != b) & (((a ^ b) & 1) == 0) & (a != 0) & (b != 0)
+        t = enc[: size - d] ^ enc[d:]
+        bad = (t & 3) == 0
+        bad &= t != 0
         conflict[: size - d] |= bad
         conflict[d:] |= bad
     loose = np.zeros(code.size, dtype=bool)
     loose[np.searchsorted(start, np.flatnonzero(conflict), side="right") - 1] = True
-    level = code % (m.n_levels + 1)
-    clean = (code != m.outside) & ~loose
-    comp = np.full(code.size, -1, dtype=np.intp)
-    n_comp = 0
-    for parity in (0, 1):
-        chosen = clean & (level % 2 == parity)
-        label, count = _label_runs(m, chosen, length, start)
-        comp[chosen] = label[chosen] - 1 + n_comp
-        n_comp += count
-    return _merge_runs(m, code, length, start, comp, n_comp, np.flatnonzero(loose))
+    loose_runs = np.flatnonzero(loose)
+    # pixels of the loose runs, left out of both parity masks (union-find joins them)
+    span = length[loose_runs]
+    loose_pixels = (np.repeat(start[loose_runs] - np.cumsum(span) + span, span)
+                    + np.arange(int(span.sum())))
+    odd = (enc & 2).astype(bool)  # bit 1 of 2 * level + 1: the level is odd
+    even = enc != 0
+    even ^= odd  # inside and not odd
+    even[loose_pixels] = False
+    odd[loose_pixels] = False
+    shape = m.codes.shape
+    label_even, n_even = _label_mask(even.reshape(shape), start)
+    label_odd, n_odd = _label_mask(odd.reshape(shape), start)
+    # a run is in at most one mask: its component is the even label, or the odd one after
+    # all even labels; -1 for outside and loose runs (label 0 in both)
+    comp = label_even.astype(np.intp)
+    comp += np.where(label_odd > 0, label_odd + n_even, 0)
+    comp -= 1
+    return _merge_runs(m, code, length, start, comp, n_even + n_odd, loose_runs)
 
 
 def _zones_colouring(m: Mosaic, code: np.ndarray, length: np.ndarray,
