@@ -660,7 +660,7 @@ def gldm(m: Mosaic, alpha: int = 0) -> dict[str, np.ndarray]:
     for d in flat_offsets(m.codes.shape[1]):
         a, b = lv[: size - d], lv[d:]
         if alpha == 0:
-            same = (a == b) & (a != 0)
+            same = a == b  # two outside pixels also match, but outside counts are dropped
         else:
             diff = np.abs(a.astype(np.int32) - b.astype(np.int32))
             same = (diff <= alpha) & (a != 0) & (b != 0)
