@@ -309,8 +309,10 @@ def line_runs(m: Mosaic) -> list[tuple[np.ndarray, np.ndarray]]:
     if "runs" not in m.cache:
         found: list = [None] * N_ANGLES
         for angle, flat in _line_layouts(m):
-            starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-            starts = np.concatenate(([0], starts))  # flat[0] is outside
+            change = np.empty(flat.size, dtype=bool)
+            change[0] = True  # flat[0] is outside: the first run starts there
+            np.not_equal(flat[1:], flat[:-1], out=change[1:])
+            starts = np.flatnonzero(change)
             found[angle] = (flat[starts].astype(np.intp), np.diff(starts, append=flat.size))
             if angle == 0:
                 m.cache["row_starts"] = starts  # canvas positions of the horizontal runs
@@ -548,10 +550,11 @@ def _merge_runs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Zones from labelled components (``comp`` per run, -1 if none) and ``loose`` runs,
     joined by union-find to every equal-code run above or below them: (code, size)."""
-    labelled = comp >= 0
-    comp_size = np.bincount(comp[labelled], length[labelled], n_comp).astype(np.int64)
-    comp_code = np.empty(n_comp, dtype=np.intp)
-    comp_code[comp[labelled]] = code[labelled]
+    # bin 0 collects the runs without a component (-1): no masking passes over all runs
+    comp_size = np.bincount(comp + 1, length, n_comp + 1)[1:].astype(np.int64)
+    comp_code = np.empty(n_comp + 1, dtype=np.intp)
+    comp_code[comp + 1] = code
+    comp_code = comp_code[1:]
     if loose.size == 0:
         return comp_code, comp_size
     k = loose.size  # loose run i is node i; component c is node k + c until compacted
