@@ -716,25 +716,25 @@ def _prepare_summary(con: duckdb.DuckDBPyConnection, g: _Group) -> dict[str, Any
 
 
 def _data_prepare(con: duckdb.DuckDBPyConnection, ws: Workspace, g: _Group) -> None:
-    """Copy every part's pixels to the workspace rows assigned by the plan."""
+    """Copy every part's pixels to the workspace rows assigned by the plan, one part at a
+    time (a thousand-shard NIH merge never holds a thousand files open)."""
     if ws.store.path.exists():  # the catalog holds no image: nothing in it is worth keeping
         ws.store.path.unlink()
-    rows = con.execute(f"SELECT new_row, part, local_row FROM {g.prefix}final "
-                       "ORDER BY new_row").fetchall()
     size = g.plan["size"]
-    handles = {p.shard.index: h5py.File(p.store.path, "r") for p in g.parts}
-    try:
-        for start in range(0, len(rows), COPY_BLOCK):
-            block = rows[start:start + COPY_BLOCK]
-            out = np.empty((len(block), size, size), np.uint8)
-            for part, f in handles.items():
-                idx = [k for k, r in enumerate(block) if r[1] == part]
-                if idx:
-                    out[idx] = read_rows(f[IMAGES], [block[k][2] for k in idx])
-            ws.store.write_images(start, out, size)
-    finally:
-        for f in handles.values():
-            f.close()
+    # an empty dataset with the store's layout (chunks, compression), then sized to N
+    ws.store.write_images(0, np.empty((0, size, size), np.uint8), size)
+    with ws.store.open("a") as out:
+        ds = out[IMAGES]
+        ds.resize((g.plan["n"], size, size))
+        for p in g.parts:
+            rows = np.array(con.execute(
+                f"SELECT new_row, local_row FROM {g.prefix}final WHERE part = ? "
+                "ORDER BY new_row", [p.shard.index]).fetchall(), dtype=np.int64).reshape(-1, 2)
+            with h5py.File(p.store.path, "r") as f:
+                for start in range(0, len(rows), COPY_BLOCK):
+                    block = rows[start:start + COPY_BLOCK]
+                    ds[block[:, 0]] = read_rows(f[IMAGES], block[:, 1])
+        out.flush()
 
 
 def _rows_prepare(con: duckdb.DuckDBPyConnection, ws: Workspace, g: _Group) -> None:
