@@ -162,8 +162,9 @@ def _glcm_features(
     hx = -(px * np.log2(px + EPS)).sum(axis=2)
     hy = hx if symmetric else -(py * np.log2(py + EPS)).sum(axis=2)
     pxpy = px[..., :, None] * py[..., None, :]
-    hxy1 = -(p * np.log2(pxpy + EPS)).sum(axis=(2, 3))
-    hxy2 = -(pxpy * np.log2(pxpy + EPS)).sum(axis=(2, 3))
+    log_pxpy = np.log2(pxpy + EPS)  # shared by HXY1 and HXY2
+    hxy1 = -(p * log_pxpy).sum(axis=(2, 3))
+    hxy2 = -(pxpy * log_pxpy).sum(axis=(2, 3))
     div = np.fmax(hx, hy)
     with np.errstate(divide="ignore", invalid="ignore"):
         f["Imc1"] = np.where(div != 0, (hxy - hxy1) / np.where(div != 0, div, 1.0), 0.0)
