@@ -4,7 +4,7 @@ Classification: per-finding ROC AUC on one split from ``cam_boxes.probability`` 
 mean over findings with both classes present, and percentile bootstrap 95% CIs that resample
 *images* (so the 14 per-finding AUCs and their mean are resampled jointly, as they were
 measured). Localization: for every ground-truth box of the split (images whose boxes supervised
-training are excluded) the predicted box of that image and finding, correct when
+training are excluded, from AUC too) the predicted box of that image and finding, correct when
 IoU > T(IoU) / IoBB > T(IoBB) (strict), a missing prediction counting as wrong; accuracy =
 correct / ground-truth boxes. Definitions in docs/evaluation.md.
 
@@ -230,9 +230,17 @@ def load_eval_data(ws: Workspace, round_: int, split: str) -> EvalData:
     cat = ws.catalog
     img = cat.query_df(
         f"SELECT i.image_id, i.row, i.orig_width, i.orig_height, {label_columns_sql()} "
-        "FROM images i JOIN labels l USING (image_id) WHERE i.split = ? ORDER BY i.row",
+        "FROM images i JOIN labels l USING (image_id) WHERE i.split = ? "
+        "AND i.image_id NOT IN (SELECT image_id FROM box_supervision) ORDER BY i.row",
         [split],
     )
+    # Images whose boxes supervised training leave every evaluation, AUC included.
+    n_sup_images, n_sup_pairs = cat.query(
+        "SELECT count(DISTINCT i.image_id), count(g.image_id) FROM images i "
+        "JOIN box_supervision b USING (image_id) LEFT JOIN gt_boxes g USING (image_id) "
+        "WHERE i.split = ?",
+        [split],
+    )[0]
     ids = np.asarray(img["image_id"], dtype=object)
     n = len(ids)
     if n == 0:
@@ -256,18 +264,17 @@ def load_eval_data(ws: Workspace, round_: int, split: str) -> EvalData:
     has_cam[ii[ok]] = True
 
     gt = cat.query_df(
-        "SELECT g.image_id, g.finding, g.x, g.y, g.w, g.h, "
-        "(b.image_id IS NOT NULL) AS supervised FROM gt_boxes g JOIN images i USING (image_id) "
-        "LEFT JOIN (SELECT DISTINCT image_id FROM box_supervision) b USING (image_id) "
-        "WHERE i.split = ? ORDER BY g.image_id, g.finding, g.x, g.y",
+        "SELECT g.image_id, g.finding, g.x, g.y, g.w, g.h FROM gt_boxes g "
+        "JOIN images i USING (image_id) WHERE i.split = ? "
+        "AND i.image_id NOT IN (SELECT image_id FROM box_supervision) "
+        "ORDER BY g.image_id, g.finding, g.x, g.y",
         [split],
     )
     gi = _index_of(np.asarray(gt["image_id"], dtype=object), ids)
     gf = _index_of(_canonical(np.asarray(gt["finding"], dtype=object)), np.array(BOX_FINDINGS))
-    sup = np.asarray(gt["supervised"], dtype=bool)
     gbox = np.stack([np.asarray(gt[k], dtype=np.float64) for k in ("x", "y", "w", "h")], axis=1)
     in_split = gi >= 0  # GT of an image without a labels row: not evaluable
-    keep = in_split & (gf >= 0) & ~sup
+    keep = in_split & (gf >= 0)
     return EvalData(
         round=round_, split=split, image_ids=ids,
         rows=np.asarray(img["row"], dtype=np.int64),
@@ -275,8 +282,8 @@ def load_eval_data(ws: Workspace, round_: int, split: str) -> EvalData:
                             np.asarray(img["orig_height"], dtype=np.float64)], axis=1),
         labels=labels, probs=probs, pred=pred,
         pair_image=gi[keep], pair_finding=gf[keep], pair_gt=gbox[keep],
-        n_excluded_images=len(set(np.asarray(gt["image_id"], dtype=object)[in_split & sup])),
-        n_excluded_pairs=int((in_split & (gf >= 0) & sup).sum()),
+        n_excluded_images=int(n_sup_images),
+        n_excluded_pairs=int(n_sup_pairs),
         n_missing_cam_images=int((~has_cam).sum()),
         n_other_gt=int((in_split & (gf < 0)).sum()),
     )
@@ -376,7 +383,8 @@ def compute_metrics(data: EvalData, n_boot: int = 1000, seed: int = 0) -> dict[s
     if data.n_excluded_images:
         notes.append(
             f"{data.n_excluded_images} box-annotated image(s) ({data.n_excluded_pairs} boxes) "
-            "excluded from localization: their boxes supervised training (box_supervision)"
+            "excluded from AUC and localization: their boxes supervised training "
+            "(box_supervision)"
         )
     if data.n_other_gt:
         notes.append(f"{data.n_other_gt} ground-truth box(es) of findings outside the 8 box "
