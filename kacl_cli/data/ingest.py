@@ -151,20 +151,26 @@ def pool(workers: int, preload: tuple[str, ...] = ("kacl_cli.data.nih",)):
 
 
 # -- workspace bookkeeping -----------------------------------------------------------------
+DERIVED_TABLES = ("cam_boxes", "rois", "radiomics", "radiomics_stats", "box_supervision",
+                  "metrics")
+
 def wipe_images(ws: Workspace) -> None:
     """Remove every prepared image (``--force``): store file and image/label/box rows.
 
     The whole store goes, not just ``/images``: Grad-CAM maps in it are indexed by row and
-    would silently belong to other images afterwards.
+    would silently belong to other images afterwards. For the same reason every table derived
+    from the images (CAM boxes, ROIs, radiomics, metrics, box supervision) is emptied, so the
+    downstream stages recompute instead of skipping on rows of the old data. Checkpoints stay:
+    pretrain's data fingerprint decides whether they still fit.
     """
     if ws.store.path.exists():
         ws.store.path.unlink()
     if ws.catalog.path.exists():
         with ws.catalog.connect() as con:
             con.execute("BEGIN")
-            for table in ("images", "labels", "gt_boxes"):
+            for table in ("images", "labels", "gt_boxes") + DERIVED_TABLES:
                 con.execute(f"DELETE FROM {table}")
-            con.execute("DELETE FROM meta WHERE key = ?", [DATASET_KEY])
+            con.execute("DELETE FROM meta WHERE key = ? OR key LIKE 'cam:%'", [DATASET_KEY])
             con.execute("COMMIT")
 
 

@@ -107,8 +107,12 @@ def test_other_dataset_needs_force(tmp_path: Path) -> None:
                             "-w", str(ws.root)])
     assert r.exit_code == 1 and "--force" in r.stderr and "seed" in r.stderr
     assert ws.catalog.count("images") == 12
+    with ws.catalog.connect() as con:  # a derived row of the old data
+        con.execute("INSERT INTO cam_boxes (round, image_id, finding, probability) "
+                    "SELECT 0, image_id, 'Mass', 0.5 FROM images LIMIT 1")
     s = ingest.prepare_synthetic(ws, 12, 32, seed=2, force=True)
     assert s["images"] == 12 and ws.catalog.count("images") == 12
+    assert ws.catalog.count("cam_boxes") == 0  # rebuilt data: derived rows are gone
 
 
 # -- resume ------------------------------------------------------------------------------------
