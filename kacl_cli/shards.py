@@ -385,9 +385,14 @@ def combine_summaries(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 for k, x in v.items():
                     acc[k] = acc.get(k, 0) + x
             out[key] = acc
+        elif isinstance(first, str):  # a path inside a part names the workspace's file
+            out[key] = _PART_PATH.sub("", first)
         else:
             out[key] = first
     return out
+
+
+_PART_PATH = re.compile(r"/parts/[^/]+/shard-\d+-of-\d+(?=/|$)")
 
 
 # -- merge -----------------------------------------------------------------------------------
