@@ -17,6 +17,7 @@ app = typer.Typer(
         "&& kacl evaluate --round all"
     ),
     no_args_is_help=True,
+    rich_markup_mode="markdown",
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},

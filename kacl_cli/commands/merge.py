@@ -46,7 +46,7 @@ def command(
 ) -> None:
     """Fold the part files of sharded jobs (--shard i/n) into the workspace.
 
-    Parts live in WS/parts/<stage>[-round-K]/shard-i-of-n/. Every shard 0..n-1 must be present
+    Parts live in WS/parts/STAGE[-round-K]/shard-i-of-n/. Every shard 0..n-1 must be present
     and finished with the same settings; two parts holding the same rows with different
     content are refused. Nothing is written unless every check passes (exit 1 with a one-line
     reason otherwise). Merging again changes nothing. Prepare parts get their workspace rows
