@@ -13,7 +13,7 @@ import torch
 from kacl_cli import cam_stage
 from kacl_cli.boxes import scale_xywh
 from kacl_cli.cam import batched_gradcam, map_to_box
-from kacl_cli.errors import CheckpointError, InputError, KaclError, NotReadyError
+from kacl_cli.errors import CheckpointError, InputError, NotReadyError
 from kacl_cli.findings import FINDINGS
 from kacl_cli.models.checkpoint import load_image_net, model_meta, preprocess, save_checkpoint
 from kacl_cli.models.image_net import GRAY_MEAN, GRAY_STD, build_image_net
@@ -190,8 +190,9 @@ def test_missing_and_foreign_checkpoints_and_bad_options(tiny_workspace) -> None
         cam_stage.run_cam_stage(ws, 0, split="holdout")
     with pytest.raises(InputError):
         cam_stage.run_cam_stage(ws, 0, threshold=0.0)
-    with pytest.raises(KaclError, match="shard"):
-        cam_stage.run_cam_stage(ws, 0, shard=(0, 2))
+    with pytest.raises(CheckpointError, match="vocabulary"):  # a shard refuses it too
+        cam_stage.run_cam_stage(ws, 0, shard=(0, 2), device="cpu")
+    assert ws.catalog.count("cam_boxes") == 0
 
 
 def test_non_finite_logits_stop_the_stage_without_rows(ws: Workspace, monkeypatch) -> None:
