@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from . import progress
 from .boxes import scale_xywh
 from .cam import batched_gradcam, maps_to_boxes
+from .catalog import insert_columns
 from .data.loader import SPLITS, StoreDataset
 from .device import resolve_device
 from .errors import CheckpointError, InputError, NotReadyError
@@ -238,11 +239,7 @@ def _work(
             # Maps first, then rows: an image that has rows is complete on resume.
             ws.store.write_cams(round_, rows_out, maps, n_store)
             with ws.catalog.connect() as con:
-                con.register("chunk", columns)
-                con.execute(
-                    "INSERT OR REPLACE INTO cam_boxes SELECT round, image_id, finding, "
-                    "probability, x, y, w, h, peak, mass, reason FROM chunk"
-                )
+                insert_columns(con, "cam_boxes", columns, replace=True)
             computed += len(idx)
     summary = _summarise(ws, round_, ids)
     seconds = time.perf_counter() - started

@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 
 from . import boxes as bx
 from .baselines import IOBB_THRESHOLDS, IOU_THRESHOLDS
-from .catalog import label_columns_sql
+from .catalog import insert_rows, label_columns_sql
 from .cli import err
 from .errors import KaclError, NotReadyError
 from .findings import BOX_FINDINGS, BOX_LABEL_ALIASES, FINDINGS
@@ -455,16 +455,6 @@ def metric_rows(doc: dict[str, Any], run_id: str | None) -> list[tuple]:
     add("n_loc_excluded_images", ALL, None, loc["n_excluded_images"],
         n=loc["n_excluded_images"])
     return rows
-
-
-def insert_rows(con: Any, table: str, rows: list[tuple], chunk: int = 500) -> None:
-    """Insert many rows with multi-row VALUES statements (DuckDB's executemany runs one
-    statement per row: ~2 ms each, seconds for a few thousand metric rows)."""
-    for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
-        marks = "(" + ", ".join("?" * len(part[0])) + ")"
-        con.execute(f"INSERT INTO {table} VALUES " + ", ".join([marks] * len(part)),
-                    [v for row in part for v in row])
 
 
 def write_metrics(ws: Workspace, doc: dict[str, Any], run_id: str | None) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .catalog import insert_rows
 from .errors import InputError
 from .workspace import Workspace
 
@@ -118,10 +119,7 @@ def write_box_supervision(ws: Workspace, sel: BoxSupervision, run_id: str | None
     with ws.catalog.connect() as con:
         con.execute("BEGIN TRANSACTION")
         con.execute("DELETE FROM box_supervision")
-        if sel.image_ids:
-            con.executemany(
-                "INSERT INTO box_supervision VALUES (?, ?, ?, ?)",
-                [(i, sel.fold, sel.fraction, run_id) for i in sel.image_ids],
-            )
+        insert_rows(con, "box_supervision",
+                    [(i, sel.fold, sel.fraction, run_id) for i in sel.image_ids])
         con.execute("COMMIT")
     return True

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .catalog import Catalog
+from .catalog import Catalog, insert_rows
 from .errors import KaclError
 from .store import Store
 
@@ -63,10 +63,8 @@ class StageRun:
             return
         at = _now()
         with self.ws.catalog.connect() as con:
-            con.executemany(
-                "INSERT INTO errors VALUES (?, ?, ?, ?, ?)",
-                [(self.run_id, self.stage, item, reason, at) for item, reason in items],
-            )
+            insert_rows(con, "errors",
+                        [(self.run_id, self.stage, item, reason, at) for item, reason in items])
 
     def _close(self, status: str, summary: dict[str, Any]) -> None:
         self.summary = summary

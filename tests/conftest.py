@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kacl_cli.catalog import insert_rows
 from kacl_cli.findings import BOX_FINDINGS, FINDINGS, LABEL_COLUMNS
 from kacl_cli.workspace import Workspace
 
@@ -41,29 +42,25 @@ def write_tiny_workspace(
     images = rng.integers(0, 256, size=(n, size, size), dtype=np.uint8)
     ws.store.write_images(0, images, size)
     splits = ["train", "train", "val", "test"]
+    image_rows, label_rows, box_rows = [], [], []
+    for i in range(n):
+        image_id = f"{i:08d}_000.png"
+        image_rows.append((image_id, i, str(i // 2), splits[i % 4], 0, "PA", 50, "M", orig, orig,
+                           0.143, 0.143, f"/fake/{image_id}"))
+        labels = {c: False for c in LABEL_COLUMNS}
+        labels[FINDINGS[i % 14]] = True
+        if i % 3 == 0:
+            labels["Effusion"] = True
+        label_rows.append((image_id, *(labels[c] for c in LABEL_COLUMNS)))
+        for finding in BOX_FINDINGS:
+            if labels[finding]:
+                x, y = rng.uniform(0, orig / 2, size=2)
+                w, h = rng.uniform(orig / 10, orig / 3, size=2)
+                box_rows.append((image_id, finding, x, y, w, h))
     with ws.catalog.connect() as con:
-        for i in range(n):
-            image_id = f"{i:08d}_000.png"
-            con.execute(
-                "INSERT INTO images VALUES (?, ?, ?, ?, 0, 'PA', 50, 'M', ?, ?, 0.143, 0.143, ?)",
-                [image_id, i, str(i // 2), splits[i % 4], orig, orig, f"/fake/{image_id}"],
-            )
-            labels = {c: False for c in LABEL_COLUMNS}
-            labels[FINDINGS[i % 14]] = True
-            if i % 3 == 0:
-                labels["Effusion"] = True
-            con.execute(
-                f"INSERT INTO labels VALUES (?, {', '.join('?' * len(LABEL_COLUMNS))})",
-                [image_id] + [labels[c] for c in LABEL_COLUMNS],
-            )
-            for finding in BOX_FINDINGS:
-                if labels[finding]:
-                    x, y = rng.uniform(0, orig / 2, size=2)
-                    w, h = rng.uniform(orig / 10, orig / 3, size=2)
-                    con.execute(
-                        "INSERT INTO gt_boxes VALUES (?, ?, ?, ?, ?, ?)",
-                        [image_id, finding, x, y, w, h],
-                    )
+        insert_rows(con, "images", image_rows)
+        insert_rows(con, "labels", label_rows)
+        insert_rows(con, "gt_boxes", box_rows)
     return ws
 
 

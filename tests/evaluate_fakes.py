@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kacl_cli.catalog import label_columns_sql
-from kacl_cli.evaluate import insert_rows
+from kacl_cli.catalog import insert_rows, label_columns_sql
 from kacl_cli.findings import FINDINGS
 from kacl_cli.workspace import Workspace
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ..catalog import insert_rows
 from ..errors import InputError, KaclError
 from ..findings import FINDINGS
 from ..progress import bar
@@ -208,21 +209,13 @@ def dataset_fingerprint(ws: Workspace) -> str:
     return hashlib.sha256(f"{rows[0][0] if rows else ''}|{n}".encode()).hexdigest()[:16]
 
 
-def _values_sql(table: str, n_cols: int, n_rows: int) -> str:
-    # One multi-row INSERT: ~7x faster than executemany in DuckDB.
-    row = "(" + ", ".join("?" * n_cols) + ")"
-    return f"INSERT INTO {table} VALUES " + ", ".join([row] * n_rows)
-
-
 def _commit_rows(ws: Workspace, images: list[tuple], labels: list[tuple],
                  boxes: list[tuple]) -> None:
     """One transaction per chunk: a chunk is either fully in the catalog or not at all."""
     with ws.catalog.connect() as con:
         con.execute("BEGIN")
         for table, rows in (("images", images), ("labels", labels), ("gt_boxes", boxes)):
-            if rows:
-                con.execute(_values_sql(table, len(rows[0]), len(rows)),
-                            [v for r in rows for v in r])
+            insert_rows(con, table, rows)
         con.execute("COMMIT")
 
 

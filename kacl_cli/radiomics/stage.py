@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .. import progress
+from ..catalog import insert_columns
 from ..errors import InputError, KaclError, NotReadyError
 from ..store import ImageReader
 from ..workspace import StageRun, Workspace, stable_json
@@ -131,10 +132,10 @@ def _sync_rois(ws: Workspace, round_: int, rois: list[Roi], image_ids: list[str]
             [shash, stable_json(settings)],
         )
         con.execute("DELETE FROM radiomics_features WHERE settings_hash = ?", [shash])
-        con.executemany(
-            "INSERT INTO radiomics_features VALUES (?, ?, ?)",
-            [[shash, i, n] for i, n in enumerate(names)],
-        )
+        insert_columns(con, "radiomics_features", {
+            "settings_hash": [shash] * len(names), "feature_index": list(range(len(names))),
+            "name": list(names),
+        })
         con.execute("COMMIT")
 
 
@@ -164,13 +165,12 @@ def _write_chunk(ws: Workspace, run: StageRun, round_: int, rois: list[Roi],
             counts.append(0)
             values.append(None)
     with ws.catalog.connect() as con:
-        con.execute(
-            "INSERT OR REPLACE INTO radiomics SELECT ?, u.i, u.f, ?, ?, u.x, u.n, u.r FROM "
-            "(SELECT unnest(?::VARCHAR[]) AS i, unnest(?::VARCHAR[]) AS f, "
-            "unnest(?::FLOAT[][]) AS x, unnest(?::INTEGER[]) AS n, unnest(?::VARCHAR[]) AS r) u",
-            [round_, backend, shash, [r.image_id for r in rois], [r.finding for r in rois],
-             values, counts, list(reasons)],
-        )
+        insert_columns(con, "radiomics", {
+            "round": [round_] * len(rois), "image_id": [r.image_id for r in rois],
+            "finding": [r.finding for r in rois], "backend": [backend] * len(rois),
+            "settings_hash": [shash] * len(rois), "features": values, "n_nonfinite": counts,
+            "reason": list(reasons),
+        }, replace=True)
     n_nonfinite = sum(counts)
     failed = [(f"{r.image_id}/{r.finding}", reason)
               for r, reason in zip(rois, reasons, strict=True) if reason is not None]
@@ -243,11 +243,11 @@ def compute_stats(ws: Workspace, round_: int, shash: str, n_features: int) -> in
         if data:
             x = np.asarray([d[0] for d in data], dtype=np.float64).reshape(len(data), n_features)
             mean, std, n = finite_stats(x)
-            con.executemany(
-                "INSERT INTO radiomics_stats VALUES (?, ?, ?, ?, ?, ?)",
-                [[round_, shash, j, float(mean[j]), float(std[j]), int(n[j])]
-                 for j in range(n_features)],
-            )
+            insert_columns(con, "radiomics_stats", {
+                "round": [round_] * n_features, "settings_hash": [shash] * n_features,
+                "feature_index": list(range(n_features)), "mean": mean.tolist(),
+                "std": std.tolist(), "n": n.tolist(),
+            })
         con.execute("COMMIT")
     return len(data)
 
