@@ -13,7 +13,8 @@ without a reason are real values (which may still contain NaN/inf for a legitima
 undefined feature; the stage counts those). :func:`roi_problem` is the shared pre-check
 that gives both backends identical reasons for the geometric degenerate cases.
 
-Adding a backend: put a class with a no-argument constructor in a module and add
+Adding a backend: put a :class:`Backend` subclass with a no-argument constructor that
+implements ``_extract_into`` in a module and add
 ``name: "module:Class"`` to :data:`_REGISTRY`. It is imported only when asked for, so a
 missing optional module never breaks the CLI.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
@@ -56,15 +57,19 @@ class RoiError(ValueError):
     """A single ROI that cannot give features; its message is the recorded reason."""
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """What the stage calls. ``settings`` is a resolved dict from :mod:`.settings`."""
+class Backend(ABC):
+    """What the stage calls. ``settings`` is a resolved dict from :mod:`.settings`.
 
-    name: str
+    ``extract`` does what every backend shares (argument checks, a NaN row and no reason per
+    ROI to start from) and hands the filling to :meth:`_extract_into`, the one method a
+    backend implements.
+    """
+
+    name: str = "base"
 
     def feature_names(self, settings: dict[str, Any]) -> list[str]:
         """pyradiomics key names of the columns, diagnostics excluded, in the fixed order."""
-        ...
+        return settings_mod.feature_names(settings)
 
     def extract(
         self,
@@ -74,7 +79,25 @@ class Backend(Protocol):
         spacings: list[Spacing] | None = None,
     ) -> BatchResult:
         """ROI i is rectangle ``boxes[i]`` of ``images[i]`` (uint8 2D; images may repeat)."""
-        ...
+        spacings = check_batch(images, boxes, spacings)
+        names = self.feature_names(settings)
+        result = BatchResult(np.full((len(boxes), len(names)), np.nan, dtype=np.float64),
+                             [None] * len(boxes))
+        self._extract_into(result, images, boxes, settings, spacings, names)
+        return result
+
+    @abstractmethod
+    def _extract_into(
+        self,
+        result: BatchResult,
+        images: list[np.ndarray],
+        boxes: list[Box],
+        settings: dict[str, Any],
+        spacings: list[Spacing],
+        names: list[str],
+    ) -> None:
+        """Fill ``result.features`` rows (NaN to start with) and set ``result.reasons[i]`` for
+        ROIs that give no features; ``spacings`` are checked and defaulted already."""
 
     def extract_batch(
         self,
@@ -84,35 +107,13 @@ class Backend(Protocol):
         spacings: list[Spacing] | None = None,
     ) -> np.ndarray:
         """``extract(...).features``: n x F float64, NaN rows for failed ROIs."""
-        ...
-
-
-class BaseBackend(ABC):
-    """Shared plumbing: column names, argument checks, and ``extract_batch``."""
-
-    name: str = "base"
-
-    def feature_names(self, settings: dict[str, Any]) -> list[str]:
-        return settings_mod.feature_names(settings)
-
-    @abstractmethod
-    def extract(
-        self,
-        images: list[np.ndarray],
-        boxes: list[Box],
-        settings: dict[str, Any],
-        spacings: list[Spacing] | None = None,
-    ) -> BatchResult:
-        raise NotImplementedError
-
-    def extract_batch(
-        self,
-        images: list[np.ndarray],
-        boxes: list[Box],
-        settings: dict[str, Any],
-        spacings: list[Spacing] | None = None,
-    ) -> np.ndarray:
         return self.extract(images, boxes, settings, spacings).features
+
+
+def error_reason(exc: BaseException) -> str:
+    """The one-line reason recorded for an ROI whose extraction raised (same in every backend)."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{REASON_ERROR}: {message}"
 
 
 def check_batch(

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import InputError
 from . import fast_texture as texture
 from . import settings as settings_mod
-from .backend import REASON_ERROR, BaseBackend, BatchResult, Box, Spacing, check_batch, roi_problem
+from .backend import REASON_ERROR, Backend, BatchResult, Box, Spacing, error_reason, roi_problem
 from .fast_mosaic import Mosaic, build
 
 EPS = np.spacing(1)
@@ -138,23 +138,22 @@ def _unsupported(what: str) -> InputError:
     )
 
 
-class FastBackend(BaseBackend):
+class FastBackend(Backend):
     """Vectorised pyradiomics-equivalent extraction (see the module docstring)."""
 
     name = "fast"
 
-    def extract(
+    def _extract_into(
         self,
+        result: BatchResult,
         images: list[np.ndarray],
         boxes: list[Box],
         settings: dict[str, Any],
-        spacings: list[Spacing] | None = None,
-    ) -> BatchResult:
-        spacings = check_batch(images, boxes, spacings)
+        spacings: list[Spacing],
+        names: list[str],
+    ) -> None:
         opts = FastOptions.from_settings(settings)
-        names = self.feature_names(settings)
-        out = np.full((len(boxes), len(names)), np.nan, dtype=np.float64)
-        reasons: list[str | None] = [None] * len(boxes)
+        out, reasons = result.features, result.reasons
         todo: list[int] = []
         crops: list[np.ndarray] = []
         for i, (image, box) in enumerate(zip(images, boxes, strict=True)):
@@ -173,7 +172,7 @@ class FastBackend(BaseBackend):
                 continue
             todo.append(i)
         if not todo:
-            return BatchResult(out, reasons)
+            return
         sp = [spacings[i] for i in todo]
         try:
             out[todo] = extract_rois(crops, settings, sp, names=names)
@@ -182,9 +181,7 @@ class FastBackend(BaseBackend):
                 try:
                     out[i] = extract_rois([crops[k]], settings, [sp[k]], names=names)[0]
                 except Exception as exc:  # noqa: BLE001 - one bad ROI must not end the batch
-                    message = " ".join(str(exc).split()) or type(exc).__name__
-                    reasons[i] = f"{REASON_ERROR}: {message}"
-        return BatchResult(out, reasons)
+                    reasons[i] = error_reason(exc)
 
 
 def _pixel_problem(image: np.ndarray) -> str | None:

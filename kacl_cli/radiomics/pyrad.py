@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import settings as settings_mod
-from .backend import REASON_ERROR, BaseBackend, BatchResult, Box, Spacing, check_batch, roi_problem
+from .backend import Backend, BatchResult, Box, Spacing, error_reason, roi_problem
 
 MARGIN = 2  # pixels of real image kept around the ROI (and at least 1 of padding)
 
@@ -85,7 +85,7 @@ def make_extractor(settings: dict[str, Any]):
     return extractor
 
 
-class PyradiomicsBackend(BaseBackend):
+class PyradiomicsBackend(Backend):
     """pyradiomics, one ROI at a time (the reference the fast backend is checked against)."""
 
     name = "pyradiomics"
@@ -99,18 +99,17 @@ class PyradiomicsBackend(BaseBackend):
             self._extractors[key] = make_extractor(settings)
         return self._extractors[key]
 
-    def extract(
+    def _extract_into(
         self,
+        result: BatchResult,
         images: list[np.ndarray],
         boxes: list[Box],
         settings: dict[str, Any],
-        spacings: list[Spacing] | None = None,
-    ) -> BatchResult:
-        spacings = check_batch(images, boxes, spacings)
-        names = self.feature_names(settings)
+        spacings: list[Spacing],
+        names: list[str],
+    ) -> None:
         extractor = self._extractor(settings)
-        out = np.full((len(boxes), len(names)), np.nan, dtype=np.float64)
-        reasons: list[str | None] = [None] * len(boxes)
+        out, reasons = result.features, result.reasons
         for i, (image, box, spacing) in enumerate(zip(images, boxes, spacings, strict=True)):
             image = np.asarray(image)
             reason = roi_problem(image, box)
@@ -118,10 +117,8 @@ class PyradiomicsBackend(BaseBackend):
                 try:
                     out[i] = self._one(extractor, image, box, spacing, names)
                 except Exception as exc:  # noqa: BLE001 - one bad ROI must not end the batch
-                    message = " ".join(str(exc).split()) or type(exc).__name__
-                    reason = f"{REASON_ERROR}: {message}"
+                    reason = error_reason(exc)
             reasons[i] = reason
-        return BatchResult(out, reasons)
 
     @staticmethod
     def _one(extractor, image: np.ndarray, box: Box, spacing: Spacing,
