@@ -186,3 +186,29 @@ def test_mean_auc_skips_single_class_findings() -> None:
     assert set(per) == {"Atelectasis", "Infiltration"}
     assert per["Atelectasis"] == 1.0 and per["Infiltration"] == 0.0 and mean == 0.5
     assert np.isnan(mean_auc(np.zeros((3, 14)), np.zeros((3, 14)))[0])
+
+
+def test_pretrain_starts_the_head_at_the_train_prevalence(tiny_workspace) -> None:
+    """Regression: the head bias started at 0 (p = 0.5 for every finding). AdamW moves a bias
+    by ~lr per step, so a short run pushed the logits down through negative head weights
+    instead, and Grad-CAM maps (which leave out the bias) came out empty or border-lit."""
+    from kacl_cli.commands.pretrain import default_lr, run_pretrain
+
+    ws = tiny_workspace(n=16, size=32)
+    cfg = TrainConfig(epochs=1, batch_size=4, image_size=32, workers=0, device="cpu",
+                      lr=1e-9, augment=False)
+    run_pretrain(ws, backbone="tiny", init="none", cfg=cfg)
+    tensors, meta = read_checkpoint(ws.checkpoint_dir(0))
+    labels = load_split(ws, "train").labels
+    prev = np.clip(labels.mean(axis=0), 1e-3, 1 - 1e-3)
+    np.testing.assert_allclose(torch.sigmoid(tensors["image_net.head.bias"]).numpy(), prev,
+                               rtol=1e-3)
+    assert json_config(ws)["head_bias"] == "prior"
+    assert default_lr("none") > default_lr("imagenet")
+
+
+def json_config(ws) -> dict:
+    import json
+
+    (config,) = ws.catalog.query("SELECT config_json FROM runs WHERE stage = 'pretrain'")[0]
+    return json.loads(config)

@@ -16,6 +16,16 @@ from ..workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "pretrain"
 STAGE = "pretrain"
+# Peak learning rates (docs/training.md, "Learning rate"): a net trained from scratch needs a
+# larger step than one fine-tuned from pretrained weights; 5e-4 from scratch left the tiny
+# demo net at chance after a demo's ~100-200 steps.
+LR_SCRATCH = 2e-3
+LR_FINETUNE = 5e-4
+
+
+def default_lr(init: str) -> float:
+    """The peak learning rate for ``--init``: LR_SCRATCH for ``none``, else LR_FINETUNE."""
+    return LR_SCRATCH if init == "none" else LR_FINETUNE
 
 
 def default_workers() -> int:
@@ -43,7 +53,13 @@ def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = 
     from ..data.loader import StoreDataset, data_fingerprint, load_split
     from ..device import resolve_device
     from ..models.checkpoint import model_meta
-    from ..models.image_net import BACKBONES, GRAY_MEAN, GRAY_STD, build_image_net
+    from ..models.image_net import (
+        BACKBONES,
+        GRAY_MEAN,
+        GRAY_STD,
+        build_image_net,
+        init_head_bias,
+    )
     from ..models.losses import ClassificationObjective, pos_weight_from_labels
     from ..train import fit
 
@@ -61,12 +77,17 @@ def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = 
     if not len(train):
         raise KaclError("the workspace has no train split images: check `kacl prepare`")
     config = {**cfg.hashed(), "backbone": backbone, "init": init_identity(init),
-              "store_size": store_size}
+              "store_size": store_size,
+              "head_bias": "prior" if init in ("none", "imagenet") else "init"}
     resolve_device(cfg.device)
     # Built before the run is recorded: a bad --init fails without leaving a failed run.
     # Seeded first, so the random initialisation (and with it the whole run) follows --seed.
     torch.manual_seed(cfg.seed)
     model = build_image_net(backbone, init=init)
+    if init in ("none", "imagenet"):
+        # A fresh head starts at each finding's train prevalence (see init_head_bias); a
+        # --init PATH keeps whatever head it brought.
+        init_head_bias(model, train.labels)
     fingerprint = data_fingerprint(ws)
     # Under torchrun: every rank has read its inputs; rank 0 records the run, the others
     # mirror it, and only rank 0 touches the catalog from here on.
@@ -124,8 +145,10 @@ def command(
     = "densenet121",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, cosine decay).")]
-    = 5e-4,
+    lr: Annotated[float | None, typer.Option(help=(
+        "Peak AdamW learning rate (warm-up, cosine decay). Default: "
+        f"{LR_SCRATCH:g} from scratch (--init none), {LR_FINETUNE:g} when fine-tuning."))]
+    = None,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
     loss: Annotated[str, typer.Option(
         help="focal (alpha/gamma below) | bce (pos_weight from train prevalence).")] = "focal",
@@ -164,7 +187,8 @@ def command(
     main_rank = from_env().is_main
     ws = Workspace(workspace, writes=main_rank)
     cfg = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
+        epochs=epochs, batch_size=batch_size, lr=default_lr(init) if lr is None else lr,
+        weight_decay=weight_decay, loss=loss,
         focal_alpha=focal_alpha, focal_gamma=focal_gamma, image_size=image_size or 0,
         augment=augment, seed=seed, device=device,
         workers=default_workers() if workers is None else workers,

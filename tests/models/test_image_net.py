@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -120,3 +121,20 @@ def test_init_from_path_refuses_pickled_objects(tmp_path) -> None:
         build_image_net("tiny", init=str(bad))
     with pytest.raises(CheckpointError, match="no such file"):
         build_image_net("tiny", init=str(tmp_path / "missing.pt"))
+
+
+def test_init_head_bias_is_the_prevalence_log_odds() -> None:
+    model = build_image_net("tiny")
+    labels = np.zeros((200, 14), np.float32)
+    labels[:20, 0] = 1  # 10 %
+    labels[:100, 1] = 1  # 50 %
+    # finding 2 never present: clipped to the floor, not -inf
+    bias = imnet.init_head_bias(model, labels)
+    probs = torch.sigmoid(model.head.bias.detach())
+    assert torch.equal(bias, model.head.bias.detach())
+    assert probs[0].item() == pytest.approx(0.10, abs=1e-6)
+    assert probs[1].item() == pytest.approx(0.50, abs=1e-6)
+    assert probs[2].item() == pytest.approx(imnet.PRIOR_FLOOR, rel=1e-4)
+    assert torch.isfinite(model.head.bias).all()
+    with pytest.raises(ValueError, match="findings"):
+        imnet.init_head_bias(model, labels[:, :3])
