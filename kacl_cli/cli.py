@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -41,6 +42,16 @@ ShardOpt = Annotated[
         "--shard", help="i/n: process only shard i of n (0-based); merge with `kacl merge`."
     ),
 ]
+
+
+
+class RadiomicsBackend(str, Enum):
+    """``--backend`` / ``--radiomics-backend`` choices (= ``radiomics.backend.BACKENDS``; a test
+    keeps them equal). An Enum, so Typer rejects a bad value as a usage error (exit 2)."""
+
+    pyradiomics = "pyradiomics"
+    fast = "fast"
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -91,6 +102,23 @@ def skipped(stage: str, summary: dict[str, Any], as_json: bool) -> None:
     """Report that an identical finished run exists (``--force`` re-runs it)."""
     err.print(f"{stage}: done, skipping (same config and inputs; --force re-runs)")
     emit({**summary, "skipped": True}, as_json)
+
+
+def report(
+    stage: str, summary: dict[str, Any], as_json: bool, render: Callable[[], None] | None = None
+) -> None:
+    """Print a stage's summary: :func:`skipped` for an identical finished run, else :func:`emit`."""
+    if summary.get("skipped"):
+        skipped(stage, {k: v for k, v in summary.items() if k != "skipped"}, as_json)
+        return
+    emit(summary, as_json, render)
+
+
+def shard_note(stage: str, summary: dict[str, Any], round_: int | None = None) -> None:
+    """Say (stderr) where a ``--shard`` run's part went and which command folds it in."""
+    merge = f"kacl merge --stage {stage}" + ("" if round_ is None else f" --round {round_}")
+    err.print(f"{stage}: shard {summary['shard']} written to {summary['part']}; when every "
+              f"shard has finished: {merge}")
 
 
 def parse_shard(shard: str | None) -> tuple[int, int] | None:

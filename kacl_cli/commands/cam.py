@@ -12,12 +12,11 @@ from ..cli import (
     JsonOpt,
     ShardOpt,
     WorkspaceOpt,
-    emit,
-    err,
     handle_errors,
     out,
     parse_shard,
-    skipped,
+    report,
+    shard_note,
 )
 from ..workspace import DEFAULT_WORKSPACE, Workspace
 
@@ -74,11 +73,7 @@ def command(
                            device=device, force=force, workers=workers,
                            shard=parse_shard(shard))
     if shard is not None:
-        err.print(f"cam: shard {result['shard']} written to {result['part']}; when every shard "
-                  f"has finished: kacl merge --stage cam --round {result['round']}")
-    if result.pop("skipped", False):
-        skipped(NAME, result, as_json)
-        return
+        shard_note(NAME, result, result["round"])
 
     def render() -> None:
         rate = result.get("images_per_s")
@@ -92,4 +87,4 @@ def command(
         for reason, n in result.get("no_box_reasons", {}).items():
             out.print(f"  {n} x {reason}", highlight=False)
 
-    emit(result, as_json, render)
+    report(NAME, result, as_json, render)

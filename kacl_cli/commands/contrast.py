@@ -8,7 +8,17 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
+from ..cli import (
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    RadiomicsBackend,
+    WorkspaceOpt,
+    emit,
+    err,
+    handle_errors,
+    out,
+)
 from ..workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "contrast"
@@ -20,11 +30,6 @@ class Positives(str, Enum):
     radiomics = "radiomics"
     augment = "augment"
     none = "none"
-
-
-class Backend(str, Enum):
-    pyradiomics = "pyradiomics"
-    fast = "fast"
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -83,9 +88,9 @@ def command(
     feedback: Annotated[bool, typer.Option(
         "--feedback/--no-feedback",
         help="--no-feedback: every round uses round 0's CAM boxes and radiomics.")] = True,
-    radiomics_backend: Annotated[Backend, typer.Option(
+    radiomics_backend: Annotated[RadiomicsBackend, typer.Option(
         "--radiomics-backend", help="pyradiomics (reference) | fast (vectorised).")]
-    = Backend.pyradiomics,
+    = RadiomicsBackend.pyradiomics,
     backbone_lr_scale: Annotated[float, typer.Option(
         "--backbone-lr-scale", help="Image network learning rate = this x --lr (the new "
         "heads use --lr).")] = 1.0,

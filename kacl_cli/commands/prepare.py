@@ -17,12 +17,12 @@ from ..cli import (
     JsonOpt,
     ShardOpt,
     WorkspaceOpt,
-    emit,
     err,
     handle_errors,
     out,
     parse_shard,
-    skipped,
+    report,
+    shard_note,
 )
 from ..data import ingest
 from ..data.phantoms import DEFAULT_DIFFICULTY
@@ -134,16 +134,12 @@ def command(
         from ..shards import Shard, run_part
 
         summary = run_part(ws, NAME, None, Shard(*part), lambda p: run(p, False), force=force)
-        err.print(f"prepare: shard {summary['shard']} written to {summary['part']}; when "
-                  "every shard has finished: kacl merge --stage prepare")
-    if summary.get("skipped"):
-        skipped(NAME, summary, as_json)
-        return
-    if summary.get("failed"):
+        shard_note(NAME, summary)
+    if summary.get("failed") and not summary.get("skipped"):
         err.print(f"prepare: {summary['failed']} image(s) could not be read; the others were "
                   "ingested (reasons: SELECT * FROM errors WHERE stage = 'prepare')")
-    if summary.get("missing"):
+    if summary.get("missing") and not summary.get("skipped"):
         err.print(f"prepare: {summary['missing']} CSV row(s) have no image file (partial "
                   "download?); they are not in the workspace")
-    emit(summary, as_json, lambda: _render(summary))
+    report(NAME, summary, as_json, lambda: _render(summary))
 

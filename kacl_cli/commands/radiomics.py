@@ -11,13 +11,14 @@ import typer
 from ..cli import (
     ForceOpt,
     JsonOpt,
+    RadiomicsBackend,
     WorkspaceOpt,
-    emit,
     err,
     handle_errors,
     out,
     parse_shard,
-    skipped,
+    report,
+    shard_note,
 )
 from ..workspace import DEFAULT_WORKSPACE, Workspace
 
@@ -30,11 +31,6 @@ class RoiMode(str, Enum):
     cam = "cam"
     gt = "gt"
     cam_gt = "cam+gt"
-
-
-class BackendName(str, Enum):
-    pyradiomics = "pyradiomics"
-    fast = "fast"
 
 
 @handle_errors
@@ -52,9 +48,9 @@ def command(
         ),
     ] = RoiMode.cam,
     backend: Annotated[
-        BackendName,
+        RadiomicsBackend,
         typer.Option("--backend", help="pyradiomics (reference) | fast (vectorised)."),
-    ] = BackendName.pyradiomics,
+    ] = RadiomicsBackend.pyradiomics,
     params: Annotated[
         Path | None,
         typer.Option("--params", help="pyradiomics-format YAML params file (Original only)."),
@@ -104,12 +100,8 @@ def command(
         split=split, force=force, shard=parse_shard(shard), min_prob=min_prob,
     )
     if shard is not None:
-        err.print(f"radiomics: shard {summary['shard']} written to {summary['part']}; when "
-                  f"every shard has finished: kacl merge --stage radiomics --round {round_}")
-    if summary.get("skipped"):
-        skipped(NAME, {k: v for k, v in summary.items() if k != "skipped"}, as_json)
-        return
-    emit(summary, as_json, lambda: _render(summary))
+        shard_note(NAME, summary, round_)
+    report(NAME, summary, as_json, lambda: _render(summary))
 
 
 def _latest_cam_round(ws: Workspace) -> int:

@@ -79,3 +79,13 @@ def test_bad_params_and_usage_errors(tiny_workspace, tmp_path: Path) -> None:
     assert runner.invoke(app, ["radiomics", "-w", str(ws.root), "--backend", "x"]).exit_code == 2
     empty = runner.invoke(app, ["radiomics", "-w", str(tmp_path / "none")])
     assert empty.exit_code == 1 and "kacl prepare" in empty.stderr
+
+
+def test_backend_choices_are_the_registry() -> None:
+    """`--backend` / `--radiomics-backend` offer exactly the registered radiomics backends."""
+    from kacl_cli.cli import RadiomicsBackend
+    from kacl_cli.radiomics.backend import BACKENDS
+
+    assert tuple(b.value for b in RadiomicsBackend) == BACKENDS
+    result = runner.invoke(app, ["radiomics", "--backend", "nope", "-w", "/nonexistent"])
+    assert result.exit_code == 2
