@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -72,3 +74,32 @@ def tiny_workspace(tmp_path: Path) -> Callable[..., Workspace]:
         return write_tiny_workspace(tmp_path / f"ws-{n}-{size}-{seed}", n, size, seed, orig)
 
     return make
+
+
+def _test_module(name: str) -> ModuleType:
+    """Import ``tests/<name>.py``: pytest's importlib mode puts no tests folder on sys.path."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def fakes() -> ModuleType:
+    """``tests/evaluate_fakes.py``: hand-written rounds (cam boxes, checkpoints) for evaluate."""
+    return _test_module("evaluate_fakes")
+
+
+@pytest.fixture(scope="session")
+def pretrained_base(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """Phantoms + a 1-epoch tiny pretrain (``tests/contrast_workspace.py``), built once per
+    session; tests take a copy (:func:`pretrained_ws`) and never change this one."""
+    cw = _test_module("contrast_workspace")
+    return cw.pretrained_workspace(tmp_path_factory.mktemp("pretrained") / "base")
+
+
+@pytest.fixture
+def pretrained_ws(pretrained_base: Workspace, tmp_path: Path) -> Workspace:
+    """An independent copy of :func:`pretrained_base` for one test."""
+    return _test_module("contrast_workspace").clone(pretrained_base, tmp_path / "ws")

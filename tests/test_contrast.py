@@ -3,9 +3,6 @@ no-feedback, box supervision."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -23,11 +20,6 @@ from kacl_cli.models.contrastive import ContrastSpec, build_objective
 from kacl_cli.models.losses import ClassificationObjective
 from kacl_cli.radiomics.stage import PositiveFeatures
 
-_spec = importlib.util.spec_from_file_location(
-    "contrast_workspace", Path(__file__).parent / "contrast_workspace.py")
-cw = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cw)
-
 
 def _cfg(**kw) -> ContrastConfig:
     base = dict(epochs_per_round=1, batch_size=8, workers=0, device="cpu",
@@ -39,14 +31,9 @@ def quiet(_text: str) -> None:
     pass
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return cw.pretrained_workspace(tmp_path_factory.mktemp("contrast-lib") / "base")
-
-
 @pytest.fixture
-def ws(base, tmp_path):
-    return cw.clone(base, tmp_path / "ws")
+def ws(pretrained_ws):
+    return pretrained_ws
 
 
 def _stages(ws) -> list[tuple[str, int]]:

@@ -3,9 +3,7 @@ rules (box-supervised images excluded, each GT box one pair, missing predictions
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,11 +25,6 @@ from kacl_cli.evaluate import (
     weighted_auc,
 )
 from kacl_cli.findings import BOX_FINDINGS, FINDINGS
-
-_spec = importlib.util.spec_from_file_location(
-    "evaluate_fakes", Path(__file__).parent / "evaluate_fakes.py")
-fakes = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fakes)
 
 
 # -- geometry and the threshold rule ------------------------------------------------------------
@@ -109,7 +102,7 @@ def test_bootstrap_ci_contains_estimate_and_is_seeded() -> None:
 
 # -- the stage's data rules on a tiny workspace --------------------------------------------------
 @pytest.fixture
-def evaluated(tiny_workspace):
+def evaluated(tiny_workspace, fakes):
     """A tiny workspace with one fake round, a duplicate GT box and one box-supervised image."""
     ws = tiny_workspace(n=48, size=32)
     kinds = fakes.write_fake_round(ws, 0)
@@ -179,7 +172,7 @@ def test_auc_from_cam_boxes_probabilities(evaluated) -> None:
     assert headline(ws, 0, "test") == pytest.approx(doc["headline"])
 
 
-def test_stage_writes_metrics_replaces_them_and_skips(evaluated) -> None:
+def test_stage_writes_metrics_replaces_them_and_skips(evaluated, fakes) -> None:
     ws = evaluated[0]
     doc = evaluate_round(ws, 0, n_boot=20, overlays=0)
     assert not doc["skipped"]
@@ -205,7 +198,7 @@ def test_missing_cams_without_checkpoint_is_a_clear_error(tiny_workspace) -> Non
         evaluate_round(ws, 3, n_boot=0)
 
 
-def test_images_without_cam_rows_are_left_out_and_said(tiny_workspace) -> None:
+def test_images_without_cam_rows_are_left_out_and_said(tiny_workspace, fakes) -> None:
     ws = tiny_workspace(n=48, size=32)
     fakes.write_fake_round(ws, 0, with_cams=False)
     (gone,), = ws.catalog.query("SELECT min(image_id) FROM images WHERE split = 'test'")

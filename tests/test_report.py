@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import re
 from html.parser import HTMLParser
@@ -15,11 +14,6 @@ from kacl_cli.baselines import WANG2017_AUC, WANG2017_LOC_IOU
 from kacl_cli.evaluate import IOBB_THRESHOLDS, IOU_THRESHOLDS, evaluate_round
 from kacl_cli.findings import BOX_FINDINGS, FINDINGS
 from kacl_cli.report import write_summary_report
-
-_spec = importlib.util.spec_from_file_location(
-    "evaluate_fakes", Path(__file__).parent / "evaluate_fakes.py")
-fakes = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fakes)
 
 
 class Tables(HTMLParser):
@@ -76,7 +70,7 @@ def assert_self_contained(text: str, parsed: Tables) -> None:
 
 
 @pytest.fixture
-def round_report(tiny_workspace):
+def round_report(tiny_workspace, fakes):
     ws = tiny_workspace(n=48, size=32)
     fakes.write_fake_round(ws, 0)
     doc = evaluate_round(ws, 0, n_boot=50, overlays=4)
@@ -122,7 +116,7 @@ def test_round_report_tables_match_metrics_json(round_report) -> None:
     assert f4(metrics["headline"]["mean_loc_acc"]) in head[:300]
 
 
-def test_report_without_stored_maps_says_so(tiny_workspace) -> None:
+def test_report_without_stored_maps_says_so(tiny_workspace, fakes) -> None:
     ws = tiny_workspace(n=48, size=32)
     fakes.write_fake_round(ws, 2, with_cams=False)
     out = ws.root / "elsewhere"
@@ -136,7 +130,7 @@ def test_report_without_stored_maps_says_so(tiny_workspace) -> None:
     assert set(ci_cells) == {"n/a"}  # --bootstrap 0: no intervals
 
 
-def test_summary_report_shows_every_round(round_report) -> None:
+def test_summary_report_shows_every_round(round_report, fakes) -> None:
     ws, doc0 = round_report
     fakes.write_fake_round(ws, 1, seed=9, signal=0.5)
     doc1 = evaluate_round(ws, 1, n_boot=0, overlays=0)
@@ -156,7 +150,7 @@ def test_summary_report_shows_every_round(round_report) -> None:
 
 
 @pytest.mark.nih
-def test_report_on_the_real_nih_sample(nih_sample, tmp_path) -> None:
+def test_report_on_the_real_nih_sample(nih_sample, tmp_path, fakes) -> None:
     """Real CSVs and boxes (6 box-annotated images of the sample, all on the official test
     list): every test-split GT box is a pair, one box-supervised image is excluded, and the
     report names the dataset and split beside the published numbers."""

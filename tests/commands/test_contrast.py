@@ -5,9 +5,7 @@ Tiny phantoms (64 px), tiny backbone, 1 epoch per round, the fast radiomics back
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,25 +14,15 @@ from typer.testing import CliRunner
 from kacl_cli.app import app
 from kacl_cli.models.checkpoint import load_image_net, read_checkpoint
 
-_spec = importlib.util.spec_from_file_location(
-    "contrast_workspace", Path(__file__).parents[1] / "contrast_workspace.py")
-cw = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cw)
-
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 FAST = ["--epochs-per-round", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu",
         "--radiomics-backend", "fast"]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return cw.pretrained_workspace(tmp_path_factory.mktemp("contrast-cli") / "base")
-
-
 @pytest.fixture
-def ws(base, tmp_path):
-    return cw.clone(base, tmp_path / "ws")
+def ws(pretrained_ws):
+    return pretrained_ws
 
 
 def _contrast(ws, *args: str):

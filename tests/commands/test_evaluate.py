@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,11 +10,6 @@ from typer.testing import CliRunner
 
 from kacl_cli.app import app
 
-_spec = importlib.util.spec_from_file_location(
-    "evaluate_fakes", Path(__file__).parents[1] / "evaluate_fakes.py")
-fakes = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fakes)
-
 runner = CliRunner()
 
 
@@ -23,7 +17,7 @@ def kacl(*args: str):
     return runner.invoke(app, list(args), catch_exceptions=False)
 
 
-def test_round_all_over_two_rounds_json_then_skip(tiny_workspace) -> None:
+def test_round_all_over_two_rounds_json_then_skip(tiny_workspace, fakes) -> None:
     ws = tiny_workspace(n=48, size=32)
     fakes.write_fake_round(ws, 0)
     fakes.write_fake_round(ws, 1, seed=4, signal=0.3, with_cams=False)
@@ -50,7 +44,7 @@ def test_round_all_over_two_rounds_json_then_skip(tiny_workspace) -> None:
     assert ws.catalog.count("runs", "stage = 'evaluate'") == n_runs
 
 
-def test_single_round_tables_on_stdout_and_out_dir(tiny_workspace, tmp_path) -> None:
+def test_single_round_tables_on_stdout_and_out_dir(tiny_workspace, tmp_path, fakes) -> None:
     ws = tiny_workspace(n=48, size=32)
     fakes.write_fake_round(ws, 0, with_cams=False)
     out = tmp_path / "rep"
