@@ -22,7 +22,7 @@ import csv
 import hashlib
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,6 +174,24 @@ def parse_labels(value: str, path: Path, line: int) -> tuple[str, ...]:
     return tuple(f for f in FINDINGS if f in found)
 
 
+def _records(path: Path, header: tuple[str, str], kind: str) -> Iterator[tuple[int, list[str]]]:
+    """(line, fields) of the data rows of an NIH CSV whose first two header names are
+    ``header`` (case-insensitive); blank lines carry nothing (e.g. a trailing newline pair)."""
+    header_seen = False
+    for line, row in _rows(path):
+        if not any(row):
+            continue
+        if header_seen:
+            yield line, row
+        elif [c.strip().lower() for c in row[:2]] == [h.lower() for h in header]:
+            header_seen = True
+        else:
+            raise _err(path, line, f"not an NIH {kind} file (header must start with "
+                                   f"'{header[0]},{header[1]}')")
+    if not header_seen:
+        raise InputError(f"{path}: empty {kind} file")
+
+
 def read_data_entry(path: Path) -> list[Entry]:
     """Parse ``Data_Entry_2017*.csv`` strictly (see module docstring).
 
@@ -184,16 +202,7 @@ def read_data_entry(path: Path) -> list[Entry]:
     entries: list[Entry] = []
     seen: dict[str, int] = {}
     label_cache: dict[str, tuple[str, ...]] = {}
-    header_seen = False
-    for line, row in _rows(path):
-        if not any(row):
-            continue  # blank lines (e.g. a trailing newline pair) carry nothing
-        if not header_seen:
-            if [c.strip().lower() for c in row[:2]] != ["image index", "finding labels"]:
-                raise _err(path, line, "not an NIH label file (header must start with "
-                                       "'Image Index,Finding Labels')")
-            header_seen = True
-            continue
+    for line, row in _records(path, ("Image Index", "Finding Labels"), "label"):
         if len(row) != N_ENTRY_COLUMNS:
             _check_extra_empty(row, N_ENTRY_COLUMNS, path, line)
         image_id = row[0].strip()
@@ -225,8 +234,6 @@ def read_data_entry(path: Path) -> list[Entry]:
             _float(row[10], path, line, "pixel spacing y", allow_empty=True),
             line,
         ))
-    if not header_seen:
-        raise InputError(f"{path}: empty label file")
     return entries
 
 
@@ -234,16 +241,7 @@ def read_bbox_list(path: Path) -> dict[str, list[Box]]:
     """Parse ``BBox_List_2017.csv``: image id -> boxes (original pixels, x/y top-left)."""
     path = Path(path)
     boxes: dict[str, list[Box]] = {}
-    header_seen = False
-    for line, row in _rows(path):
-        if not any(row):
-            continue
-        if not header_seen:
-            if [c.strip().lower() for c in row[:2]] != ["image index", "finding label"]:
-                raise _err(path, line, "not an NIH box file (header must start with "
-                                       "'Image Index,Finding Label')")
-            header_seen = True
-            continue
+    for line, row in _records(path, ("Image Index", "Finding Label"), "box"):
         _check_extra_empty(row, N_BBOX_COLUMNS, path, line)
         image_id = row[0].strip()
         if not image_id:
@@ -259,8 +257,6 @@ def read_bbox_list(path: Path) -> dict[str, list[Box]]:
         if w <= 0 or h <= 0:  # type: ignore[operator]
             raise _err(path, line, f"box has no area (w={w}, h={h})")
         boxes.setdefault(image_id, []).append(Box(finding, x, y, w, h))  # type: ignore[arg-type]
-    if not header_seen:
-        raise InputError(f"{path}: empty box file")
     return boxes
 
 
