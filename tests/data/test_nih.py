@@ -77,6 +77,19 @@ def test_duplicate_image_and_foreign_header_are_errors(tmp_path: Path) -> None:
         nih.read_data_entry(q)
 
 
+def test_empty_files_and_a_foreign_box_header_are_errors(tmp_path: Path) -> None:
+    blank = write(tmp_path / "blank.csv", "\n\n")
+    with pytest.raises(InputError, match=r"blank\.csv: empty label file"):
+        nih.read_data_entry(blank)
+    with pytest.raises(InputError, match=r"blank\.csv: empty box file"):
+        nih.read_bbox_list(blank)
+    labels_as_boxes = write(tmp_path / "c.csv", V2020_HEADER)
+    with pytest.raises(InputError, match=r"c\.csv:1: not an NIH box file .*Finding Label'"):
+        nih.read_bbox_list(labels_as_boxes)
+    header_only = write(tmp_path / "d.csv", "Image Index,Finding Label,x,y,w,h\n\n")
+    assert nih.read_bbox_list(header_only) == {}
+
+
 # -- box file ------------------------------------------------------------------------------
 def test_bbox_file_header_quirks_and_infiltrate_alias(tmp_path: Path) -> None:
     p = write(tmp_path / "BBox_List_2017.csv", BBOX_HEADER
