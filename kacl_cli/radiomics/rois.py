@@ -88,9 +88,8 @@ def first_in_findings_order(findings: list[str]) -> str:
     return min(findings, key=FINDINGS.index)
 
 
-def select_images(ws: Workspace, split: list[str] | None = None,
-                  shard: tuple[int, int] | None = None) -> dict[str, ImageInfo]:
-    """The images a run works on: all, or those of some splits, or one shard (row % n)."""
+def select_images(ws: Workspace, split: list[str] | None = None) -> dict[str, ImageInfo]:
+    """The images a run works on: all, or those of some splits (shards: kacl_cli.shards)."""
     sql = ("SELECT image_id, row, split, orig_width, orig_height, spacing_x, spacing_y "
            "FROM images")
     params: list = []
@@ -98,9 +97,6 @@ def select_images(ws: Workspace, split: list[str] | None = None,
     if split:
         where.append(f"split IN ({', '.join('?' * len(split))})")
         params += list(split)
-    if shard is not None:
-        where.append("row % ? = ?")
-        params += [shard[1], shard[0]]
     if where:
         sql += " WHERE " + " AND ".join(where)
     rows = ws.catalog.query(sql + " ORDER BY row", params)

@@ -124,10 +124,8 @@ def test_gt_and_cam_plus_gt(tiny_workspace) -> None:
     assert first.box == store_box(gt_row, 256, 256, 64)
 
 
-def test_select_images_split_and_shard(tiny_workspace) -> None:
+def test_select_images_split(tiny_workspace) -> None:
     ws = tiny_workspace(n=12)
     assert len(select_images(ws)) == 12
     train = select_images(ws, ["train"])
     assert len(train) == 6 and {i.split for i in train.values()} == {"train"}
-    shard = select_images(ws, None, (1, 3))
-    assert sorted(i.row for i in shard.values()) == [1, 4, 7, 10]
