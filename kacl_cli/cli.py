@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -133,7 +132,3 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
     if n < 1 or not 0 <= i < n:
         raise typer.BadParameter(f"--shard {shard}: need 0 <= i < n")
     return i, n
-
-
-def progress_enabled() -> bool:
-    return os.environ.get("KACL_NO_PROGRESS", "") in ("", "0")

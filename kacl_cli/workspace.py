@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,10 +213,3 @@ class Workspace:
                      started, __version__],
                 )
         return run
-
-
-def resolve_workspace(path: Path | str | None) -> Workspace:
-    """The workspace from ``--workspace``, else ``KACL_WORKSPACE``, else ``./kacl-workspace``."""
-    if path is None:
-        path = os.environ.get("KACL_WORKSPACE") or DEFAULT_WORKSPACE
-    return Workspace(Path(path))

@@ -53,10 +53,6 @@ class BatchResult:
         return sum(r is not None for r in self.reasons)
 
 
-class RoiError(ValueError):
-    """A single ROI that cannot give features; its message is the recorded reason."""
-
-
 class Backend(ABC):
     """What the stage calls. ``settings`` is a resolved dict from :mod:`.settings`.
 
