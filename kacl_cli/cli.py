@@ -98,9 +98,34 @@ def _json_default(obj: Any) -> Any:
 
 
 def skipped(stage: str, summary: dict[str, Any], as_json: bool) -> None:
-    """Report that an identical finished run exists (``--force`` re-runs it)."""
+    """Report that an identical finished run exists (``--force`` re-runs it).
+
+    ``--json`` gets that run's full summary plus ``"skipped": true`` (scripts read it as if
+    the stage had just run); a human gets one line on stdout, since the numbers were shown
+    when the run finished.
+    """
     err.print(f"{stage}: done, skipping (same config and inputs; --force re-runs)")
-    emit({**summary, "skipped": True}, as_json)
+    if as_json:
+        emit({**summary, "skipped": True}, as_json)
+        return
+    out.print(f"{stage}: done earlier ({brief(summary)}; --json for the full summary)",
+              highlight=False)
+
+
+# What a one-line summary names first, where a stage's summary has it (stored summaries come
+# back with sorted keys, so "the first few" alone would pick arbitrary ones).
+BRIEF_KEYS = ("round", "split", "source", "backend", "roi", "images", "rois", "boxes",
+              "features", "epochs", "val_mean_auc", "mean_auc", "failed", "errors")
+
+
+def brief(summary: dict[str, Any], most: int = 6) -> str:
+    """A few short scalar entries of a summary as ``key value, ...`` (one line)."""
+    def short(v: Any) -> bool:
+        return isinstance(v, bool | int | float | str) and len(str(v)) <= 24
+
+    keys = [k for k in BRIEF_KEYS if short(summary.get(k))]
+    keys += [k for k in summary if k not in keys and short(summary[k])]
+    return ", ".join(f"{k} {summary[k]}" for k in keys[:most])
 
 
 def report(
