@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from .errors import KaclError
-from .workspace import Workspace
+from .workspace import Workspace, json_default
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -79,7 +79,7 @@ def workspace(path: Path) -> Workspace:
 def emit(result: dict[str, Any], as_json: bool, render: Callable[[], None] | None = None) -> None:
     """Print a stage's result: JSON for scripts, else the human rendering (or key: value)."""
     if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, default=_json_default) + "\n")
+        sys.stdout.write(json.dumps(result, indent=2, default=json_default) + "\n")
         sys.stdout.flush()
         return
     if render is not None:
@@ -87,14 +87,6 @@ def emit(result: dict[str, Any], as_json: bool, render: Callable[[], None] | Non
         return
     for key, value in result.items():
         out.print(f"{key}: {value}", highlight=False)
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
 
 
 def skipped(stage: str, summary: dict[str, Any], as_json: bool) -> None:

@@ -28,6 +28,19 @@ def stable_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def json_default(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for output documents: numpy scalars and arrays as numbers
+    and lists, anything else as its str (config hashes keep ``stable_json``'s plain str).
+
+    ``tolist`` first: it gives a scalar for numpy/torch scalars and a list for arrays, where
+    ``item`` raises on any array of more than one element."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """Short hash of a resolved config; the same settings always give the same hash."""
     return hashlib.sha256(stable_json(config).encode()).hexdigest()[:16]

@@ -32,3 +32,13 @@ def test_skip_json_is_the_full_summary(capsys: pytest.CaptureFixture[str]) -> No
 def test_brief_prefers_headline_keys_and_caps_the_count() -> None:
     text = brief({f"k{i}": i for i in range(10)} | {"images": 3}, most=3)
     assert text == "images 3, k0 0, k1 1"
+
+
+def test_json_output_takes_numpy_scalars_and_arrays(capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from kacl_cli.cli import emit
+
+    emit({"a": np.float32(0.5), "b": np.arange(3), "n": np.int64(7), "p": object}, True)
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == {"a": 0.5, "b": [0, 1, 2], "n": 7, "p": str(object)}
