@@ -18,6 +18,8 @@ BENCHMARKS = [
     "radiomics_pyrad_bench",
     "radiomics_bench",
     "scaling_bench",
+    "evaluate_bench",
+    "catalog_insert_bench",
     "ablation_bench",
 ]
 

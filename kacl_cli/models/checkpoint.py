@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..errors import CheckpointError
 from ..findings import FINDINGS
+from ..workspace import json_default
 from .image_net import ImageNet, build_image_net, load_weights
 
 KIND = "kacl-checkpoint"
@@ -57,20 +58,12 @@ def save_checkpoint(directory: Path | str, tensors: dict[str, torch.Tensor],
         flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
         save_file(flat, str(tmp / MODEL_FILE))
         full_meta = {"kind": KIND, "version": __version__, **meta}
-        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, default=_json_default))
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, default=json_default))
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
 
 
 def _as_dir(path: Path | str) -> Path:
