@@ -1,28 +1,32 @@
-"""Progress bars on stderr for long work (tqdm; ``KACL_NO_PROGRESS=1`` silences them)."""
+"""Progress bars on stderr for long work.
+
+Bars are drawn when stderr is a terminal; in batch-job logs (stderr redirected) they would be
+thousands of carriage-return frames, so there only the stages' one-line notes appear (per
+epoch, per stage). ``KACL_PROGRESS=1`` forces bars on, ``KACL_NO_PROGRESS=1`` silences bars
+and notes.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
 
 from tqdm.auto import tqdm
 
-T = TypeVar("T")
-
 
 def enabled() -> bool:
+    """False when the user silenced progress output altogether (bars and notes)."""
     return os.environ.get("KACL_NO_PROGRESS", "") in ("", "0")
 
 
+def _disable() -> bool | None:
+    if not enabled():
+        return True
+    if os.environ.get("KACL_PROGRESS", "") not in ("", "0"):
+        return False
+    return None  # tqdm's rule: a bar only on a terminal
+
+
 def bar(total: int | None, desc: str, unit: str = "img", **kwargs) -> tqdm:
-    """A progress bar on stderr; ``mininterval`` keeps batch-job logs readable."""
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled(), mininterval=0.5,
+    """A progress bar on stderr; ``mininterval`` keeps forced bars in logs readable."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=_disable(), mininterval=0.5,
                 dynamic_ncols=True, leave=False, **kwargs)
-
-
-def track(items: Iterable[T], total: int | None, desc: str, unit: str = "img") -> Iterator[T]:
-    with bar(total, desc, unit) as pb:
-        for item in items:
-            yield item
-            pb.update(1)
