@@ -65,9 +65,9 @@ class ContrastConfig:
     rounds: int = 3
     from_round: int | None = None
     epochs_per_round: int = 2
-    temperature: float = 0.1
-    lam: float = 0.1
-    proj_dim: int = 128
+    temperature: float = ContrastSpec.temperature  # one home for these defaults: the model's
+    lam: float = ContrastSpec.lam
+    proj_dim: int = ContrastSpec.proj_dim
     box_supervision: float = 0.0
     fold: int = 0
     positives: str = "radiomics"

@@ -144,3 +144,19 @@ def test_help_has_example() -> None:
     res = runner.invoke(app, ["contrast", "--help"])
     assert res.exit_code == 0
     assert "Example:" in res.stdout and "--box-supervision" in res.stdout
+
+
+def test_cli_defaults_are_the_models_defaults() -> None:
+    """The CLI keeps literal defaults (no torch import at start-up); they must not drift from
+    the one home of the objective's defaults (ContrastSpec, which ContrastConfig reuses)."""
+    import inspect
+
+    from kacl_cli.commands import contrast as command
+    from kacl_cli.contrast import ContrastConfig
+    from kacl_cli.models.contrastive import ContrastSpec
+
+    params = inspect.signature(command.command).parameters
+    for cli_name, attr in (("temperature", "temperature"), ("lam", "lam"),
+                           ("proj_dim", "proj_dim")):
+        assert params[cli_name].default == getattr(ContrastConfig, attr)
+        assert getattr(ContrastConfig, attr) == getattr(ContrastSpec, attr)
