@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from . import fast_kernel
 from . import fast_texture as texture
 from . import settings as settings_mod
 from .backend import REASON_ERROR, Backend, BatchResult, Box, Spacing, error_reason, roi_problem
@@ -252,7 +253,10 @@ def _chunks(shapes: list[tuple[int, ...]], max_rois: int) -> list[np.ndarray]:
 def _features(
     crops: list[np.ndarray], spacing: np.ndarray, opts: FastOptions, classes: set[str]
 ) -> dict[str, np.ndarray]:
-    m = build(crops, opts.bin_width, opts.bin_count)
+    compiled = fast_kernel.use_kernel()
+    m = build(crops, opts.bin_width, opts.bin_count, with_codes=not compiled)
+    if compiled:
+        fast_kernel.fill(m, classes & set(TEXTURE), opts.gldm_a)
     found: dict[str, dict[str, np.ndarray]] = {}
     area = spacing[:, 0] * spacing[:, 1]
     if "firstorder" in classes:

@@ -35,8 +35,8 @@ MAX_CANVAS_WIDTH = 1 << 14
 class Mosaic:
     """A batch of n rectangular ROIs on one canvas."""
 
-    codes: np.ndarray  # H x W roi * (G + 1) + level (narrowest unsigned dtype); ``outside``
-    # (= n * (G + 1)) in gaps
+    codes: np.ndarray | None  # H x W roi * (G + 1) + level (narrowest unsigned dtype);
+    # ``outside`` (= n * (G + 1)) in gaps; None when only the compiled kernel reads the mosaic
     levels: np.ndarray  # H x W uint8/uint16 discretised grey level 1..G, 0 outside
     hist: np.ndarray  # n x 256 int64 counts of the raw values of each ROI
     level_counts: np.ndarray  # n x (G + 1) int64 pixels per grey level (column 0 unused)
@@ -44,6 +44,8 @@ class Mosaic:
     heights: np.ndarray  # n int
     widths: np.ndarray  # n int
     bands: list[slice]  # row ranges of the shelves, each including its empty rows above/below
+    ys: np.ndarray  # n int: canvas row of each ROI's top-left pixel
+    xs: np.ndarray  # n int: canvas column of each ROI's top-left pixel
     cache: dict = field(default_factory=dict)
 
     @property
@@ -60,8 +62,14 @@ class Mosaic:
         """The code of gap pixels: level 0 of the virtual ROI n, dropped by every consumer."""
         return self.n * (self.n_levels + 1)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.levels.shape
+
     def compact_codes(self) -> np.ndarray:
         """``codes`` (already in the narrowest unsigned dtype: cheap to transpose and shear)."""
+        if self.codes is None:
+            raise RuntimeError("this mosaic was built without codes (compiled kernel only)")
         return self.codes
 
 
@@ -132,9 +140,14 @@ def level_tables(
 
 
 def build(
-    crops: Sequence[np.ndarray], bin_width: float | None, bin_count: int | None
+    crops: Sequence[np.ndarray], bin_width: float | None, bin_count: int | None,
+    with_codes: bool = True,
 ) -> Mosaic:
-    """Pack uint8 crops (each one whole rectangular ROI) and discretise them."""
+    """Pack uint8 crops (each one whole rectangular ROI) and discretise them.
+
+    ``with_codes=False`` skips the code canvas, which only the numpy texture path reads: the
+    compiled kernel walks each ROI's rectangle of the level canvas instead.
+    """
     n = len(crops)
     heights = np.array([c.shape[0] for c in crops], dtype=np.intp)
     widths = np.array([c.shape[1] for c in crops], dtype=np.intp)
@@ -148,15 +161,16 @@ def build(
     level_table = table.astype(np.uint8 if top < 256 else np.uint16)
     code_dtype = np.uint16 if n * g1 < 1 << 16 else np.uint32 if n * g1 < 1 << 32 else np.intp
     code_table = (table + (np.arange(n, dtype=np.intp) * g1)[:, None]).astype(code_dtype)
-    codes = np.full((height, width), n * g1, dtype=code_dtype)
+    codes = np.full((height, width), n * g1, dtype=code_dtype) if with_codes else None
     levels = np.zeros((height, width), dtype=level_table.dtype)
     for i, crop in enumerate(crops):  # the only per-ROI work: two table look-ups per crop
         y, x = ys[i], xs[i]
         h, w = crop.shape
-        np.take(code_table[i], crop, out=codes[y:y + h, x:x + w], mode="clip")
+        if codes is not None:
+            np.take(code_table[i], crop, out=codes[y:y + h, x:x + w], mode="clip")
         np.take(level_table[i], crop, out=levels[y:y + h, x:x + w], mode="clip")
     pair = np.repeat(np.arange(n) * g1, 256) + table.ravel()
     level_counts = np.bincount(pair, weights=hist.ravel(), minlength=n * g1)
     level_counts = level_counts.reshape(n, g1).astype(np.int64)
     level_counts[:, 0] = 0
-    return Mosaic(codes, levels, hist, level_counts, ng, heights, widths, bands)
+    return Mosaic(codes, levels, hist, level_counts, ng, heights, widths, bands, ys, xs)

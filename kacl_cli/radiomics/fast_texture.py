@@ -321,15 +321,23 @@ def line_runs(m: Mosaic) -> list[tuple[np.ndarray, np.ndarray]]:
     return m.cache["runs"]
 
 
-def glrlm(m: Mosaic) -> dict[str, np.ndarray]:
-    n, g1 = m.n, m.n_levels + 1
-    valid = angle_validity(m)
-    longest = np.stack(
+def longest_runs(m: Mosaic) -> np.ndarray:
+    """n * 4: the longest possible run of each (ROI, angle), in (roi, angle) order."""
+    return np.stack(
         [m.widths, np.minimum(m.heights, m.widths), m.heights, np.minimum(m.heights, m.widths)],
         axis=1,
-    ).ravel()  # per (roi, angle): the longest possible run
-    seg = np.repeat(m.ng, N_ANGLES) * longest
-    off = np.concatenate(([0], np.cumsum(seg)))
+    ).ravel()
+
+
+def glrlm_cells(m: Mosaic) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The nonzero GLRLM cells of every ROI and angle, cached: (roi * 4 + angle, level,
+    run length, count), sorted by (roi, angle), then level, then length."""
+    if "glrlm" in m.cache:
+        return m.cache["glrlm"]
+    n, g1 = m.n, m.n_levels + 1
+    longest = longest_runs(m)
+    # dense layout: block roi * 4 + angle holds ng rows (levels 1..Ng) of ``longest`` lengths
+    off = np.concatenate(([0], np.cumsum(np.repeat(m.ng, N_ANGLES) * longest)))
     code_roi, code_level = np.divmod(np.arange(n * g1), g1)
     keys = []
     top = int(off[-1])
@@ -342,11 +350,18 @@ def glrlm(m: Mosaic) -> dict[str, np.ndarray]:
     # one bincount over (roi, angle, level, run length): the GLRLM of every ROI and angle
     counts = np.bincount(np.concatenate(keys), minlength=top)[:top]
     cell = np.flatnonzero(counts)
-    c = counts[cell].astype(np.float64)
     ra = np.searchsorted(off, cell, side="right") - 1  # sorted: cells come in key order
     gl, rl = np.divmod(cell - off[ra], longest[ra])
-    gl += 1
-    rl += 1
+    m.cache["glrlm"] = (ra, gl + 1, rl + 1, counts[cell])
+    return m.cache["glrlm"]
+
+
+def glrlm(m: Mosaic) -> dict[str, np.ndarray]:
+    n, g1 = m.n, m.n_levels + 1
+    valid = angle_validity(m)
+    longest = longest_runs(m)
+    ra, gl, rl, count = glrlm_cells(m)
+    c = count.astype(np.float64)
     na = n * N_ANGLES
     starts = np.searchsorted(ra, np.arange(na))  # every (roi, angle) has runs
     g2 = (gl * gl).astype(np.float64)
@@ -444,25 +459,28 @@ def zones(m: Mosaic) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     - colouring (noisy images): see :func:`colouring`; rare colours are left out.
     The runs left out are then joined to their equal-level neighbours by union-find.
     """
+    if "zones" in m.cache:
+        return m.cache["zones"]
     counts = glcm_counts(m)
     lv = np.arange(1, m.n_levels + 1)
     gap = np.abs(lv[:, None] - lv[None, :])
     conflicts = counts[:, :, (gap > 0) & (gap % 2 == 0)].sum()
     code, length = line_runs(m)[0]
     start = m.cache["row_starts"]
-    if 2 * conflicts <= PARITY_MAX_SHARE * m.codes.size:
+    if 2 * conflicts <= PARITY_MAX_SHARE * m.levels.size:
         z_code, z_size = _zones_parity(m, code, length, start)
     else:
         z_code, z_size = _zones_colouring(m, code, length, start)
     g1 = m.n_levels + 1
-    return z_code // g1, z_code % g1, z_size
+    m.cache["zones"] = (z_code // g1, z_code % g1, z_size)
+    return m.cache["zones"]
 
 
 def _label_runs(m: Mosaic, chosen: np.ndarray, length: np.ndarray,
                 start: np.ndarray) -> tuple[np.ndarray, int]:
     """8-connected components of the pixels of the chosen runs: per run its label (0 for
     runs not chosen) and the number of labels."""
-    mask = np.repeat(chosen, length).reshape(m.codes.shape)
+    mask = np.repeat(chosen, length).reshape(m.shape)
     return _label_mask(mask, start)
 
 
@@ -502,7 +520,7 @@ def _zones_parity(m: Mosaic, code: np.ndarray, length: np.ndarray,
     enc = _parity_codes(m.levels)
     size = enc.size
     conflict = np.zeros(size, dtype=bool)
-    for d in flat_offsets(m.codes.shape[1]):
+    for d in flat_offsets(m.shape[1]):
         t = enc[: size - d] ^ enc[d:]
         bad = (t & 3) == 0
         bad &= t != 0
@@ -520,7 +538,7 @@ def _zones_parity(m: Mosaic, code: np.ndarray, length: np.ndarray,
     even ^= odd  # inside and not odd
     even[loose_pixels] = False
     odd[loose_pixels] = False
-    shape = m.codes.shape
+    shape = m.shape
     label_even, n_even = _label_mask(even.reshape(shape), start)
     label_odd, n_odd = _label_mask(odd.reshape(shape), start)
     # a run is in at most one mask: its component is the even label, or the odd one after
@@ -540,7 +558,7 @@ def _zones_colouring(m: Mosaic, code: np.ndarray, length: np.ndarray,
     n_colours = int(colour.max()) + 1
     inside = colour[:n, 1:] >= 0
     share = np.bincount(colour[:n, 1:][inside], m.level_counts[:, 1:][inside], n_colours)
-    common = share >= RESIDUAL_SHARE * m.codes.size
+    common = share >= RESIDUAL_SHARE * m.levels.size
     run_colour = colour.ravel()[code]  # outside -> -1
     comp = np.full(code.size, -1, dtype=np.intp)
     n_comp = 0
@@ -569,7 +587,7 @@ def _merge_runs(
     k = loose.size  # loose run i is node i; component c is node k + c until compacted
     rank = np.full(code.size, -1, dtype=np.intp)
     rank[loose] = np.arange(k)
-    width = m.codes.shape[1]
+    width = m.shape[1]
     first, last = start[loose], start[loose] + length[loose] - 1
     src, dst = [np.arange(k)], [np.arange(k)]
     for side in (-width, width):
@@ -664,12 +682,16 @@ def _codes9(m: Mosaic) -> np.ndarray:
     return m.cache["codes9"]
 
 
-def gldm(m: Mosaic, alpha: int = 0) -> dict[str, np.ndarray]:
+def gldm_counts(m: Mosaic, alpha: int = 0) -> np.ndarray:
+    """n x (G + 1) x 9: pixels per (ROI, level, number of dependent neighbours), cached."""
+    key = ("gldm", alpha)
+    if key in m.cache:
+        return m.cache[key]
     n, g1 = m.n, m.n_levels + 1
     lv = m.levels.ravel()
     size = lv.size
     dep = np.zeros(size, dtype=np.uint8)
-    for d in flat_offsets(m.codes.shape[1]):
+    for d in flat_offsets(m.shape[1]):
         a, b = lv[: size - d], lv[d:]
         if alpha == 0:
             same = a == b  # two outside pixels also match, but outside counts are dropped
@@ -680,7 +702,14 @@ def gldm(m: Mosaic, alpha: int = 0) -> dict[str, np.ndarray]:
         dep[d:] += same
     nd = 2 * N_ANGLES + 1
     counts = np.bincount(_codes9(m) + dep, minlength=(n + 1) * g1 * nd)
-    p = counts[: n * g1 * nd].reshape(n, g1, nd)[:, 1:, :].astype(np.float64)
+    m.cache[key] = counts[: n * g1 * nd].reshape(n, g1, nd)
+    return m.cache[key]
+
+
+def gldm(m: Mosaic, alpha: int = 0) -> dict[str, np.ndarray]:
+    g1 = m.n_levels + 1
+    nd = 2 * N_ANGLES + 1
+    p = gldm_counts(m, alpha)[:, 1:, :].astype(np.float64)
     ivec = np.arange(1, g1, dtype=np.float64)[None, :, None]
     jvec = np.arange(1, nd + 1, dtype=np.float64)[None, None, :]
     nz = p.sum(axis=(1, 2))
@@ -712,9 +741,13 @@ def gldm(m: Mosaic, alpha: int = 0) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------- NGTDM
 
 
-def ngtdm(m: Mosaic) -> dict[str, np.ndarray]:
+def ngtdm_sums(m: Mosaic) -> np.ndarray:
+    """n x (G + 1) x 9: sums of ``|C L - T|`` per (ROI, level L, C neighbours in the ROI),
+    T the sum of those neighbours' levels (exact integers, as float64), cached."""
+    if "ngtdm" in m.cache:
+        return m.cache["ngtdm"]
     n, g1 = m.n, m.n_levels + 1
-    width = m.codes.shape[1]
+    width = m.shape[1]
     lv = m.levels.ravel().astype(np.int16 if 9 * g1 < 1 << 15 else np.int32)
     inside = (lv != 0).astype(np.int8)
 
@@ -737,9 +770,16 @@ def ngtdm(m: Mosaic) -> dict[str, np.ndarray]:
     np.abs(dev, out=dev)
     nd = 2 * N_ANGLES + 1
     sums = np.bincount(_codes9(m)[inner] + count, dev, (n + 1) * g1 * nd)
+    m.cache["ngtdm"] = sums[: n * g1 * nd].reshape(n, g1, nd)
+    return m.cache["ngtdm"]
+
+
+def ngtdm(m: Mosaic) -> dict[str, np.ndarray]:
+    n, g1 = m.n, m.n_levels + 1
+    nd = 2 * N_ANGLES + 1
     per_count = np.zeros(nd)
     per_count[1:] = 1 / np.arange(1, nd)
-    s_all = (sums[: n * g1 * nd].reshape(n, g1, nd) @ per_count)[:, 1:]
+    s_all = (ngtdm_sums(m).astype(np.float64) @ per_count)[:, 1:]
     n_all = m.level_counts[:, 1:].astype(np.float64)
     out: dict[str, list[np.ndarray]] = {}
     g = g1 - 1
