@@ -55,7 +55,8 @@ typedef struct {
     void *pad;         /* (h + 3) x (w + 2) levels: the ROI with a ring of zeros, row 0 spare */
     int32_t *len1;     /* run length so far on each line of angles 1, 2 and 3 */
     int64_t *cm;       /* 4 x g1 x g1 co-occurrences, level 0 = outside (dropped) */
-    int32_t *rl;       /* 4 x (g1 x LS + sink) run counts by (level, length), level 0 dropped */
+    int32_t *rl;       /* 4 x g1 x LS run counts by (level, length), level 0 dropped */
+    int32_t *at;       /* columns of a row where a pixel differs from its predecessor */
     int32_t *tot, *cnt, *dep; /* per pixel of a row: neighbour level sum, count, dependents */
     int64_t *dn;       /* COPIES x g1 x 9 GLDM, then COPIES x g1 x 9 NGTDM */
     int32_t *run_col, *run_end, *parent; /* zones: runs of a ROI and their union-find */
@@ -65,7 +66,7 @@ typedef struct {
 
 static void scratch_free(Scratch *s)
 {
-    free(s->tot); free(s->cnt); free(s->dep); free(s->dn);
+    free(s->at); free(s->tot); free(s->cnt); free(s->dep); free(s->dn);
     free(s->pad); free(s->len1); free(s->cm); free(s->rl);
     free(s->run_col); free(s->run_end); free(s->parent); free(s->run_size); free(s->run_level);
 }
@@ -84,7 +85,8 @@ static int scratch_alloc(Scratch *s, const Job *job, size_t itemsize)
     s->pad = calloc((size_t)(hmax + 3) * (size_t)(wmax + 2), itemsize);
     s->len1 = calloc(3 * lines, sizeof(int32_t)); /* angles 1, 2, 3 */
     s->cm = calloc(N_ANGLES * g1 * g1, sizeof(int64_t));
-    s->rl = calloc(N_ANGLES * (g1 * ls + (size_t)wmax + 2), sizeof(int32_t));
+    s->rl = calloc(N_ANGLES * g1 * ls, sizeof(int32_t));
+    s->at = calloc((size_t)wmax + 3, sizeof(int32_t));
     s->tot = calloc((size_t)wmax + 2, sizeof(int32_t));
     s->cnt = calloc((size_t)wmax + 2, sizeof(int32_t));
     s->dep = calloc((size_t)wmax + 2, sizeof(int32_t));
@@ -94,7 +96,7 @@ static int scratch_alloc(Scratch *s, const Job *job, size_t itemsize)
     s->parent = malloc(sizeof(int32_t) * (size_t)amax);
     s->run_size = malloc(sizeof(int64_t) * (size_t)amax);
     s->run_level = malloc(sizeof(uint16_t) * (size_t)amax);
-    if (!s->tot || !s->cnt || !s->dep || !s->dn || !s->pad || !s->len1 || !s->cm || !s->rl || !s->run_col
+    if (!s->at || !s->tot || !s->cnt || !s->dep || !s->dn || !s->pad || !s->len1 || !s->cm || !s->rl || !s->run_col
         || !s->run_end || !s->parent || !s->run_size || !s->run_level) {
         scratch_free(s);
         return -1;
@@ -112,50 +114,47 @@ static inline int32_t find_root(int32_t *parent, int32_t k)
 }
 
 /*
- * GLCM and GLRLM of one ROI in one pass: cur = every pixel of the ROI and of its ring below,
- * left and right (rows 2..h+2 of `pad`), and for each angle prev = cur minus the angle's
- * offset (1, S - 1, S, S + 1):
- * - GLCM: cm[angle][prev][cur] += 1 (four independent chains of increments);
- * - GLRLM: the run ending at prev closes when cur differs; its (level, length) cell gets
- *   one, else a per-column sink cell does (branch-free, and no two consecutive pixels
- *   increment the same cell). Run lengths so far: a scalar along rows, one per column,
- *   diagonal (x - y) and anti-diagonal (x + y) for the other angles.
+ * GLCM and GLRLM of one ROI, from its runs. For each angle, cur runs over every pixel of
+ * the ROI and of its ring below, left and right (rows 2..h+2 of `pad`) and prev = cur
+ * minus the angle's offset (1, S - 1, S, S + 1). Work happens only where cur differs from
+ * prev: per row, a branch-free compaction lists those columns, then each one closes the
+ * run of prev's level that ends there, of length pos - last[line] (pos = x along rows, y
+ * along the other angles): the GLRLM gets (level, length), the GLCM the run's length - 1
+ * pairs (level, level) and the pair (prev, cur). Lines enter the ROI from the zero ring,
+ * so each line's first change has an outside prev; outside levels (0) go to the dropped
+ * row/column 0 (cell 0 for the GLRLM, whose outside run lengths are meaningless), so no
+ * branch and no initialisation of `last` is needed.
  */
-#define DEFINE_PAIR_PASS(SUFFIX, T)                                                          \
-static __attribute__((noinline)) void pair_pass_##SUFFIX(                                     \
+#define DEFINE_RUN_PASS(SUFFIX, T)                                                           \
+static __attribute__((noinline)) void run_pass_##SUFFIX(                                      \
     const T *restrict B, int S, int h, int w, int g1, int LS, int64_t *restrict cm,           \
-    int32_t *restrict rl, int32_t *restrict st1, int32_t *restrict st2,                       \
-    int32_t *restrict st3)                                                                    \
+    int32_t *restrict rl, int32_t *restrict last, int32_t *restrict at)                       \
 {                                                                                             \
-    const int gg = g1 * g1, RS = g1 * LS + S, sink = g1 * LS;                                 \
-    int64_t *restrict cm0 = cm, *restrict cm1 = cm + gg, *restrict cm2 = cm + 2 * gg;         \
-    int64_t *restrict cm3 = cm + 3 * gg;                                                      \
-    int32_t *restrict rl0 = rl, *restrict rl1 = rl + RS, *restrict rl2 = rl + 2 * RS;         \
-    int32_t *restrict rl3 = rl + 3 * RS;                                                      \
-    int32_t run = 0;                                                                          \
-    for (int y = 2; y <= h + 2; y++) {                                                        \
-        const T *restrict row = B + y * S;                                                    \
-        int32_t *restrict d1 = st1 + y, *restrict d3 = st3 + (h + 3) - y;                     \
-        for (int x = 0; x <= w + 1; x++) {                                                    \
-            const int cur = row[x], p0 = row[x - 1], p1 = row[x - S + 1];                     \
-            const int p2 = row[x - S], p3 = row[x - S - 1];                                   \
-            if (cm) {                                                                         \
-                cm0[p0 * g1 + cur]++;                                                         \
-                cm1[p1 * g1 + cur]++;                                                         \
-                cm2[p2 * g1 + cur]++;                                                         \
-                cm3[p3 * g1 + cur]++;                                                         \
+    const int n = w + 2, lines = h + w + 8;                                                   \
+    for (int a = 0; a < N_ANGLES; a++) {                                                      \
+        const int back = a == 0 ? 1 : a == 1 ? S - 1 : a == 2 ? S : S + 1;                    \
+        int64_t *restrict ca = cm + a * g1 * g1;                                              \
+        int32_t *restrict ra = rl + a * g1 * LS;                                              \
+        int32_t *restrict la = last + (a == 0 ? 0 : (a - 1) * lines);                         \
+        for (int y = 2; y <= h + 2; y++) {                                                    \
+            const T *restrict row = B + y * S;                                                \
+            const T *restrict prv = row - back;                                               \
+            int k = 0;                                                                        \
+            for (int x = 0; x < n; x++) {                                                     \
+                at[k] = x;                                                                    \
+                k += row[x] != prv[x];                                                        \
             }                                                                                 \
-            if (rl) {                                                                         \
-                const int n0 = run, n1 = d1[x], n2 = st2[x], n3 = d3[x];                      \
-                const int c0 = cur != p0, c1 = cur != p1, c2 = cur != p2, c3 = cur != p3;     \
-                rl0[c0 ? p0 * LS + n0 : sink + x]++;                                          \
-                rl1[c1 ? p1 * LS + n1 : sink + x]++;                                          \
-                rl2[c2 ? p2 * LS + n2 : sink + x]++;                                          \
-                rl3[c3 ? p3 * LS + n3 : sink + x]++;                                          \
-                run = c0 ? 1 : n0 + 1;                                                        \
-                d1[x] = c1 ? 1 : n1 + 1;                                                      \
-                st2[x] = c2 ? 1 : n2 + 1;                                                     \
-                d3[x] = c3 ? 1 : n3 + 1;                                                      \
+            /* line of (y, x): rows share one slot; else x (+ y, - y) */                      \
+            int32_t *restrict ln = a == 0 ? la : a == 1 ? la + y : a == 2 ? la : la + h + 3 - y; \
+            const int xs = a == 0, pos_y = a == 0 ? 0 : y;                                    \
+            for (int j = 0; j < k; j++) {                                                     \
+                const int x = at[j], cur = row[x], p = prv[x];                                \
+                const int li = xs ? 0 : x, pos = xs ? x : pos_y;                              \
+                const int len = pos - ln[li];                                                 \
+                ln[li] = pos;                                                                 \
+                ra[p ? p * LS + len : 0]++;                                                   \
+                ca[p * g1 + p] += len - 1;                                                    \
+                ca[p * g1 + cur]++;                                                           \
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
@@ -195,8 +194,8 @@ static __attribute__((noinline)) void neighbours_##SUFFIX(                      
     }                                                                                         \
 }
 
-DEFINE_PAIR_PASS(u8, uint8_t)
-DEFINE_PAIR_PASS(u16, uint16_t)
+DEFINE_RUN_PASS(u8, uint8_t)
+DEFINE_RUN_PASS(u16, uint16_t)
 DEFINE_NEIGHBOURS(u8, uint8_t)
 DEFINE_NEIGHBOURS(u16, uint16_t)
 
@@ -255,13 +254,11 @@ static void kernel_##SUFFIX(const T *lv, Job *job)                              
         for (Py_ssize_t y = 0; y < h; y++)                                                    \
             memcpy(B + (y + 2) * S + 1, src + y * W, sizeof(T) * (size_t)w);                  \
         if (do_cm || do_rl) {                                                                 \
-            const Py_ssize_t RS = g1 * LS + S; /* one angle's run counts, then its sink */    \
-            if (do_cm) memset(sc.cm, 0, sizeof(int64_t) * (size_t)(N_ANGLES * g1 * g1));        \
-            if (do_rl) memset(sc.rl, 0, sizeof(int32_t) * (size_t)(N_ANGLES * RS));          \
-            memset(sc.len1, 0, sizeof(int32_t) * (size_t)(3 * (h + w + 8)));                 \
-            pair_pass_##SUFFIX(B, (int)S, (int)h, (int)w, (int)g1, (int)LS,                   \
-                               do_cm ? sc.cm : NULL, do_rl ? sc.rl : NULL, sc.len1,           \
-                               sc.len1 + (h + w + 8), sc.len1 + 2 * (h + w + 8));             \
+            const Py_ssize_t RS = g1 * LS; /* one angle's run counts */                       \
+            memset(sc.cm, 0, sizeof(int64_t) * (size_t)(N_ANGLES * g1 * g1));                 \
+            memset(sc.rl, 0, sizeof(int32_t) * (size_t)(N_ANGLES * RS));                      \
+            run_pass_##SUFFIX(B, (int)S, (int)h, (int)w, (int)g1, (int)LS, sc.cm, sc.rl,       \
+                              sc.len1, sc.at);                                                \
             if (do_cm) {                                                                      \
                 double *out = glcm_out + r * N_ANGLES * G * G;                                \
                 for (int a = 0; a < N_ANGLES; a++)                                            \
