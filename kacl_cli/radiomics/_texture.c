@@ -2,17 +2,19 @@
  * kacl_cli.radiomics._texture: the counting pass of the fast radiomics backend, compiled.
  *
  * Why C: the numpy path (fast_texture.py) needs ~60 ns per canvas pixel in whole-array
- * passes (run finding on 4 layouts, two ndimage.label calls, shifted comparisons, bincounts);
- * this loop visits each ROI pixel a few times, with every matrix of a ROI small enough for
- * L1. It fills exactly the arrays the numpy path builds (same layouts, integer counts), so
- * the feature formulas stay in one place (fast_texture.py) and the two paths are tested
- * against each other and against pyradiomics.
+ * passes (run finding on 4 layouts, two ndimage.label calls, shifted comparisons,
+ * bincounts); these loops visit each ROI pixel a few times, with every matrix of a ROI
+ * small enough for L1 (~15-20 ns per pixel for all five classes). They produce the counts
+ * the numpy path builds (the same integers), so the feature formulas stay in one place
+ * (fast_texture.py) and the two paths are tested against each other and against
+ * pyradiomics.
  *
- * Input: the mosaic's level canvas (H x W, uint8 or uint16; 0 = outside, 1..G inside), in
- * which ROIs are rectangles separated by gaps of outside pixels and kept off the border, so
- * every 8-neighbour of a ROI pixel is a valid index and is outside or in the same ROI.
- * Angles are the numpy path's: 0 = (0, 1), 1 = (1, -1), 2 = (1, 0), 3 = (1, 1), as flat
- * offsets 1, W - 1, W, W + 1 of a (first, second) pixel pair.
+ * Input: a canvas of raw uint8 pixels in which the ROIs are rectangles kept one pixel
+ * apart and off the border (fast_mosaic.pack), and per ROI a 256-entry table from raw
+ * value to grey level (1..G; uint8 or uint16). Each ROI is copied, discretised, into a
+ * scratch buffer with a ring of zeros, so no neighbour read needs a bounds check.
+ * Angles are the numpy path's: 0 = (0, 1), 1 = (1, -1), 2 = (1, 0), 3 = (1, 1), i.e. a
+ * (first, second) pixel pair at flat offsets 1, W - 1, W, W + 1.
  *
  * Only the buffer protocol is used (no numpy headers), so the extension builds with the
  * plain setuptools of pip's isolated build environment.
@@ -30,45 +32,61 @@
  * store (measured: 11 -> 6 ns per pixel with the vectorised neighbour sums). */
 #define COPIES 4
 
+/* A growable table of int64 rows (zones, GLRLM cells), handed to Python as bytes. */
 typedef struct {
-    Py_ssize_t width;
+    int64_t *data;
+    Py_ssize_t rows, cap;
+    int width;
+} Rows;
+
+static int rows_reserve(Rows *t, Py_ssize_t more)
+{
+    if (t->rows + more <= t->cap) return 0;
+    Py_ssize_t cap = t->cap ? t->cap : 1024;
+    while (cap < t->rows + more) cap *= 2;
+    int64_t *data = realloc(t->data, sizeof(int64_t) * (size_t)(cap * t->width));
+    if (!data) return -1;
+    t->data = data;
+    t->cap = cap;
+    return 0;
+}
+
+typedef struct {
+    Py_ssize_t width, cells; /* canvas width and pixel count */
     Py_ssize_t n;
-    Py_ssize_t cells; /* canvas pixels */
-    Py_ssize_t g1; /* highest level + 1 */
+    Py_ssize_t g1;           /* highest level + 1 */
     long alpha;
     const int64_t *ys, *xs, *hs, *ws;
+    const void *tables;      /* n x 256 raw value -> level */
     double *glcm;            /* n x 4 x G x G, or NULL */
-    int64_t *glrlm;          /* nonzero GLRLM cells, rows (roi * 4 + angle, level, length,
-                                count) in that order, or NULL */
-    Py_ssize_t glrlm_cap;    /* rows available */
-    Py_ssize_t n_cells;      /* rows written */
-    const int64_t *rl_long;  /* n * 4: the longest possible run per (roi, angle) */
+    const int64_t *rl_long;  /* n x 4: the longest possible run per (roi, angle) */
     int64_t *gldm;           /* n x g1 x 9, or NULL */
     int64_t *ngtdm;          /* n x g1 x 9 sums of |C L - T|, or NULL */
-    int64_t *zone_roi, *zone_level, *zone_size; /* capacity: total ROI pixels, or NULL */
-    Py_ssize_t n_zones;
-    int failed; /* allocation failure */
+    int want_glrlm, want_zones;
+    Rows glrlm;              /* (roi * 4 + angle, level, length, count), in that order */
+    Rows zones;              /* (roi, level, size) */
+    int failed;              /* 1: out of memory, 2: a run longer than rl_long */
 } Job;
 
 /* Per-call scratch, sized for the largest ROI of the call. */
 typedef struct {
     void *pad;         /* (h + 3) x (w + 2) levels: the ROI with a ring of zeros, row 0 spare */
-    int32_t *len1;     /* run length so far on each line of angles 1, 2 and 3 */
+    int32_t *last;     /* per line of angles 1, 2, 3: where its current run started */
+    int32_t *at;       /* columns of a row where a pixel differs from its predecessor */
     int64_t *cm;       /* 4 x g1 x g1 co-occurrences, level 0 = outside (dropped) */
     int32_t *rl;       /* 4 x g1 x LS run counts by (level, length), level 0 dropped */
-    int32_t *at;       /* columns of a row where a pixel differs from its predecessor */
     int32_t *tot, *cnt, *dep; /* per pixel of a row: neighbour level sum, count, dependents */
     int64_t *dn;       /* COPIES x g1 x 9 GLDM, then COPIES x g1 x 9 NGTDM */
     int32_t *run_col, *run_end, *parent; /* zones: runs of a ROI and their union-find */
     int64_t *run_size;
-    uint16_t *run_level;
+    int32_t *run_level;
 } Scratch;
 
 static void scratch_free(Scratch *s)
 {
-    free(s->at); free(s->tot); free(s->cnt); free(s->dep); free(s->dn);
-    free(s->pad); free(s->len1); free(s->cm); free(s->rl);
-    free(s->run_col); free(s->run_end); free(s->parent); free(s->run_size); free(s->run_level);
+    free(s->pad); free(s->last); free(s->at); free(s->cm); free(s->rl); free(s->tot);
+    free(s->cnt); free(s->dep); free(s->dn); free(s->run_col); free(s->run_end);
+    free(s->parent); free(s->run_size); free(s->run_level);
 }
 
 static int scratch_alloc(Scratch *s, const Job *job, size_t itemsize)
@@ -83,10 +101,10 @@ static int scratch_alloc(Scratch *s, const Job *job, size_t itemsize)
     const size_t ls = (size_t)((hmax > wmax ? hmax : wmax) + 5);
     memset(s, 0, sizeof(*s));
     s->pad = calloc((size_t)(hmax + 3) * (size_t)(wmax + 2), itemsize);
-    s->len1 = calloc(3 * lines, sizeof(int32_t)); /* angles 1, 2, 3 */
+    s->last = calloc(3 * lines, sizeof(int32_t));
+    s->at = calloc((size_t)wmax + 3, sizeof(int32_t));
     s->cm = calloc(N_ANGLES * g1 * g1, sizeof(int64_t));
     s->rl = calloc(N_ANGLES * g1 * ls, sizeof(int32_t));
-    s->at = calloc((size_t)wmax + 3, sizeof(int32_t));
     s->tot = calloc((size_t)wmax + 2, sizeof(int32_t));
     s->cnt = calloc((size_t)wmax + 2, sizeof(int32_t));
     s->dep = calloc((size_t)wmax + 2, sizeof(int32_t));
@@ -95,9 +113,10 @@ static int scratch_alloc(Scratch *s, const Job *job, size_t itemsize)
     s->run_end = malloc(sizeof(int32_t) * (size_t)amax);
     s->parent = malloc(sizeof(int32_t) * (size_t)amax);
     s->run_size = malloc(sizeof(int64_t) * (size_t)amax);
-    s->run_level = malloc(sizeof(uint16_t) * (size_t)amax);
-    if (!s->at || !s->tot || !s->cnt || !s->dep || !s->dn || !s->pad || !s->len1 || !s->cm || !s->rl || !s->run_col
-        || !s->run_end || !s->parent || !s->run_size || !s->run_level) {
+    s->run_level = malloc(sizeof(int32_t) * (size_t)amax);
+    if (!s->pad || !s->last || !s->at || !s->cm || !s->rl || !s->tot || !s->cnt || !s->dep
+        || !s->dn || !s->run_col || !s->run_end || !s->parent || !s->run_size
+        || !s->run_level) {
         scratch_free(s);
         return -1;
     }
@@ -163,7 +182,7 @@ static __attribute__((noinline)) void run_pass_##SUFFIX(                        
 /* Per pixel of a row (columns 1..w): sum and count of its in-ROI 8-neighbours and the
  * number of them within alpha levels; plain loops over three rows, which vectorise. */
 #define DEFINE_NEIGHBOURS(SUFFIX, T)                                                         \
-static __attribute__((noinline)) void neighbours_##SUFFIX(                                                     \
+static __attribute__((noinline)) void neighbours_##SUFFIX(                                   \
     const T *restrict u, const T *restrict m, const T *restrict d, Py_ssize_t w, long alpha,  \
     int32_t *restrict tot, int32_t *restrict cnt, int32_t *restrict dep)                      \
 {                                                                                             \
@@ -194,11 +213,6 @@ static __attribute__((noinline)) void neighbours_##SUFFIX(                      
     }                                                                                         \
 }
 
-DEFINE_RUN_PASS(u8, uint8_t)
-DEFINE_RUN_PASS(u16, uint16_t)
-DEFINE_NEIGHBOURS(u8, uint8_t)
-DEFINE_NEIGHBOURS(u16, uint16_t)
-
 /* GLDM and NGTDM counts of one ROI (COPIES interleaved by column). */
 #define DEFINE_DN_PASS(SUFFIX, T)                                                            \
 static void dn_pass_##SUFFIX(                                                                 \
@@ -219,72 +233,118 @@ static void dn_pass_##SUFFIX(                                                   
     }                                                                                         \
 }
 
-DEFINE_DN_PASS(u8, uint8_t)
-DEFINE_DN_PASS(u16, uint16_t)
+/*
+ * GLSZM zones of one ROI: its horizontal runs, joined by union-find to the equal-level runs
+ * of the row above that touch them (8-connectivity: columns s - 1 .. e + 1). Appends
+ * (roi, level, size) per zone.
+ */
+#define DEFINE_ZONE_PASS(SUFFIX, T)                                                          \
+static int zone_pass_##SUFFIX(const T *restrict B, int S, int h, int w, Py_ssize_t roi,       \
+                              Scratch *sc, Rows *out)                                         \
+{                                                                                             \
+    int32_t *restrict col = sc->run_col, *restrict end = sc->run_end;                         \
+    int32_t *restrict level = sc->run_level, *restrict parent = sc->parent;                   \
+    int64_t *restrict size = sc->run_size;                                                    \
+    int32_t n_runs = 0, prev_begin = 0, prev_end = 0;                                         \
+    for (int y = 2; y <= h + 1; y++) {                                                        \
+        const T *row = B + y * S;                                                             \
+        const int32_t begin = n_runs;                                                         \
+        for (int x = 1; x <= w; x++) {                                                        \
+            int e = x;                                                                        \
+            while (e < w && row[e + 1] == row[x]) e++;                                        \
+            col[n_runs] = x;                                                                  \
+            end[n_runs] = e;                                                                  \
+            level[n_runs] = row[x];                                                           \
+            parent[n_runs] = n_runs;                                                          \
+            size[n_runs] = 0;                                                                 \
+            n_runs++;                                                                         \
+            x = e;                                                                            \
+        }                                                                                     \
+        int32_t j = prev_begin;                                                               \
+        for (int32_t k = begin; k < n_runs; k++) {                                            \
+            while (j < prev_end && end[j] < col[k] - 1) j++;                                  \
+            for (int32_t q = j; q < prev_end && col[q] <= end[k] + 1; q++) {                  \
+                if (level[q] != level[k]) continue;                                           \
+                const int32_t a = find_root(parent, q), b = find_root(parent, k);             \
+                if (a < b) parent[b] = a;                                                     \
+                else if (b < a) parent[a] = b;                                                \
+            }                                                                                 \
+        }                                                                                     \
+        prev_begin = begin;                                                                   \
+        prev_end = n_runs;                                                                    \
+    }                                                                                         \
+    Py_ssize_t n_zones = 0;                                                                   \
+    for (int32_t k = 0; k < n_runs; k++) {                                                    \
+        const int32_t root = find_root(parent, k);                                            \
+        size[root] += end[k] - col[k] + 1;                                                    \
+        n_zones += root == k;                                                                 \
+    }                                                                                         \
+    if (rows_reserve(out, n_zones) < 0) return -1;                                            \
+    for (int32_t k = 0; k < n_runs; k++) {                                                    \
+        if (parent[k] != k) continue;                                                         \
+        int64_t *z = out->data + 3 * out->rows++;                                             \
+        z[0] = roi;                                                                           \
+        z[1] = level[k];                                                                      \
+        z[2] = size[k];                                                                       \
+    }                                                                                         \
+    return 0;                                                                                 \
+}
 
 /*
  * One implementation per level dtype. Per ROI:
- * 1. copy it into `pad` with a ring of zeros (plus a spare zero row on top), so every
- *    neighbour read below is in the buffer and is 0 outside this ROI;
- * 2. per angle, one pass for GLCM and GLRLM (angle_pass; outside prevs land in the
- *    dropped level-0 row);
+ * 1. copy it, discretised by its table, into `pad` with a ring of zeros (plus a spare zero
+ *    row on top), so every neighbour read below is in the buffer and is 0 outside the ROI;
+ * 2. GLCM and GLRLM from the runs of each angle (run_pass);
  * 3. per row, neighbour sums/counts (vectorised), then the GLDM and NGTDM increments;
- * 4. GLSZM: horizontal runs joined by union-find to the equal-level runs of the row above
- *    that touch them (8-connectivity: columns s - 1 .. e + 1).
+ * 4. GLSZM zones (zone_pass).
  */
 #define DEFINE_KERNEL(SUFFIX, T)                                                             \
-static void kernel_##SUFFIX(const T *lv, Job *job)                                            \
+static void kernel_##SUFFIX(const uint8_t *raw, Job *job)                                     \
 {                                                                                             \
     Scratch sc;                                                                               \
     if (scratch_alloc(&sc, job, sizeof(T)) < 0) { job->failed = 1; return; }                  \
     const Py_ssize_t W = job->width, g1 = job->g1, G = g1 - 1;                               \
-    const long alpha = job->alpha;                                                            \
-    double *const glcm_out = job->glcm;                                                       \
-    int64_t *const gldm_out = job->gldm, *const ngtdm_out = job->ngtdm;                       \
-    const int do_rl = job->glrlm != NULL, do_cm = glcm_out != NULL;                           \
-    const int do_dn = gldm_out != NULL || ngtdm_out != NULL;                                  \
-    const int do_zones = job->zone_roi != NULL;                                               \
+    const int do_runs = job->glcm != NULL || job->want_glrlm;                                 \
+    const int do_dn = job->gldm != NULL || job->ngtdm != NULL;                                \
     T *const B = (T *)sc.pad;                                                                 \
-    Py_ssize_t n_zones = 0;                                                                   \
     for (Py_ssize_t r = 0; r < job->n && !job->failed; r++) {                                 \
         const Py_ssize_t h = job->hs[r], w = job->ws[r], S = w + 2;                           \
         const Py_ssize_t LS = (h > w ? h : w) + 5;                                            \
-        const T *src = lv + job->ys[r] * W + job->xs[r];                                      \
+        const uint8_t *src = raw + job->ys[r] * W + job->xs[r];                               \
+        const T *tab = (const T *)job->tables + r * 256;                                      \
         memset(B, 0, sizeof(T) * (size_t)((h + 3) * S));                                      \
-        for (Py_ssize_t y = 0; y < h; y++)                                                    \
-            memcpy(B + (y + 2) * S + 1, src + y * W, sizeof(T) * (size_t)w);                  \
-        if (do_cm || do_rl) {                                                                 \
-            const Py_ssize_t RS = g1 * LS; /* one angle's run counts */                       \
+        for (Py_ssize_t y = 0; y < h; y++) {                                                  \
+            T *dst = B + (y + 2) * S + 1;                                                     \
+            const uint8_t *line = src + y * W;                                                \
+            for (Py_ssize_t x = 0; x < w; x++) dst[x] = tab[line[x]];                         \
+        }                                                                                     \
+        if (do_runs) {                                                                        \
             memset(sc.cm, 0, sizeof(int64_t) * (size_t)(N_ANGLES * g1 * g1));                 \
-            memset(sc.rl, 0, sizeof(int32_t) * (size_t)(N_ANGLES * RS));                      \
+            memset(sc.rl, 0, sizeof(int32_t) * (size_t)(N_ANGLES * g1 * LS));                 \
             run_pass_##SUFFIX(B, (int)S, (int)h, (int)w, (int)g1, (int)LS, sc.cm, sc.rl,       \
-                              sc.len1, sc.at);                                                \
-            if (do_cm) {                                                                      \
-                double *out = glcm_out + r * N_ANGLES * G * G;                                \
+                              sc.last, sc.at);                                                \
+            if (job->glcm) {                                                                  \
+                double *out = job->glcm + r * N_ANGLES * G * G;                               \
                 for (int a = 0; a < N_ANGLES; a++)                                            \
                     for (Py_ssize_t i = 1; i < g1; i++)                                       \
                         for (Py_ssize_t j = 1; j < g1; j++)                                   \
                             out[(a * G + i - 1) * G + j - 1] =                                \
                                 (double)sc.cm[(a * g1 + i) * g1 + j];                         \
             }                                                                                 \
-            if (do_rl) {                                                                      \
-                for (int a = 0; a < N_ANGLES; a++) {                                          \
-                    const int64_t longest = job->rl_long[r * N_ANGLES + a];                   \
-                    const int32_t *src_rl = sc.rl + a * RS;                                   \
-                    for (Py_ssize_t i = 1; i < g1; i++) {                                     \
-                        for (Py_ssize_t k = 1; k < LS; k++) {                                 \
-                            const int32_t v = src_rl[i * LS + k];                             \
-                            if (!v) continue;                                                 \
-                            if (k > longest || job->n_cells >= job->glrlm_cap) {              \
-                                job->failed = 2;                                              \
-                                break;                                                        \
-                            }                                                                 \
-                            int64_t *cell = job->glrlm + 4 * job->n_cells++;                  \
-                            cell[0] = r * N_ANGLES + a;                                       \
-                            cell[1] = i;                                                      \
-                            cell[2] = k;                                                      \
-                            cell[3] = v;                                                      \
-                        }                                                                     \
+            for (int a = 0; a < N_ANGLES && job->want_glrlm; a++) {                           \
+                const int64_t longest = job->rl_long[r * N_ANGLES + a];                       \
+                const int32_t *rl = sc.rl + a * g1 * LS;                                      \
+                for (Py_ssize_t i = 1; i < g1; i++) {                                         \
+                    for (Py_ssize_t k = 1; k < LS; k++) {                                     \
+                        const int32_t v = rl[i * LS + k];                                     \
+                        if (!v) continue;                                                     \
+                        if (k > longest) { job->failed = 2; break; }                          \
+                        if (rows_reserve(&job->glrlm, 1) < 0) { job->failed = 1; break; }     \
+                        int64_t *cell = job->glrlm.data + 4 * job->glrlm.rows++;              \
+                        cell[0] = r * N_ANGLES + a;                                           \
+                        cell[1] = i;                                                          \
+                        cell[2] = k;                                                          \
+                        cell[3] = v;                                                          \
                     }                                                                         \
                 }                                                                             \
             }                                                                                 \
@@ -292,74 +352,45 @@ static void kernel_##SUFFIX(const T *lv, Job *job)                              
         if (do_dn) {                                                                          \
             int64_t *const dmc = sc.dn, *const nmc = sc.dn + COPIES * g1 * N_DEP;            \
             memset(sc.dn, 0, sizeof(int64_t) * (size_t)(2 * COPIES * g1 * N_DEP));            \
-            dn_pass_##SUFFIX(B, (int)S, (int)h, (int)w, (int)g1, alpha, dmc, nmc, sc.tot,     \
-                             sc.cnt, sc.dep);                                                 \
+            dn_pass_##SUFFIX(B, (int)S, (int)h, (int)w, (int)g1, job->alpha, dmc, nmc,        \
+                             sc.tot, sc.cnt, sc.dep);                                         \
             for (Py_ssize_t i = 0; i < g1 * N_DEP; i++) {                                     \
                 int64_t dv = 0, nv = 0;                                                       \
                 for (int k = 0; k < COPIES; k++) {                                            \
                     dv += dmc[k * g1 * N_DEP + i];                                            \
                     nv += nmc[k * g1 * N_DEP + i];                                            \
                 }                                                                             \
-                if (gldm_out) gldm_out[r * g1 * N_DEP + i] = dv;                              \
-                if (ngtdm_out) ngtdm_out[r * g1 * N_DEP + i] = nv;                            \
+                if (job->gldm) job->gldm[r * g1 * N_DEP + i] = dv;                            \
+                if (job->ngtdm) job->ngtdm[r * g1 * N_DEP + i] = nv;                          \
             }                                                                                 \
         }                                                                                     \
-        if (do_zones) {                                                                       \
-            int32_t n_runs = 0, prev_begin = 0, prev_end = 0;                                 \
-            for (Py_ssize_t y = 2; y <= h + 1; y++) {                                         \
-                const T *row = B + y * S;                                                     \
-                const int32_t begin = n_runs;                                                 \
-                for (Py_ssize_t x = 1; x <= w; x++) {                                         \
-                    if (x > 1 && row[x] == row[x - 1]) continue;                              \
-                    Py_ssize_t e = x;                                                         \
-                    while (e < w && row[e + 1] == row[x]) e++;                                \
-                    sc.run_col[n_runs] = (int32_t)x;                                          \
-                    sc.run_end[n_runs] = (int32_t)e;                                          \
-                    sc.run_level[n_runs] = (uint16_t)row[x];                                  \
-                    sc.parent[n_runs] = n_runs;                                               \
-                    sc.run_size[n_runs] = 0;                                                  \
-                    n_runs++;                                                                 \
-                    x = e;                                                                    \
-                }                                                                             \
-                int32_t j = prev_begin;                                                       \
-                for (int32_t k = begin; k < n_runs; k++) {                                    \
-                    const int32_t s0 = sc.run_col[k], e0 = sc.run_end[k];                     \
-                    while (j < prev_end && sc.run_end[j] < s0 - 1) j++;                       \
-                    for (int32_t q = j; q < prev_end && sc.run_col[q] <= e0 + 1; q++) {       \
-                        if (sc.run_level[q] != sc.run_level[k]) continue;                     \
-                        const int32_t a = find_root(sc.parent, q);                            \
-                        const int32_t b = find_root(sc.parent, k);                            \
-                        if (a < b) sc.parent[b] = a;                                          \
-                        else if (b < a) sc.parent[a] = b;                                     \
-                    }                                                                         \
-                }                                                                             \
-                prev_begin = begin;                                                           \
-                prev_end = n_runs;                                                            \
-            }                                                                                 \
-            for (int32_t k = 0; k < n_runs; k++)                                              \
-                sc.run_size[find_root(sc.parent, k)] += sc.run_end[k] - sc.run_col[k] + 1;    \
-            for (int32_t k = 0; k < n_runs; k++) {                                            \
-                if (sc.parent[k] != k) continue;                                              \
-                job->zone_roi[n_zones] = r;                                                   \
-                job->zone_level[n_zones] = sc.run_level[k];                                   \
-                job->zone_size[n_zones] = sc.run_size[k];                                     \
-                n_zones++;                                                                    \
-            }                                                                                 \
-        }                                                                                     \
+        if (job->want_zones                                                                   \
+            && zone_pass_##SUFFIX(B, (int)S, (int)h, (int)w, r, &sc, &job->zones) < 0)        \
+            job->failed = 1;                                                                  \
     }                                                                                         \
-    job->n_zones = n_zones;                                                                   \
     scratch_free(&sc);                                                                        \
 }
 
-DEFINE_KERNEL(u8, uint8_t)
-DEFINE_KERNEL(u16, uint16_t)
+#define DEFINE_ALL(SUFFIX, T)                                                                \
+    DEFINE_RUN_PASS(SUFFIX, T)                                                                \
+    DEFINE_NEIGHBOURS(SUFFIX, T)                                                              \
+    DEFINE_DN_PASS(SUFFIX, T)                                                                 \
+    DEFINE_ZONE_PASS(SUFFIX, T)                                                               \
+    DEFINE_KERNEL(SUFFIX, T)
 
-/* A writable/readable buffer argument that may be None. */
+DEFINE_ALL(u8, uint8_t)
+DEFINE_ALL(u16, uint16_t)
+
+/* A C-contiguous buffer argument, or None when `optional`. */
 static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t min_bytes,
-                      const char *name, int *held)
+                      const char *name, int optional, int *held)
 {
     *held = 0;
-    if (obj == Py_None) return 0;
+    if (obj == Py_None) {
+        if (optional) return 0;
+        PyErr_Format(PyExc_ValueError, "%s is required", name);
+        return -1;
+    }
     if (PyObject_GetBuffer(obj, view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0)
         return -1;
     *held = 1;
@@ -370,113 +401,184 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t m
     return 0;
 }
 
-PyDoc_STRVAR(counts_doc,
-"counts(levels, itemsize, width, ys, xs, hs, ws, g1, alpha, glcm, glrlm, rl_long,\n"
-"       gldm, ngtdm, zone_roi, zone_level, zone_size) -> (zones, glrlm rows)\n\n"
-"Count the texture matrices of every ROI (see fast_kernel.py). Outputs may be None to\n"
-"skip a class. int64 ys/xs/hs/ws/rl_long; float64 glcm (n x 4 x G x G) and int64 gldm and\n"
-"ngtdm (n x g1 x 9), all zeroed; int64 glrlm rows (capacity x 4) and zones (capacity =\n"
-"total ROI pixels), filled from the start.");
+PyDoc_STRVAR(place_doc,
+"place(crops, canvas, ys, xs, hist)\n\n"
+"Copy each 2D uint8 crop (rows contiguous) into the C-contiguous uint8 canvas at (ys[i],\n"
+"xs[i]) and add its 256-bin histogram to hist[i] (int64 n x 256, zeroed).");
 
-#define N_ARGS 13
+static PyObject *place(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *crops, *canvas_o, *ys_o, *xs_o, *hist_o;
+    if (!PyArg_ParseTuple(args, "OOOOO", &crops, &canvas_o, &ys_o, &xs_o, &hist_o)) return NULL;
+    PyObject *seq = PySequence_Fast(crops, "crops must be a sequence");
+    if (!seq) return NULL;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_buffer canvas, ys, xs, hist;
+    int hc = 0, hy = 0, hx = 0, hh = 0;
+    PyObject *result = NULL;
+    if (get_buffer(canvas_o, &canvas, 1, 0, "canvas", 0, &hc) < 0) goto done;
+    if (canvas.ndim != 2 || canvas.itemsize != 1) {
+        PyErr_SetString(PyExc_ValueError, "canvas must be a 2D uint8 array");
+        goto done;
+    }
+    if (get_buffer(ys_o, &ys, 0, n * 8, "ys", 0, &hy) < 0) goto done;
+    if (get_buffer(xs_o, &xs, 0, n * 8, "xs", 0, &hx) < 0) goto done;
+    if (get_buffer(hist_o, &hist, 1, n * 256 * 8, "hist", 0, &hh) < 0) goto done;
+    const Py_ssize_t H = canvas.shape[0], W = canvas.shape[1];
+    uint8_t *dst = canvas.buf;
+    int64_t *hs = hist.buf;
+    const int64_t *yv = ys.buf, *xv = xs.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_buffer crop;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, i), &crop, PyBUF_STRIDED_RO) < 0)
+            goto done;
+        const Py_ssize_t h = crop.ndim == 2 ? crop.shape[0] : 0;
+        const Py_ssize_t w = crop.ndim == 2 ? crop.shape[1] : 0;
+        if (crop.ndim != 2 || crop.itemsize != 1 || crop.strides[1] != 1 || yv[i] < 0
+            || xv[i] < 0 || yv[i] + h > H || xv[i] + w > W) {
+            PyBuffer_Release(&crop);
+            PyErr_Format(PyExc_ValueError,
+                         "crop %zd must be 2D uint8 with contiguous rows, inside the canvas", i);
+            goto done;
+        }
+        int64_t *hi = hs + i * 256;
+        for (Py_ssize_t y = 0; y < h; y++) {
+            const uint8_t *line = (const uint8_t *)crop.buf + y * crop.strides[0];
+            uint8_t *out = dst + (yv[i] + y) * W + xv[i];
+            memcpy(out, line, (size_t)w);
+            for (Py_ssize_t x = 0; x < w; x++) hi[line[x]]++;
+        }
+        PyBuffer_Release(&crop);
+    }
+    result = Py_NewRef(Py_None);
+done:
+    if (hc) PyBuffer_Release(&canvas);
+    if (hy) PyBuffer_Release(&ys);
+    if (hx) PyBuffer_Release(&xs);
+    if (hh) PyBuffer_Release(&hist);
+    Py_DECREF(seq);
+    return result;
+}
+
+PyDoc_STRVAR(counts_doc,
+"counts(canvas, ys, xs, hs, ws, tables, level_itemsize, g1, alpha, glcm, rl_long, gldm,\n"
+"       ngtdm, want_glrlm, want_zones) -> (glrlm rows, zone rows)\n\n"
+"Texture counts of every ROI of a raw uint8 canvas (2D, ROIs at ys/xs of size hs x ws,\n"
+"int64; see fast_kernel.py). tables: n x 256 raw value -> level, uint8 or uint16\n"
+"(level_itemsize 1 or 2). Outputs may be None to skip a class: float64 glcm (n x 4 x G x\n"
+"G), int64 gldm and ngtdm (n x g1 x 9). GLRLM and GLSZM come back as bytes of int64 rows,\n"
+"(roi * 4 + angle, level, length, count) and (roi, level, size), or None.");
+
+#define N_BUFS 10
 
 static PyObject *counts(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *o[N_ARGS];
-    Py_ssize_t itemsize, width, g1;
+    PyObject *o[N_BUFS];
+    Py_ssize_t itemsize, g1;
     long alpha;
-    if (!PyArg_ParseTuple(args, "OnnOOOOnlOOOOOOOO", &o[0], &itemsize, &width, &o[1], &o[2],
-                          &o[3], &o[4], &g1, &alpha, &o[5], &o[6], &o[7], &o[8], &o[9],
-                          &o[10], &o[11], &o[12]))
+    int want_glrlm, want_zones;
+    if (!PyArg_ParseTuple(args, "OOOOOOnnlOOOOpp", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+                          &itemsize, &g1, &alpha, &o[6], &o[7], &o[8], &o[9], &want_glrlm,
+                          &want_zones))
         return NULL;
-    Py_buffer v[N_ARGS];
-    int held[N_ARGS] = {0};
+    Py_buffer v[N_BUFS];
+    int held[N_BUFS] = {0};
     PyObject *result = NULL;
     Job job;
     memset(&job, 0, sizeof(job));
+    job.glrlm.width = 4;
+    job.zones.width = 3;
     if (itemsize != 1 && itemsize != 2) {
-        PyErr_SetString(PyExc_ValueError, "levels must be uint8 or uint16");
+        PyErr_SetString(PyExc_ValueError, "level_itemsize must be 1 (uint8) or 2 (uint16)");
         return NULL;
     }
     if (g1 < 2 || g1 > (itemsize == 1 ? 256 : 65536) || alpha < 0) {
         PyErr_SetString(PyExc_ValueError, "g1 or alpha out of range");
         return NULL;
     }
-    if (get_buffer(o[1], &v[1], 0, 0, "ys", &held[1]) < 0) goto done;
-    if (!held[1]) { PyErr_SetString(PyExc_ValueError, "ys is required"); goto done; }
-    Py_ssize_t n = v[1].len / 8;
-    if (get_buffer(o[0], &v[0], 0, 0, "levels", &held[0]) < 0) goto done;
-    if (get_buffer(o[2], &v[2], 0, n * 8, "xs", &held[2]) < 0) goto done;
-    if (get_buffer(o[3], &v[3], 0, n * 8, "hs", &held[3]) < 0) goto done;
-    if (get_buffer(o[4], &v[4], 0, n * 8, "ws", &held[4]) < 0) goto done;
-    if (!held[0] || !held[2] || !held[3] || !held[4]) {
-        PyErr_SetString(PyExc_ValueError, "levels, xs, hs and ws are required");
+    if (get_buffer(o[1], &v[1], 0, 0, "ys", 0, &held[1]) < 0) goto done;
+    const Py_ssize_t n = v[1].len / 8;
+    if (get_buffer(o[0], &v[0], 0, 0, "canvas", 0, &held[0]) < 0) goto done;
+    if (v[0].ndim != 2 || v[0].itemsize != 1) {
+        PyErr_SetString(PyExc_ValueError, "canvas must be a 2D uint8 array");
         goto done;
     }
-    const Py_ssize_t G = g1 - 1;
-    Py_ssize_t area = 0;
+    if (get_buffer(o[2], &v[2], 0, n * 8, "xs", 0, &held[2]) < 0) goto done;
+    if (get_buffer(o[3], &v[3], 0, n * 8, "hs", 0, &held[3]) < 0) goto done;
+    if (get_buffer(o[4], &v[4], 0, n * 8, "ws", 0, &held[4]) < 0) goto done;
+    if (get_buffer(o[5], &v[5], 0, n * 256 * itemsize, "tables", 0, &held[5]) < 0) goto done;
+    const Py_ssize_t G = g1 - 1, width = v[0].shape[1], cells = v[0].len;
     const int64_t *ys = v[1].buf, *xs = v[2].buf, *hs = v[3].buf, *ws = v[4].buf;
-    const Py_ssize_t cells = v[0].len / itemsize;
     for (Py_ssize_t r = 0; r < n; r++) {
-        /* the whole ROI and its ring of outside pixels must lie in the canvas */
-        if (hs[r] < 1 || ws[r] < 1 || ys[r] < 1 || xs[r] < 1 || xs[r] + ws[r] + 1 > width
-            || (ys[r] + hs[r] + 1) * width > cells) {
+        if (hs[r] < 1 || ws[r] < 1 || ys[r] < 0 || xs[r] < 0 || xs[r] + ws[r] > width
+            || (ys[r] + hs[r]) * width > cells) {
             PyErr_Format(PyExc_ValueError, "ROI %zd does not lie inside the canvas", r);
             goto done;
         }
-        area += hs[r] * ws[r];
     }
-    if (get_buffer(o[5], &v[5], 1, n * N_ANGLES * G * G * 8, "glcm", &held[5]) < 0) goto done;
-    if (get_buffer(o[6], &v[6], 1, 0, "glrlm", &held[6]) < 0) goto done;
-    if (get_buffer(o[7], &v[7], 0, n * N_ANGLES * 8, "rl_long", &held[7]) < 0) goto done;
-    if (held[6] && !held[7]) {
-        PyErr_SetString(PyExc_ValueError, "glrlm needs rl_long");
+    /* levels above g1 - 1 would index past the count arrays */
+    if (itemsize == 1) {
+        const uint8_t *t = v[5].buf;
+        for (Py_ssize_t k = 0; k < n * 256; k++)
+            if (t[k] >= g1) { PyErr_SetString(PyExc_ValueError, "a table level >= g1"); goto done; }
+    } else {
+        const uint16_t *t = v[5].buf;
+        for (Py_ssize_t k = 0; k < n * 256; k++)
+            if (t[k] >= g1) { PyErr_SetString(PyExc_ValueError, "a table level >= g1"); goto done; }
+    }
+    if (get_buffer(o[6], &v[6], 1, n * N_ANGLES * G * G * 8, "glcm", 1, &held[6]) < 0) goto done;
+    if (get_buffer(o[7], &v[7], 0, n * N_ANGLES * 8, "rl_long", !want_glrlm, &held[7]) < 0)
         goto done;
-    }
-    if (get_buffer(o[8], &v[8], 1, n * g1 * N_DEP * 8, "gldm", &held[8]) < 0) goto done;
-    if (get_buffer(o[9], &v[9], 1, n * g1 * N_DEP * 8, "ngtdm", &held[9]) < 0) goto done;
-    for (int k = 10; k < 13; k++) {
-        if (get_buffer(o[k], &v[k], 1, area * 8, "zones", &held[k]) < 0) goto done;
-    }
+    if (get_buffer(o[8], &v[8], 1, n * g1 * N_DEP * 8, "gldm", 1, &held[8]) < 0) goto done;
+    if (get_buffer(o[9], &v[9], 1, n * g1 * N_DEP * 8, "ngtdm", 1, &held[9]) < 0) goto done;
     job.width = width;
     job.cells = cells;
     job.n = n;
     job.g1 = g1;
     job.alpha = alpha;
     job.ys = ys; job.xs = xs; job.hs = hs; job.ws = ws;
-    job.glcm = held[5] ? v[5].buf : NULL;
-    job.glrlm = held[6] ? v[6].buf : NULL;
-    job.glrlm_cap = held[6] ? v[6].len / 32 : 0;
+    job.tables = v[5].buf;
+    job.glcm = held[6] ? v[6].buf : NULL;
     job.rl_long = held[7] ? v[7].buf : NULL;
     job.gldm = held[8] ? v[8].buf : NULL;
     job.ngtdm = held[9] ? v[9].buf : NULL;
-    if (held[10] && held[11] && held[12]) {
-        job.zone_roi = v[10].buf; job.zone_level = v[11].buf; job.zone_size = v[12].buf;
-    }
+    job.want_glrlm = want_glrlm;
+    job.want_zones = want_zones;
     Py_BEGIN_ALLOW_THREADS
     if (itemsize == 1) kernel_u8((const uint8_t *)v[0].buf, &job);
-    else kernel_u16((const uint16_t *)v[0].buf, &job);
+    else kernel_u16((const uint8_t *)v[0].buf, &job);
     Py_END_ALLOW_THREADS
     if (job.failed == 1) { PyErr_NoMemory(); goto done; }
     if (job.failed == 2) {
-        PyErr_SetString(PyExc_ValueError, "GLRLM rows overflow or a run is longer than rl_long");
+        PyErr_SetString(PyExc_ValueError, "a run is longer than rl_long allows");
         goto done;
     }
-    result = Py_BuildValue("nn", job.n_zones, job.n_cells);
+    PyObject *rl = want_glrlm ? PyBytes_FromStringAndSize(
+        (const char *)job.glrlm.data, job.glrlm.rows * 4 * 8) : Py_NewRef(Py_None);
+    PyObject *zn = want_zones ? PyBytes_FromStringAndSize(
+        (const char *)job.zones.data, job.zones.rows * 3 * 8) : Py_NewRef(Py_None);
+    if (rl && zn) result = PyTuple_Pack(2, rl, zn);
+    Py_XDECREF(rl);
+    Py_XDECREF(zn);
 done:
-    for (int k = 0; k < N_ARGS; k++) if (held[k]) PyBuffer_Release(&v[k]);
+    free(job.glrlm.data);
+    free(job.zones.data);
+    for (int k = 0; k < N_BUFS; k++) if (held[k]) PyBuffer_Release(&v[k]);
     return result;
 }
 
 static PyMethodDef methods[] = {
     {"counts", counts, METH_VARARGS, counts_doc},
+    {"place", place, METH_VARARGS, place_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_texture",
     "Compiled texture counting for kacl's fast radiomics backend.", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__texture(void) { return PyModule_Create(&module); }

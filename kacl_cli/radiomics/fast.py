@@ -253,10 +253,11 @@ def _chunks(shapes: list[tuple[int, ...]], max_rois: int) -> list[np.ndarray]:
 def _features(
     crops: list[np.ndarray], spacing: np.ndarray, opts: FastOptions, classes: set[str]
 ) -> dict[str, np.ndarray]:
-    compiled = fast_kernel.use_kernel()
-    m = build(crops, opts.bin_width, opts.bin_count, with_codes=not compiled)
-    if compiled:
+    if fast_kernel.use_kernel():
+        m = fast_kernel.build_raw(crops, opts.bin_width, opts.bin_count)
         fast_kernel.fill(m, classes & set(TEXTURE), opts.gldm_a)
+    else:
+        m = build(crops, opts.bin_width, opts.bin_count)
     found: dict[str, dict[str, np.ndarray]] = {}
     area = spacing[:, 0] * spacing[:, 1]
     if "firstorder" in classes:

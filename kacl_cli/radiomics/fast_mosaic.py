@@ -36,8 +36,8 @@ class Mosaic:
     """A batch of n rectangular ROIs on one canvas."""
 
     codes: np.ndarray | None  # H x W roi * (G + 1) + level (narrowest unsigned dtype);
-    # ``outside`` (= n * (G + 1)) in gaps; None when only the compiled kernel reads the mosaic
-    levels: np.ndarray  # H x W uint8/uint16 discretised grey level 1..G, 0 outside
+    # ``outside`` (= n * (G + 1)) in gaps; None in a raw mosaic (compiled kernel)
+    levels: np.ndarray | None  # H x W uint8/uint16 discretised grey level 1..G, 0 outside
     hist: np.ndarray  # n x 256 int64 counts of the raw values of each ROI
     level_counts: np.ndarray  # n x (G + 1) int64 pixels per grey level (column 0 unused)
     ng: np.ndarray  # n int: pyradiomics' Ng, the highest grey level in the ROI
@@ -46,6 +46,8 @@ class Mosaic:
     bands: list[slice]  # row ranges of the shelves, each including its empty rows above/below
     ys: np.ndarray  # n int: canvas row of each ROI's top-left pixel
     xs: np.ndarray  # n int: canvas column of each ROI's top-left pixel
+    raw: np.ndarray | None = None  # raw mosaic only: H x W uint8 pixels as cropped
+    tables: np.ndarray | None = None  # raw mosaic only: n x 256 raw value -> level
     cache: dict = field(default_factory=dict)
 
     @property
@@ -64,12 +66,12 @@ class Mosaic:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.levels.shape
+        return self.levels.shape if self.levels is not None else self.raw.shape
 
     def compact_codes(self) -> np.ndarray:
         """``codes`` (already in the narrowest unsigned dtype: cheap to transpose and shear)."""
         if self.codes is None:
-            raise RuntimeError("this mosaic was built without codes (compiled kernel only)")
+            raise RuntimeError("a raw mosaic has no code canvas (compiled kernel only)")
         return self.codes
 
 
@@ -139,15 +141,25 @@ def level_tables(
     return table, ng
 
 
-def build(
-    crops: Sequence[np.ndarray], bin_width: float | None, bin_count: int | None,
-    with_codes: bool = True,
-) -> Mosaic:
-    """Pack uint8 crops (each one whole rectangular ROI) and discretise them.
+def discretise(
+    hist: np.ndarray, bin_width: float | None, bin_count: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-ROI level tables (n x 256, uint8/uint16), Ng and pixels per level (n x (G + 1))."""
+    n = hist.shape[0]
+    table, ng = level_tables(hist, bin_width, bin_count)
+    top = int(ng.max()) if n else 1
+    g1 = top + 1
+    pair = np.repeat(np.arange(n) * g1, 256) + table.ravel()
+    level_counts = np.bincount(pair, weights=hist.ravel(), minlength=n * g1)
+    level_counts = level_counts.reshape(n, g1).astype(np.int64)
+    level_counts[:, 0] = 0
+    return table.astype(np.uint8 if top < 256 else np.uint16), ng, level_counts
 
-    ``with_codes=False`` skips the code canvas, which only the numpy texture path reads: the
-    compiled kernel walks each ROI's rectangle of the level canvas instead.
-    """
+
+def build(
+    crops: Sequence[np.ndarray], bin_width: float | None, bin_count: int | None
+) -> Mosaic:
+    """Pack uint8 crops (each one whole rectangular ROI) and discretise them."""
     n = len(crops)
     heights = np.array([c.shape[0] for c in crops], dtype=np.intp)
     widths = np.array([c.shape[1] for c in crops], dtype=np.intp)
@@ -155,22 +167,15 @@ def build(
     hist = np.zeros((n, 256), dtype=np.int64)
     for i, crop in enumerate(crops):
         hist[i] = np.bincount(crop.ravel(), minlength=256)
-    table, ng = level_tables(hist, bin_width, bin_count)
-    top = int(ng.max()) if n else 1
-    g1 = top + 1
-    level_table = table.astype(np.uint8 if top < 256 else np.uint16)
+    level_table, ng, level_counts = discretise(hist, bin_width, bin_count)
+    g1 = level_counts.shape[1]
     code_dtype = np.uint16 if n * g1 < 1 << 16 else np.uint32 if n * g1 < 1 << 32 else np.intp
-    code_table = (table + (np.arange(n, dtype=np.intp) * g1)[:, None]).astype(code_dtype)
-    codes = np.full((height, width), n * g1, dtype=code_dtype) if with_codes else None
+    code_table = (level_table + (np.arange(n, dtype=np.intp) * g1)[:, None]).astype(code_dtype)
+    codes = np.full((height, width), n * g1, dtype=code_dtype)
     levels = np.zeros((height, width), dtype=level_table.dtype)
     for i, crop in enumerate(crops):  # the only per-ROI work: two table look-ups per crop
         y, x = ys[i], xs[i]
         h, w = crop.shape
-        if codes is not None:
-            np.take(code_table[i], crop, out=codes[y:y + h, x:x + w], mode="clip")
+        np.take(code_table[i], crop, out=codes[y:y + h, x:x + w], mode="clip")
         np.take(level_table[i], crop, out=levels[y:y + h, x:x + w], mode="clip")
-    pair = np.repeat(np.arange(n) * g1, 256) + table.ravel()
-    level_counts = np.bincount(pair, weights=hist.ravel(), minlength=n * g1)
-    level_counts = level_counts.reshape(n, g1).astype(np.int64)
-    level_counts[:, 0] = 0
     return Mosaic(codes, levels, hist, level_counts, ng, heights, widths, bands, ys, xs)
