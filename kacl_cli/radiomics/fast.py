@@ -21,6 +21,7 @@ message pointing at ``--backend pyradiomics`` rather than silently computed diff
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,9 @@ from .fast_mosaic import Mosaic, build
 
 EPS = np.spacing(1)
 CHUNK_PIXELS = 1 << 20  # canvas pixels per chunk: big enough to amortise, small for the cache
+# The kernel walks one ROI at a time, so its chunks only bound memory (raw canvas, counts)
+# and amortise the per-chunk numpy feature code over more ROIs.
+KERNEL_CHUNK_PIXELS = int(os.environ.get("KACL_KERNEL_CHUNK", 1 << 22))
 DENSE_BYTES = 256 << 20  # cap on the n x 4 x G x G co-occurrence array of a chunk
 
 # Settings that cannot change the features of a whole-rectangle ROI on the Original image.
@@ -227,8 +231,10 @@ def extract_rois(
     out = np.full((n, len(names)), np.nan, dtype=np.float64)
     g = opts.max_levels()
     max_rois = max(1, DENSE_BYTES // (texture.N_ANGLES * g * g * 8))
-    for chunk in _chunks([c.shape for c in crops], max_rois):
-        values = _features([crops[i] for i in chunk], sp[chunk], opts, classes)
+    compiled = fast_kernel.use_kernel()
+    chunk_pixels = KERNEL_CHUNK_PIXELS if compiled else CHUNK_PIXELS
+    for chunk in _chunks([c.shape for c in crops], max_rois, chunk_pixels):
+        values = _features([crops[i] for i in chunk], sp[chunk], opts, classes, compiled)
         for j, name in enumerate(names):
             out[chunk, j] = values[name]
     single = np.array([c.size == 1 for c in crops], dtype=bool)
@@ -236,11 +242,13 @@ def extract_rois(
     return out
 
 
-def _chunks(shapes: list[tuple[int, ...]], max_rois: int) -> list[np.ndarray]:
+def _chunks(
+    shapes: list[tuple[int, ...]], max_rois: int, chunk_pixels: int = CHUNK_PIXELS
+) -> list[np.ndarray]:
     chunks, current, pixels = [], [], 0
     for i, (h, w) in enumerate(shapes):
         size = (h + 1) * (w + 1)
-        if current and (pixels + size > CHUNK_PIXELS or len(current) >= max_rois):
+        if current and (pixels + size > chunk_pixels or len(current) >= max_rois):
             chunks.append(np.array(current))
             current, pixels = [], 0
         current.append(i)
@@ -251,9 +259,10 @@ def _chunks(shapes: list[tuple[int, ...]], max_rois: int) -> list[np.ndarray]:
 
 
 def _features(
-    crops: list[np.ndarray], spacing: np.ndarray, opts: FastOptions, classes: set[str]
+    crops: list[np.ndarray], spacing: np.ndarray, opts: FastOptions, classes: set[str],
+    compiled: bool,
 ) -> dict[str, np.ndarray]:
-    if fast_kernel.use_kernel():
+    if compiled:
         m = fast_kernel.build_raw(crops, opts.bin_width, opts.bin_count)
         fast_kernel.fill(m, classes & set(TEXTURE), opts.gldm_a)
     else:
