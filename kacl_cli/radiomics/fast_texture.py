@@ -24,6 +24,7 @@ eigenvalues, NGTDM's pairwise sums), which is handled explicitly.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -111,6 +112,17 @@ def glcm(m: Mosaic, symmetric: bool = True) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+@functools.lru_cache(maxsize=8)
+def _diagonal_indicators(g: int) -> np.ndarray:
+    """(g * g) x (3g - 1): cell (i, j) -> |i - j| (first g columns) and i + j (the rest)."""
+    i, j = np.divmod(np.arange(g * g), g)
+    out = np.zeros((g * g, 3 * g - 1))
+    out[np.arange(g * g), np.abs(i - j)] = 1.0
+    out[np.arange(g * g), g + i + j] = 1.0
+    out.flags.writeable = False
+    return out
+
+
 def _glcm_features(
     p: np.ndarray, ng: np.ndarray, valid: np.ndarray, present: np.ndarray, symmetric: bool
 ) -> dict[str, np.ndarray]:
@@ -122,16 +134,11 @@ def _glcm_features(
     py = px if symmetric else p.sum(axis=2)  # p_y(j)
     ux = px @ lv
     uy = ux if symmetric else py @ lv
-    # p_{x-y}(k), k = 0..g-1, from the diagonals; p_{x+y}(k), k = 2..2g, from the
-    # anti-diagonals (diagonals of the matrix with its columns reversed)
-    pxy_diff = np.empty((n, a, g))
-    pxy_diff[..., 0] = np.diagonal(p, 0, 2, 3).sum(axis=-1)
-    for k in range(1, g):
-        pxy_diff[..., k] = (np.diagonal(p, k, 2, 3).sum(axis=-1)
-                            + np.diagonal(p, -k, 2, 3).sum(axis=-1))
-    flipped = p[..., ::-1]
-    pxy_sum = np.stack([np.diagonal(flipped, g - 1 - k, 2, 3).sum(axis=-1)
-                        for k in range(2 * g - 1)], axis=-1)
+    # p_{x-y}(k), k = 0..g-1, and p_{x+y}(k), k = 2..2g: sums over (anti-)diagonals, as one
+    # matrix product with 0/1 indicators (one BLAS call instead of 3g diagonal sums)
+    marginals = p.reshape(n * a, g * g) @ _diagonal_indicators(g)
+    pxy_diff = marginals[:, :g].reshape(n, a, g)
+    pxy_sum = marginals[:, g:].reshape(n, a, 2 * g - 1)
     ks = np.arange(2, 2 * g + 1, dtype=np.float64)
     kd = np.arange(0, g, dtype=np.float64)
     ngf = ng.astype(np.float64)[:, None, None]
@@ -364,13 +371,23 @@ def glrlm(m: Mosaic) -> dict[str, np.ndarray]:
     c = count.astype(np.float64)
     na = n * N_ANGLES
     starts = np.searchsorted(ra, np.arange(na))  # every (roi, angle) has runs
-    g2 = (gl * gl).astype(np.float64)
-    r2 = (rl * rl).astype(np.float64)
     rlf = rl.astype(np.float64)
+    squares = np.arange(max(int(rl.max(initial=0)), g1) + 1, dtype=np.float64) ** 2
+    g2, r2 = squares[gl], squares[rl]
     # per-cell terms of the sums over the GLRLM, reduced per (roi, angle) in one call
-    # (terms x cells: reduceat along the contiguous axis is 3x faster than across it)
-    terms = np.stack([c, c * rlf, c / r2, c * r2, c / g2, c * g2, c / (g2 * r2), c * g2 / r2,
-                      c * r2 / g2, c * r2 * g2])
+    # (terms x cells: reduceat along the contiguous axis is 3x faster than across it);
+    # written in place, row by row, instead of stacking ten temporaries
+    terms = np.empty((10, c.size))
+    terms[0] = c
+    np.multiply(c, rlf, out=terms[1])
+    np.divide(c, r2, out=terms[2])  # short runs
+    np.multiply(c, r2, out=terms[3])  # long runs
+    np.divide(c, g2, out=terms[4])  # low grey
+    np.multiply(c, g2, out=terms[5])  # high grey
+    np.divide(terms[2], g2, out=terms[6])
+    np.multiply(terms[2], g2, out=terms[7])
+    np.divide(terms[3], g2, out=terms[8])
+    np.multiply(terms[3], g2, out=terms[9])
     sums = np.add.reduceat(terms, starts, axis=1).T if na else np.zeros((0, terms.shape[0]))
     nr, npix = sums[:, 0], sums[:, 1]
     nr_safe = np.where(nr > 0, nr, 1.0)
