@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from kacl_cli.errors import InputError
-from kacl_cli.radiomics import fast, fast_texture
+from kacl_cli.radiomics import fast, fast_kernel, fast_texture
 from kacl_cli.radiomics import settings as S
 from kacl_cli.radiomics.backend import Backend, BatchResult, get_backend
 from kacl_cli.radiomics.fast import FastBackend, extract_rois
@@ -102,6 +102,13 @@ def check_parity(images, boxes, settings, spacings=None) -> tuple[BatchResult, B
     return ref, got
 
 
+@pytest.fixture(params=["c", "numpy"])
+def kernel(request, monkeypatch) -> str:
+    """Each parity test runs through the compiled kernel and through the numpy path."""
+    monkeypatch.setenv(fast_kernel.KERNEL_ENV, request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def settings() -> dict:
     return S.load_settings()
@@ -113,6 +120,7 @@ def test_registry_names_and_protocol(settings: dict) -> None:
     assert backend.feature_names(settings) == PyradiomicsBackend().feature_names(settings)
 
 
+@pytest.mark.usefixtures("kernel")
 def test_synthetic_textures_match_pyradiomics(settings: dict) -> None:
     images, boxes, spacings = synthetic(240, seed=1)
     ref, got = check_parity(images, boxes, settings, spacings)
@@ -132,6 +140,7 @@ def test_synthetic_textures_match_pyradiomics(settings: dict) -> None:
     ],
     ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()),
 )
+@pytest.mark.usefixtures("kernel")
 def test_other_settings_match_pyradiomics(settings: dict, setting: dict) -> None:
     custom = copy.deepcopy(settings)
     if "binCount" in setting:
@@ -141,6 +150,7 @@ def test_other_settings_match_pyradiomics(settings: dict, setting: dict) -> None
     check_parity(images, boxes, custom, spacings)
 
 
+@pytest.mark.usefixtures("kernel")
 def test_feature_subsets_keep_the_column_order(settings: dict) -> None:
     custom = copy.deepcopy(settings)
     custom["featureClass"] = {"glszm": ["ZoneEntropy", "SmallAreaEmphasis"],
@@ -150,6 +160,7 @@ def test_feature_subsets_keep_the_column_order(settings: dict) -> None:
     assert got.features.shape == (9, 4)
 
 
+@pytest.mark.usefixtures("kernel")
 def test_phantom_rois_match_pyradiomics(settings: dict) -> None:
     phantoms = pytest.importorskip("kacl_cli.data.phantoms")
     rng = np.random.default_rng(3)
@@ -169,6 +180,7 @@ def test_phantom_rois_match_pyradiomics(settings: dict) -> None:
 
 
 @pytest.mark.nih
+@pytest.mark.usefixtures("kernel")
 def test_real_nih_rois_match_pyradiomics(settings: dict, nih_sample: Path) -> None:
     """GT boxes of the 6 boxed sample images + random boxes on others, at store size 256."""
     from kacl_cli.imageio import load_for_store
@@ -206,6 +218,7 @@ def test_real_nih_rois_match_pyradiomics(settings: dict, nih_sample: Path) -> No
     assert ref.n_failed == 0
 
 
+@pytest.mark.usefixtures("kernel")
 def test_degenerate_rois_give_the_same_values_and_reasons(settings: dict) -> None:
     rng = np.random.default_rng(7)
     img = texture("smooth", 40, rng)
@@ -236,6 +249,7 @@ def test_degenerate_rois_give_the_same_values_and_reasons(settings: dict) -> Non
     assert row["original_glszm_ZonePercentage"] == 1 / (28 * 28)
 
 
+@pytest.mark.usefixtures("kernel")
 def test_minimum_size_setting_gives_pyradiomics_reason(settings: dict) -> None:
     custom = copy.deepcopy(settings)
     custom["setting"]["minimumROISize"] = 50
@@ -244,6 +258,7 @@ def test_minimum_size_setting_gives_pyradiomics_reason(settings: dict) -> None:
     assert got.reasons[0] is not None and got.reasons[1] is not None and got.reasons[2] is None
 
 
+@pytest.mark.usefixtures("kernel")
 def test_one_pixel_lines_match_pyradiomics_when_allowed(settings: dict) -> None:
     """extract_rois takes 1-px lines; pyradiomics accepts them with minimumROIDimensions 1."""
     from radiomics import featureextractor
@@ -277,6 +292,7 @@ def test_one_pixel_lines_match_pyradiomics_when_allowed(settings: dict) -> None:
     assert np.isnan(extract_rois([np.zeros((1, 1), np.uint8)], custom)).all()
 
 
+@pytest.mark.usefixtures("kernel")
 def test_batching_does_not_change_values(settings: dict, monkeypatch) -> None:
     """A ROI's features don't depend on its neighbours on the canvas or on chunking."""
     images, boxes, spacings = synthetic(40, seed=9)
@@ -285,6 +301,7 @@ def test_batching_does_not_change_values(settings: dict, monkeypatch) -> None:
     alone = np.concatenate([extract_rois([c], settings, [s]) for c, s in zip(crops, spacings,
                                                                               strict=True)])
     monkeypatch.setattr(fast, "CHUNK_PIXELS", 500)
+    monkeypatch.setattr(fast, "KERNEL_CHUNK_PIXELS", 500)
     chunked = extract_rois(crops, settings, spacings)
     reordered = extract_rois(crops[::-1], settings, spacings[::-1])[::-1]
     for other in (alone, chunked, reordered):
@@ -322,7 +339,8 @@ def mixed_rois(settings: dict) -> tuple[list, list, list, BatchResult]:
 )
 def test_every_code_path_matches_pyradiomics(settings: dict, mixed_rois, monkeypatch,
                                              knobs: dict) -> None:
-    """The cheaper-path switches change the work, never the values."""
+    """The numpy path's cheaper-path switches change the work, never the values."""
+    monkeypatch.setenv(fast_kernel.KERNEL_ENV, "numpy")
     images, boxes, spacings, ref = mixed_rois
     for name, value in knobs.items():
         monkeypatch.setattr(fast_texture, name, value)
@@ -345,6 +363,7 @@ def test_unsupported_settings_are_refused(settings: dict, setting: dict) -> None
         FastBackend().extract([img], [(0, 0, 8, 8)], custom)
 
 
+@pytest.mark.usefixtures("kernel")
 def test_bad_pixels_become_reasons(settings: dict) -> None:
     img = texture("smooth", 16, np.random.default_rng(0))
     res = FastBackend().extract(
