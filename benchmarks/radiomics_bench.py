@@ -6,8 +6,11 @@ default), exactly as the stage crops them. Both backends get the same (image, bo
 - 1 worker: ``backend.extract`` in this process;
 - N workers: the list split into N contiguous parts, one per forked process of a warm pool
   (what a stage with ``--workers N`` does), timed from submit to last result.
-Every ROI's features are also compared (max relative difference of the fast backend to
-pyradiomics over all features, |x| >= 1e-6), so a speed figure never hides a parity loss.
+The fast backend runs with its compiled kernel (``KACL_RADIOMICS_KERNEL=auto``); with 1
+worker its numpy path (``KACL_RADIOMICS_KERNEL=numpy``, the fallback where the kernel is not
+built) is timed too. Every ROI's features are also compared (max relative difference of the
+fast backend to pyradiomics over all features, |x| >= 1e-6), so a speed figure never hides a
+parity loss.
 Then one radiomics round on the full NIH set (112,120 images) is extrapolated from the
 measured rates for a few ROIs-per-image assumptions (1 = the positive ROI only; 1.5 = a
 second confident finding on half the images; 14 = every finding's CAM box).
@@ -34,6 +37,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.radiomics_pyrad_bench import DEFAULT_SAMPLE, NIH_IMAGES, read_boxes  # noqa: E402
 from kacl_cli.imageio import load_for_store  # noqa: E402
+from kacl_cli.radiomics import fast_kernel  # noqa: E402
 from kacl_cli.radiomics import settings as S  # noqa: E402
 from kacl_cli.radiomics.backend import get_backend  # noqa: E402
 from kacl_cli.radiomics.pyrad import single_threaded_sitk  # noqa: E402
@@ -57,13 +61,24 @@ def make_rois(sample: Path, n: int, size: int, seed: int = 0) -> tuple[list, lis
 
 
 def _work(part: tuple[str, int, int]) -> np.ndarray:
+    """Features of ROIs lo..hi through one backend; "fast-numpy" is the fast backend's
+    numpy path (its compiled kernel switched off for this call)."""
     name, lo, hi = part
     single_threaded_sitk()  # as the stage's workers do: one core per worker
-    backend = get_backend(name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return backend.extract(_JOB["images"][lo:hi], _JOB["boxes"][lo:hi],
-                               _JOB["settings"]).features
+    backend = get_backend("fast" if name == "fast-numpy" else name)
+    before = os.environ.get(fast_kernel.KERNEL_ENV)
+    if name == "fast-numpy":
+        os.environ[fast_kernel.KERNEL_ENV] = "numpy"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return backend.extract(_JOB["images"][lo:hi], _JOB["boxes"][lo:hi],
+                                   _JOB["settings"]).features
+    finally:
+        if before is None:
+            os.environ.pop(fast_kernel.KERNEL_ENV, None)
+        else:
+            os.environ[fast_kernel.KERNEL_ENV] = before
 
 
 def run(name: str, workers: int, pool: ProcessPoolExecutor | None,
@@ -112,8 +127,9 @@ def main() -> None:
     workers = [int(w) for w in args.workers.split(",")]
     settings = S.load_settings()
     _JOB["settings"] = settings
+    kernel = "compiled kernel" if fast_kernel.use_kernel() else "numpy path (kernel not built)"
     print(f"{len(S.feature_names(settings))} features (default settings), {os.cpu_count()} cpu "
-          f"cores, {args.rois} ROIs per size")
+          f"cores, {args.rois} ROIs per size; fast backend: {kernel}")
     rows, rates = [], {}
     for size in [int(s) for s in args.sizes.split(",")]:
         images, boxes = make_rois(args.sample, args.rois, size)
@@ -130,19 +146,27 @@ def main() -> None:
                 n = len(boxes)
                 rates[(size, w)] = (n / t_ref, n / t_fast)
                 cpu = f"{c_ref / c_fast:.1f}x" if c_ref and c_fast else "-"
+                diff = max_rel_diff(ref, got)
+                numpy_rate = numpy_ratio = "-"
+                if w == 1:
+                    t_np, _, got_np = run("fast-numpy", 1, None, repeats=args.repeats)
+                    numpy_rate, numpy_ratio = f"{n / t_np:.1f}", f"{t_ref / t_np:.1f}x"
+                    diff = max(diff, max_rel_diff(ref, got_np))
                 rows.append((size, w, n, n / t_ref, n / t_fast, t_ref / t_fast, cpu,
-                             max_rel_diff(ref, got)))
+                             numpy_rate, numpy_ratio, diff))
         finally:
             if pool is not None:
                 pool.shutdown()
     print()
     print(f"{'size':>5}{'workers':>8}{'ROIs':>6}{'pyrad ROIs/s':>14}{'fast ROIs/s':>13}"
-          f"{'speed-up':>10}{'(cpu time)':>11}{'max rel diff':>14}")
-    for size, w, n, r_ref, r_fast, ratio, cpu, diff in rows:
+          f"{'speed-up':>10}{'(cpu time)':>11}{'numpy path':>12}{'speed-up':>10}"
+          f"{'max rel diff':>14}")
+    for size, w, n, r_ref, r_fast, ratio, cpu, r_np, ratio_np, diff in rows:
         print(f"{size:>5}{w:>8}{n:>6}{r_ref:>14.1f}{r_fast:>13.1f}{ratio:>9.1f}x{cpu:>11}"
-              f"{diff:>14.1e}")
+              f"{r_np:>12}{ratio_np:>10}{diff:>14.1e}")
     print(f"(ROIs/s from wall time; pyradiomics timed once, fast best of {args.repeats}; "
-          "cpu time: in-process runs only, robust to other load on the machine)")
+          "cpu time: in-process runs only, robust to other load on the machine; numpy path: "
+          "the fast backend without its compiled kernel, 1 worker)")
     print()
     print(f"one radiomics round on {NIH_IMAGES:,} NIH images, hours (measured rates, "
           f"{', '.join(map(str, workers))} worker(s)):")

@@ -72,7 +72,7 @@ class ContrastConfig:
     fold: int = 0
     positives: str = "radiomics"
     feedback: bool = True
-    radiomics_backend: str = "pyradiomics"
+    radiomics_backend: str = "fast"  # pyradiomics parity (tested), ~70x faster per core
     backbone_lr_scale: float = 1.0
     batch_size: int = 32
     lr: float = 2e-4

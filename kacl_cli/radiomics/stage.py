@@ -271,7 +271,7 @@ def run_radiomics_stage(
     round_: int,
     *,
     roi: str = "cam",
-    backend: str = "pyradiomics",
+    backend: str = "fast",
     params: Path | str | None = None,
     workers: int = 1,
     split: str | list[str] | None = None,

@@ -39,7 +39,7 @@ def test_json_run_then_skip_then_force(tiny_workspace) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["rois"] == 4 and summary["positive_rois"] == 4  # only Mass >= 0.5
-    assert summary["failed"] == 0 and summary["backend"] == "pyradiomics"
+    assert summary["failed"] == 0 and summary["backend"] == "fast"  # the default
     assert summary["rois_per_s"] > 0
     again = runner.invoke(app, args)
     assert again.exit_code == 0

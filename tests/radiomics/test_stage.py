@@ -57,7 +57,7 @@ def features_table(ws: Workspace, round_: int = 0) -> dict[tuple[str, str], tupl
 def test_stage_writes_rows_equal_to_backend(tiny_workspace) -> None:
     ws = tiny_workspace(n=8)
     write_cams(ws)
-    s = run_radiomics_stage(ws, 0, min_prob=0.5)
+    s = run_radiomics_stage(ws, 0, min_prob=0.5, backend="pyradiomics")
     # min_prob 0.5 -> only the confident (positive) box of each image
     assert s["rois"] == s["positive_rois"] == s["computed"] == 8
     assert s["failed"] == 0 and s["features"] == 102
