@@ -134,8 +134,8 @@ static inline int32_t find_root(int32_t *parent, int32_t k)
  * minus the angle's offset (1, S - 1, S, S + 1). Work happens only where cur differs from
  * prev: per row, a branch-free compaction lists those columns, then each one closes the
  * run of prev's level that ends there, of length pos - last[line] (pos = x along rows, y
- * along the other angles): the GLRLM gets (level, length), the GLCM the run's length - 1
- * pairs (level, level) and the pair (prev, cur). Lines enter the ROI from the zero ring,
+ * along the other angles): the GLRLM gets (level, length) and the GLCM the pair (prev,
+ * cur); the run's length - 1 pairs (level, level) are added from the run counts after. Lines enter the ROI from the zero ring,
  * so each line's first change has an outside prev; outside levels (0) go to the dropped
  * row/column 0 (cell 0 for the GLRLM, whose outside run lengths are meaningless), so no
  * branch and no initialisation of `last` is needed.
@@ -168,7 +168,6 @@ static __attribute__((noinline)) void run_pass_##SUFFIX(                        
                 const int len = pos - ln[li];                                                 \
                 ln[li] = pos;                                                                 \
                 ra[p ? p * LS + len : 0]++;                                                   \
-                ca[p * g1 + p] += len - 1;                                                    \
                 ca[p * g1 + cur]++;                                                           \
             }                                                                                 \
         }                                                                                     \
@@ -318,6 +317,14 @@ static void kernel_##SUFFIX(const uint8_t *raw, Job *job)                       
             memset(sc.rl, 0, sizeof(int32_t) * (size_t)(N_ANGLES * g1 * LS));                 \
             run_pass_##SUFFIX(B, (int)S, (int)h, (int)w, (int)g1, (int)LS, sc.cm, sc.rl,       \
                               sc.last, sc.at);                                                \
+            /* the GLCM's (level, level) pairs: length - 1 per run, from the run counts */    \
+            for (int a = 0; a < N_ANGLES; a++)                                                \
+                for (Py_ssize_t i = 1; i < g1; i++) {                                         \
+                    const int32_t *rl = sc.rl + (a * g1 + i) * LS;                            \
+                    int64_t pairs = 0;                                                        \
+                    for (Py_ssize_t k = 2; k < LS; k++) pairs += (int64_t)rl[k] * (k - 1);    \
+                    sc.cm[(a * g1 + i) * g1 + i] += pairs;                                    \
+                }                                                                             \
             if (job->glcm) {                                                                  \
                 double *out = job->glcm + r * N_ANGLES * G * G;                               \
                 for (int a = 0; a < N_ANGLES; a++)                                            \
@@ -435,8 +442,7 @@ static PyObject *place(PyObject *self, PyObject *args)
         int64_t *hi = hs + i * 256;
         for (Py_ssize_t y = 0; y < h; y++) {
             const uint8_t *line = (const uint8_t *)crop.buf + y * crop.strides[0];
-            uint8_t *out = dst + (yv[i] + y) * W + xv[i];
-            memcpy(out, line, (size_t)w);
+            memcpy(dst + (yv[i] + y) * W + xv[i], line, (size_t)w);
             for (Py_ssize_t x = 0; x < w; x++) hi[line[x]]++;
         }
         PyBuffer_Release(&crop);
