@@ -1,9 +1,10 @@
-"""pyradiomics backend throughput on ROIs of the real NIH box-size distribution.
+"""Radiomics backend throughput, alone and in the stage, on ROIs of the real NIH box sizes.
 
 ROIs: the rows of ``BBox_List_2017.csv`` (real sizes and positions, 1024 px frame) placed on
 real sample images resized to the store resolution (256 px by default), written as hand-made
 ``cam_boxes`` rows into a throw-away workspace. Two measurements:
-- ``backend``: ``PyradiomicsBackend.extract`` alone, in-process (no I/O, no catalog);
+- ``backend``: ``extract`` alone, in-process (no I/O, no catalog); pyradiomics by default,
+  ``--backend fast`` for the default backend of the stage;
 - ``stage``: ``run_radiomics_stage`` end to end (store reads, worker pool, catalog commits)
   with 1 and 2 worker processes.
 Then the cost of one round on the full NIH set (112,120 images) is extrapolated for a few
@@ -11,7 +12,7 @@ ROIs-per-image assumptions (1 = positive ROI only; 1.5 = the default --min-prob 
 fraction of images having a second confident finding; 14 = --min-prob 0, every map's box).
 
 Usage: .venv/bin/python -m benchmarks.radiomics_pyrad_bench [--rois 240] [--size 256]
-       [--workers 1,2] [--sample ../shared/nih-sample]
+       [--workers 1,2] [--backend pyradiomics|fast] [--sample ../shared/nih-sample]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from kacl_cli.findings import FINDINGS
 from kacl_cli.imageio import load_for_store
 from kacl_cli.radiomics import settings as S
-from kacl_cli.radiomics.pyrad import PyradiomicsBackend
+from kacl_cli.radiomics.backend import BACKENDS, get_backend
 from kacl_cli.radiomics.rois import store_box
 from kacl_cli.radiomics.stage import run_radiomics_stage
 from kacl_cli.workspace import Workspace
@@ -81,6 +82,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--sample", type=Path, default=DEFAULT_SAMPLE)
+    ap.add_argument("--backend", default="pyradiomics", choices=sorted(BACKENDS))
     args = ap.parse_args()
     if not (args.sample / "images").is_dir():
         print(f"NIH sample not found at {args.sample}: nothing to measure")
@@ -93,16 +95,18 @@ def main() -> None:
         print(f"{len(rois)} ROIs of the NIH GT-box distribution at {args.size} px: "
               f"median {np.median(sides[:, 0]):.0f} x {np.median(sides[:, 1]):.0f} px, "
               f"range {sides.min()}..{sides.max()} px; {len(S.feature_names(settings))} "
-              f"features, cpu cores {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
+              f"features, backend {args.backend}, cpu cores {os.cpu_count()}, load average "
+              f"{os.getloadavg()[0]:.1f}")
         images = ws.store.read_images([r for r, _ in rois])
-        backend = PyradiomicsBackend()
+        backend = get_backend(args.backend)
         backend.extract([images[0]], [rois[0][1]], settings)  # warm-up (imports, extractor)
         t0 = time.perf_counter()
         res = backend.extract(list(images), [b for _, b in rois], settings)
         t_backend = time.perf_counter() - t0
         results = [("backend (in-process)", 1, len(rois), t_backend, res.n_failed)]
         for w in [int(v) for v in args.workers.split(",")]:
-            s = run_radiomics_stage(ws, 0, min_prob=0.0, workers=w, force=True)
+            s = run_radiomics_stage(ws, 0, min_prob=0.0, workers=w, force=True,
+                                    backend=args.backend)
             results.append((f"stage, {w} worker(s)", w, s["computed"], s["seconds"],
                             s["failed"]))
     print()

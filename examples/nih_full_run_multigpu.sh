@@ -42,7 +42,7 @@ echo "== pretrain on $GPUS GPU(s)" >&2
 echo "== contrast: ${ROUNDS:-3} rounds of cam -> radiomics -> joint training" >&2
 "${ddp[@]}" contrast --rounds "${ROUNDS:-3}" --epochs-per-round "${ROUND_EPOCHS:-2}" \
   --batch-size "$BATCH" --device cuda --workers "$RADIOMICS_WORKERS" \
-  --radiomics-backend "${RADIOMICS_BACKEND:-pyradiomics}"
+  --radiomics-backend "${RADIOMICS_BACKEND:-fast}"
 
 echo "== evaluate every round" >&2
 "${kacl[@]}" evaluate --round all --device cuda

@@ -62,6 +62,9 @@ class Backend(ABC):
     """
 
     name: str = "base"
+    # ROIs per stage task: each task ends in one catalog commit (~30-50 ms), so a fast backend
+    # needs bigger tasks for the commit not to dominate
+    rois_per_task: int = 256
 
     def feature_names(self, settings: dict[str, Any]) -> list[str]:
         """pyradiomics key names of the columns, diagnostics excluded, in the fixed order."""

@@ -21,7 +21,6 @@ message pointing at ``--backend pyradiomics`` rather than silently computed diff
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,7 @@ EPS = np.spacing(1)
 CHUNK_PIXELS = 1 << 20  # canvas pixels per chunk: big enough to amortise, small for the cache
 # The kernel walks one ROI at a time, so its chunks only bound memory (raw canvas, counts)
 # and amortise the per-chunk numpy feature code over more ROIs.
-KERNEL_CHUNK_PIXELS = int(os.environ.get("KACL_KERNEL_CHUNK", 1 << 22))
+KERNEL_CHUNK_PIXELS = 1 << 22
 DENSE_BYTES = 256 << 20  # cap on the n x 4 x G x G co-occurrence array of a chunk
 
 # Settings that cannot change the features of a whole-rectangle ROI on the Original image.
@@ -147,6 +146,7 @@ class FastBackend(Backend):
     """Vectorised pyradiomics-equivalent extraction (see the module docstring)."""
 
     name = "fast"
+    rois_per_task = 2048  # ~0.5 s at 256 px on one core: commits stay a few % of a task
 
     def _extract_into(
         self,

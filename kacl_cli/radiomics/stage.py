@@ -6,8 +6,9 @@ Flow of :func:`run_radiomics_stage`:
 3. write the ROI rows of the processed images, dropping ROIs (and their features) that
    changed since an earlier run;
 4. compute the ROIs that have no feature row with these settings and this backend yet, in
-   chunks of :data:`CHUNK` ROIs across ``workers`` processes; each chunk's rows are committed
-   in one transaction, so a killed run resumes where it stopped and never duplicates rows;
+   chunks of ``Backend.rois_per_task`` ROIs across ``workers`` processes; each chunk's rows
+   are committed in one transaction, so a killed run resumes where it stopped and never
+   duplicates rows;
 5. per-feature training-split statistics over the positive ROIs (``radiomics_stats``).
 
 Workers read their images from the store themselves (:class:`~kacl_cli.store.ImageReader`)
@@ -38,7 +39,9 @@ from .pyrad import single_threaded_sitk
 from .rois import DEFAULT_MIN_PROB, ROI_MODES, Roi, build_rois, select_images
 
 STAGE = "radiomics"
-CHUNK = 256  # ROIs per task: big enough to amortise pickling, small enough to resume often
+# ROIs per task (default: the backend's ``rois_per_task``): big enough to amortise pickling
+# and the catalog commit, small enough to resume often.
+CHUNK: int | None = None
 TRAIN_SPLIT = "train"
 
 
@@ -278,7 +281,7 @@ def run_radiomics_stage(
     force: bool = False,
     shard: tuple[int, int] | None = None,
     min_prob: float = DEFAULT_MIN_PROB,
-    chunk: int = CHUNK,
+    chunk: int | None = CHUNK,
 ) -> dict[str, Any]:
     """Compute the round's radiomics; returns the summary (``skipped: True`` if already done).
 
@@ -326,7 +329,8 @@ def run_radiomics_stage(
     try:
         _sync_rois(ws, round_, rois, list(images), settings, names, force)
         todo = _todo(ws, round_, rois, shash, impl.name)
-        done = _compute(ws, run, round_, todo, impl.name, settings, workers, chunk)
+        done = _compute(ws, run, round_, todo, impl.name, settings, workers,
+                        chunk or impl.rois_per_task)
         n_train = compute_stats(ws, round_, shash, len(names))
     except BaseException as exc:
         run.fail(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
