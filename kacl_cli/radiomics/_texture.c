@@ -258,7 +258,7 @@ static __attribute__((noinline)) void neighbours_##SUFFIX(                      
 /* GLDM and NGTDM counts of one ROI. The neighbour sums run in their own non-inlined
  * function: inlined here, gcc no longer vectorised them (measured 11 -> 6 ns per pixel). */
 #define DEFINE_DN_PASS(SUFFIX, T)                                                        \
-static void dn_pass_##SUFFIX(                                                                 \
+static __attribute__((noinline)) void dn_pass_##SUFFIX(                                                               \
     const T *restrict B, int S, int h, int w, long alpha, int64_t *restrict dm,               \
     int64_t *restrict nm, int32_t *restrict tot, int32_t *restrict cnt, int32_t *restrict dep)               \
 {                                                                                             \
