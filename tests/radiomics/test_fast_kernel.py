@@ -161,3 +161,10 @@ def test_bad_kernel_arguments_raise_instead_of_reading_out_of_bounds() -> None:
         texture_c.place([np.ones((5, 5), np.uint8)], canvas, ix([6]), ix([0]), hist)
     with pytest.raises(ValueError, match="2D uint8"):
         texture_c.place([np.ones((5, 5), np.uint16)], canvas, ix([0]), ix([0]), hist)
+
+
+def test_rois_wider_than_the_kernel_allows_are_refused() -> None:
+    """Row positions are uint16 in the kernel: a wider ROI is an error, not a wrap-around."""
+    m = fast_kernel.build_raw([np.zeros((2, 65_001), np.uint8)], 25, None)
+    with pytest.raises(ValueError, match="wider than 65000 px"):
+        fast_kernel.fill(m, {"glcm"})
