@@ -158,6 +158,7 @@ class FastBackend(Backend):
         names: list[str],
     ) -> None:
         opts = FastOptions.from_settings(settings)
+        fast_kernel.use_kernel()  # a bad KACL_RADIOMICS_KERNEL fails the call, not each ROI
         out, reasons = result.features, result.reasons
         todo: list[int] = []
         crops: list[np.ndarray] = []

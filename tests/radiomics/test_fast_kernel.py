@@ -14,7 +14,7 @@ from kacl_cli.errors import InputError
 from kacl_cli.radiomics import fast_kernel
 from kacl_cli.radiomics import fast_texture as T
 from kacl_cli.radiomics import settings as S
-from kacl_cli.radiomics.fast import extract_rois
+from kacl_cli.radiomics.fast import FastBackend, extract_rois
 from kacl_cli.radiomics.fast_mosaic import build
 
 CLASSES = {"glcm", "glrlm", "glszm", "gldm", "ngtdm"}
@@ -127,6 +127,10 @@ def test_without_the_kernel_auto_falls_back_and_c_refuses(monkeypatch) -> None:
     monkeypatch.setenv(fast_kernel.KERNEL_ENV, "c")
     with pytest.raises(InputError, match="not built"):
         extract_rois(crops, settings)
+    # through the backend too: one clear error for the call, not a failure reason per ROI
+    image = np.zeros((32, 32), np.uint8)
+    with pytest.raises(InputError, match="not built"):
+        FastBackend().extract([image], [(0, 0, 8, 8)], settings)
 
 
 def _args(m, **over):
