@@ -10,8 +10,9 @@
  * pyradiomics.
  *
  * Input: a canvas of raw uint8 pixels holding the ROIs as rectangles (fast_mosaic.pack),
- * and per ROI a 256-entry table from raw value to grey level (1..G; uint8 or uint16). Each ROI is copied, discretised, into a
- * scratch buffer with a ring of zeros, so no neighbour read needs a bounds check.
+ * and per ROI a 256-entry table from raw value to grey level (1..G; uint8 or uint16).
+ * Each ROI is copied, discretised, into a scratch buffer with a ring of zeros, so no
+ * neighbour read needs a bounds check.
  * Angles are the numpy path's: 0 = (0, 1), 1 = (1, -1), 2 = (1, 0), 3 = (1, 1), i.e. a
  * (first, second) pixel pair at flat offsets 1, W - 1, W, W + 1.
  *
@@ -145,34 +146,34 @@ static void change_lut_init(void)
     }
 }
 
-#define DEFINE_CHANGES(SUFFIX, T)                                                            \
-static inline int changes_##SUFFIX(const T *restrict row, const T *restrict prv, int n,       \
-                                   uint16_t *restrict at)                                     \
-{                                                                                             \
-    int k = 0, x = 0;                                                                         \
-    CHANGES_SIMD_##SUFFIX                                                                     \
-    for (; x < n; x++) {                                                                      \
-        at[k] = (uint16_t)x;                                                                  \
-        k += row[x] != prv[x];                                                                \
-    }                                                                                         \
-    return k;                                                                                 \
+#define DEFINE_CHANGES(SUFFIX, T)                                                              \
+static inline int changes_##SUFFIX(const T *restrict row, const T *restrict prv, int n,        \
+                                   uint16_t *restrict at)                                      \
+{                                                                                              \
+    int k = 0, x = 0;                                                                          \
+    CHANGES_SIMD_##SUFFIX                                                                      \
+    for (; x < n; x++) {                                                                       \
+        at[k] = (uint16_t)x;                                                                   \
+        k += row[x] != prv[x];                                                                 \
+    }                                                                                          \
+    return k;                                                                                  \
 }
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
-#define CHANGES_SIMD_u8                                                                       \
-    for (; x + 16 <= n; x += 16) {                                                            \
-        const __m128i eq = _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(row + x)),       \
-                                          _mm_loadu_si128((const __m128i *)(prv + x)));      \
-        const unsigned m = ~(unsigned)_mm_movemask_epi8(eq) & 0xFFFFu;                        \
-        const unsigned lo = m & 0xFFu, hi = m >> 8;                                           \
-        _mm_storeu_si128((__m128i *)(at + k), _mm_add_epi16(                                  \
-            _mm_loadu_si128((const __m128i *)CHANGE_LUT[lo]), _mm_set1_epi16((short)x)));    \
-        k += CHANGE_POP[lo];                                                                  \
-        _mm_storeu_si128((__m128i *)(at + k), _mm_add_epi16(                                  \
-            _mm_loadu_si128((const __m128i *)CHANGE_LUT[hi]),                                 \
-            _mm_set1_epi16((short)(x + 8))));                                                 \
-        k += CHANGE_POP[hi];                                                                  \
+#define CHANGES_SIMD_u8                                                                        \
+    for (; x + 16 <= n; x += 16) {                                                             \
+        const __m128i eq = _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(row + x)),         \
+                                          _mm_loadu_si128((const __m128i *)(prv + x)));        \
+        const unsigned m = ~(unsigned)_mm_movemask_epi8(eq) & 0xFFFFu;                         \
+        const unsigned lo = m & 0xFFu, hi = m >> 8;                                            \
+        _mm_storeu_si128((__m128i *)(at + k), _mm_add_epi16(                                   \
+            _mm_loadu_si128((const __m128i *)CHANGE_LUT[lo]), _mm_set1_epi16((short)x)));      \
+        k += CHANGE_POP[lo];                                                                   \
+        _mm_storeu_si128((__m128i *)(at + k), _mm_add_epi16(                                   \
+            _mm_loadu_si128((const __m128i *)CHANGE_LUT[hi]),                                  \
+            _mm_set1_epi16((short)(x + 8))));                                                  \
+        k += CHANGE_POP[hi];                                                                   \
     }
 #else
 #define CHANGES_SIMD_u8
@@ -183,95 +184,95 @@ static inline int changes_##SUFFIX(const T *restrict row, const T *restrict prv,
  * GLCM and GLRLM of one ROI, from its runs. For each angle, cur runs over every pixel of
  * the ROI and of its ring below, left and right (rows 2..h+2 of `pad`) and prev = cur
  * minus the angle's offset (1, S - 1, S, S + 1). Work happens only where cur differs from
- * prev: per row, a branch-free compaction lists those columns, then each one closes the
+ * prev: per row, a compaction (changes_*) lists those columns, then each one closes the
  * run of prev's level that ends there, of length pos - last[line] (pos = x along rows, y
  * along the other angles): the GLRLM gets (level, length) and the GLCM the pair (prev,
- * cur); the run's length - 1 pairs (level, level) are added from the run counts after. Lines enter the ROI from the zero ring,
- * so each line's first change has an outside prev; outside levels (0) go to the dropped
- * row/column 0 (cell 0 for the GLRLM, whose outside run lengths are meaningless), so no
- * branch and no initialisation of `last` is needed.
+ * cur); the run's length - 1 pairs (level, level) are added from the run counts after.
+ * Lines enter the ROI from the zero ring, so each line's first change has an outside prev;
+ * outside levels (0) go to the dropped row/column 0 (cell 0 for the GLRLM, whose outside
+ * run lengths are meaningless), so no branch and no initialisation of `last` is needed.
  */
-#define DEFINE_RUN_PASS(SUFFIX, T)                                                           \
-static __attribute__((noinline)) void run_pass_##SUFFIX(                                      \
-    const T *restrict B, int S, int h, int w, int g1, int LS, int64_t *restrict cm,           \
-    int32_t *restrict rl, int32_t *restrict last, uint16_t *restrict at)                      \
-{                                                                                             \
-    const int n = w + 2, lines = h + w + 8;                                                   \
-    for (int a = 0; a < N_ANGLES; a++) {                                                      \
-        const int back = a == 0 ? 1 : a == 1 ? S - 1 : a == 2 ? S : S + 1;                    \
-        int64_t *restrict ca = cm + a * g1 * g1;                                              \
-        int32_t *restrict ra = rl + a * g1 * LS;                                              \
-        int32_t *restrict la = last + (a == 0 ? 0 : (a - 1) * lines);                         \
-        for (int y = 2; y <= h + 2; y++) {                                                    \
-            const T *restrict row = B + y * S;                                                \
-            const T *restrict prv = row - back;                                               \
-            const int k = changes_##SUFFIX(row, prv, n, at);                                  \
-            /* line of (y, x): rows share one slot; else x (+ y, - y) */                      \
+#define DEFINE_RUN_PASS(SUFFIX, T)                                                             \
+static __attribute__((noinline)) void run_pass_##SUFFIX(                                       \
+    const T *restrict B, int S, int h, int w, int g1, int LS, int64_t *restrict cm,            \
+    int32_t *restrict rl, int32_t *restrict last, uint16_t *restrict at)                       \
+{                                                                                              \
+    const int n = w + 2, lines = h + w + 8;                                                    \
+    for (int a = 0; a < N_ANGLES; a++) {                                                       \
+        const int back = a == 0 ? 1 : a == 1 ? S - 1 : a == 2 ? S : S + 1;                     \
+        int64_t *restrict ca = cm + a * g1 * g1;                                               \
+        int32_t *restrict ra = rl + a * g1 * LS;                                               \
+        int32_t *restrict la = last + (a == 0 ? 0 : (a - 1) * lines);                          \
+        for (int y = 2; y <= h + 2; y++) {                                                     \
+            const T *restrict row = B + y * S;                                                 \
+            const T *restrict prv = row - back;                                                \
+            const int k = changes_##SUFFIX(row, prv, n, at);                                   \
+            /* line of (y, x): rows share one slot; else x (+ y, - y) */                       \
             int32_t *restrict ln = a == 0 ? la : a == 1 ? la + y : a == 2 ? la : la + h + 3 - y; \
-            const int xs = a == 0, pos_y = a == 0 ? 0 : y;                                    \
-            for (int j = 0; j < k; j++) {                                                     \
-                const int x = at[j], cur = row[x], p = prv[x];                                \
-                const int li = xs ? 0 : x, pos = xs ? x : pos_y;                              \
-                const int len = pos - ln[li];                                                 \
-                ln[li] = pos;                                                                 \
-                ra[p ? p * LS + len : 0]++;                                                   \
-                ca[p * g1 + cur]++;                                                           \
-            }                                                                                 \
-        }                                                                                     \
-    }                                                                                         \
+            const int xs = a == 0, pos_y = a == 0 ? 0 : y;                                     \
+            for (int j = 0; j < k; j++) {                                                      \
+                const int x = at[j], cur = row[x], p = prv[x];                                 \
+                const int li = xs ? 0 : x, pos = xs ? x : pos_y;                               \
+                const int len = pos - ln[li];                                                  \
+                ln[li] = pos;                                                                  \
+                ra[p ? p * LS + len : 0]++;                                                    \
+                ca[p * g1 + cur]++;                                                            \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
 }
 
 /* Per pixel of a row (columns 1..w): sum and count of its in-ROI 8-neighbours and the
  * number of them within alpha levels; plain loops over three rows, which vectorise. */
-#define DEFINE_NEIGHBOURS(SUFFIX, T)                                                     \
-static __attribute__((noinline)) void neighbours_##SUFFIX(                                   \
-    const T *restrict u, const T *restrict m, const T *restrict d, Py_ssize_t w, long alpha,  \
-    int32_t *restrict tot, int32_t *restrict cnt, int32_t *restrict dep)                                     \
-{                                                                                             \
-    for (Py_ssize_t x = 1; x <= w; x++) {                                                     \
-        const int32_t q0 = u[x - 1], q1 = u[x], q2 = u[x + 1], q3 = m[x - 1];                 \
-        const int32_t q4 = m[x + 1], q5 = d[x - 1], q6 = d[x], q7 = d[x + 1];                 \
-        tot[x] = q0 + q1 + q2 + q3 + q4 + q5 + q6 + q7;                                       \
-        cnt[x] = (q0 != 0) + (q1 != 0) + (q2 != 0) + (q3 != 0) + (q4 != 0) + (q5 != 0)        \
-                 + (q6 != 0) + (q7 != 0);                                                     \
-    }                                                                                         \
-    if (alpha == 0) {                                                                         \
-        for (Py_ssize_t x = 1; x <= w; x++) {                                                 \
-            const int32_t c = m[x];                                                                   \
-            dep[x] = (u[x - 1] == c) + (u[x] == c) + (u[x + 1] == c) + (m[x - 1] == c)        \
-                     + (m[x + 1] == c) + (d[x - 1] == c) + (d[x] == c) + (d[x + 1] == c);     \
-        }                                                                                     \
-    } else {                                                                                  \
-        const int32_t A = (int32_t)alpha;                                                                \
-        for (Py_ssize_t x = 1; x <= w; x++) {                                                 \
-            const int32_t c = m[x];                                                                   \
-            const int32_t q[8]     = {u[x - 1], u[x], u[x + 1], m[x - 1], m[x + 1], d[x - 1],    \
-                                  d[x], d[x + 1]};                                            \
-            int32_t k = 0;                                                                         \
-            for (int j = 0; j < 8; j++)                                                       \
-                k += (q[j] != 0) & (q[j] - c <= A) & (c - q[j] <= A);                         \
-            dep[x] = k;                                                                       \
-        }                                                                                     \
-    }                                                                                         \
+#define DEFINE_NEIGHBOURS(SUFFIX, T)                                                           \
+static __attribute__((noinline)) void neighbours_##SUFFIX(                                     \
+    const T *restrict u, const T *restrict m, const T *restrict d, Py_ssize_t w, long alpha,   \
+    int32_t *restrict tot, int32_t *restrict cnt, int32_t *restrict dep)                       \
+{                                                                                              \
+    for (Py_ssize_t x = 1; x <= w; x++) {                                                      \
+        const int32_t q0 = u[x - 1], q1 = u[x], q2 = u[x + 1], q3 = m[x - 1];                  \
+        const int32_t q4 = m[x + 1], q5 = d[x - 1], q6 = d[x], q7 = d[x + 1];                  \
+        tot[x] = q0 + q1 + q2 + q3 + q4 + q5 + q6 + q7;                                        \
+        cnt[x] = (q0 != 0) + (q1 != 0) + (q2 != 0) + (q3 != 0) + (q4 != 0) + (q5 != 0)         \
+                 + (q6 != 0) + (q7 != 0);                                                      \
+    }                                                                                          \
+    if (alpha == 0) {                                                                          \
+        for (Py_ssize_t x = 1; x <= w; x++) {                                                  \
+            const int32_t c = m[x];                                                            \
+            dep[x] = (u[x - 1] == c) + (u[x] == c) + (u[x + 1] == c) + (m[x - 1] == c)         \
+                     + (m[x + 1] == c) + (d[x - 1] == c) + (d[x] == c) + (d[x + 1] == c);      \
+        }                                                                                      \
+    } else {                                                                                   \
+        const int32_t A = (int32_t)alpha;                                                      \
+        for (Py_ssize_t x = 1; x <= w; x++) {                                                  \
+            const int32_t c = m[x];                                                            \
+            const int32_t q[8]     = {u[x - 1], u[x], u[x + 1], m[x - 1], m[x + 1], d[x - 1],  \
+                                  d[x], d[x + 1]};                                             \
+            int32_t k = 0;                                                                     \
+            for (int j = 0; j < 8; j++)                                                        \
+                k += (q[j] != 0) & (q[j] - c <= A) & (c - q[j] <= A);                          \
+            dep[x] = k;                                                                        \
+        }                                                                                      \
+    }                                                                                          \
 }
 
 /* GLDM and NGTDM counts of one ROI. The neighbour sums run in their own non-inlined
  * function: inlined here, gcc no longer vectorised them (measured 11 -> 6 ns per pixel). */
-#define DEFINE_DN_PASS(SUFFIX, T)                                                        \
-static __attribute__((noinline)) void dn_pass_##SUFFIX(                                                               \
-    const T *restrict B, int S, int h, int w, long alpha, int64_t *restrict dm,               \
-    int64_t *restrict nm, int32_t *restrict tot, int32_t *restrict cnt, int32_t *restrict dep)               \
-{                                                                                             \
-    for (int y = 2; y <= h + 1; y++) {                                                        \
-        const T *restrict m = B + y * S;                                                      \
-        neighbours_##SUFFIX(m - S, m, m + S, w, alpha, tot, cnt, dep);                        \
-        for (int x = 1; x <= w; x++) {                                                        \
-            const int c = m[x], k = c * N_DEP;                                                \
-            dm[k + dep[x]] += 1;                                                              \
-            const int dev = c * cnt[x] - tot[x];                                              \
-            nm[k + cnt[x]] += dev < 0 ? -dev : dev;                                           \
-        }                                                                                     \
-    }                                                                                         \
+#define DEFINE_DN_PASS(SUFFIX, T)                                                              \
+static __attribute__((noinline)) void dn_pass_##SUFFIX(                                        \
+    const T *restrict B, int S, int h, int w, long alpha, int64_t *restrict dm,                \
+    int64_t *restrict nm, int32_t *restrict tot, int32_t *restrict cnt, int32_t *restrict dep) \
+{                                                                                              \
+    for (int y = 2; y <= h + 1; y++) {                                                         \
+        const T *restrict m = B + y * S;                                                       \
+        neighbours_##SUFFIX(m - S, m, m + S, w, alpha, tot, cnt, dep);                         \
+        for (int x = 1; x <= w; x++) {                                                         \
+            const int c = m[x], k = c * N_DEP;                                                 \
+            dm[k + dep[x]] += 1;                                                               \
+            const int dev = c * cnt[x] - tot[x];                                               \
+            nm[k + cnt[x]] += dev < 0 ? -dev : dev;                                            \
+        }                                                                                      \
+    }                                                                                          \
 }
 
 /*
@@ -279,56 +280,56 @@ static __attribute__((noinline)) void dn_pass_##SUFFIX(                         
  * by union-find to the equal-level runs of the row above that touch them (8-connectivity:
  * columns s - 1 .. e + 1). Appends (roi, level, size) per zone.
  */
-#define DEFINE_ZONE_PASS(SUFFIX, T)                                                          \
-static int zone_pass_##SUFFIX(const T *restrict B, int S, int h, int w, Py_ssize_t roi,       \
-                              Scratch *sc, Rows *out)                                         \
-{                                                                                             \
-    int32_t *restrict col = sc->run_col, *restrict end = sc->run_end;                         \
-    int32_t *restrict level = sc->run_level, *restrict parent = sc->parent;                   \
-    int64_t *restrict size = sc->run_size;                                                    \
-    int32_t n_runs = 0, prev_begin = 0, prev_end = 0;                                         \
-    for (int y = 2; y <= h + 1; y++) {                                                        \
-        const T *row = B + y * S;                                                             \
-        const int32_t begin = n_runs;                                                         \
-        /* run starts: 1 (after the zero ring), each change, and w + 1 closes the last */     \
-        const int k_changes = changes_##SUFFIX(row, row - 1, w + 2, sc->at);                  \
-        for (int j = 0; j + 1 < k_changes; j++) {                                             \
-            const int x = sc->at[j];                                                          \
-            col[n_runs] = x;                                                                  \
-            end[n_runs] = sc->at[j + 1] - 1;                                                  \
-            level[n_runs] = row[x];                                                           \
-            parent[n_runs] = n_runs;                                                          \
-            size[n_runs] = 0;                                                                 \
-            n_runs++;                                                                         \
-        }                                                                                     \
-        int32_t j = prev_begin;                                                               \
-        for (int32_t k = begin; k < n_runs; k++) {                                            \
-            while (j < prev_end && end[j] < col[k] - 1) j++;                                  \
-            for (int32_t q = j; q < prev_end && col[q] <= end[k] + 1; q++) {                  \
-                if (level[q] != level[k]) continue;                                           \
-                const int32_t a = find_root(parent, q), b = find_root(parent, k);             \
-                if (a < b) parent[b] = a;                                                     \
-                else if (b < a) parent[a] = b;                                                \
-            }                                                                                 \
-        }                                                                                     \
-        prev_begin = begin;                                                                   \
-        prev_end = n_runs;                                                                    \
-    }                                                                                         \
-    Py_ssize_t n_zones = 0;                                                                   \
-    for (int32_t k = 0; k < n_runs; k++) {                                                    \
-        const int32_t root = find_root(parent, k);                                            \
-        size[root] += end[k] - col[k] + 1;                                                    \
-        n_zones += root == k;                                                                 \
-    }                                                                                         \
-    if (rows_reserve(out, n_zones) < 0) return -1;                                            \
-    for (int32_t k = 0; k < n_runs; k++) {                                                    \
-        if (parent[k] != k) continue;                                                         \
-        int64_t *z = out->data + 3 * out->rows++;                                             \
-        z[0] = roi;                                                                           \
-        z[1] = level[k];                                                                      \
-        z[2] = size[k];                                                                       \
-    }                                                                                         \
-    return 0;                                                                                 \
+#define DEFINE_ZONE_PASS(SUFFIX, T)                                                            \
+static int zone_pass_##SUFFIX(const T *restrict B, int S, int h, int w, Py_ssize_t roi,        \
+                              Scratch *sc, Rows *out)                                          \
+{                                                                                              \
+    int32_t *restrict col = sc->run_col, *restrict end = sc->run_end;                          \
+    int32_t *restrict level = sc->run_level, *restrict parent = sc->parent;                    \
+    int64_t *restrict size = sc->run_size;                                                     \
+    int32_t n_runs = 0, prev_begin = 0, prev_end = 0;                                          \
+    for (int y = 2; y <= h + 1; y++) {                                                         \
+        const T *row = B + y * S;                                                              \
+        const int32_t begin = n_runs;                                                          \
+        /* run starts: 1 (after the zero ring), each change, and w + 1 closes the last */      \
+        const int k_changes = changes_##SUFFIX(row, row - 1, w + 2, sc->at);                   \
+        for (int j = 0; j + 1 < k_changes; j++) {                                              \
+            const int x = sc->at[j];                                                           \
+            col[n_runs] = x;                                                                   \
+            end[n_runs] = sc->at[j + 1] - 1;                                                   \
+            level[n_runs] = row[x];                                                            \
+            parent[n_runs] = n_runs;                                                           \
+            size[n_runs] = 0;                                                                  \
+            n_runs++;                                                                          \
+        }                                                                                      \
+        int32_t j = prev_begin;                                                                \
+        for (int32_t k = begin; k < n_runs; k++) {                                             \
+            while (j < prev_end && end[j] < col[k] - 1) j++;                                   \
+            for (int32_t q = j; q < prev_end && col[q] <= end[k] + 1; q++) {                   \
+                if (level[q] != level[k]) continue;                                            \
+                const int32_t a = find_root(parent, q), b = find_root(parent, k);              \
+                if (a < b) parent[b] = a;                                                      \
+                else if (b < a) parent[a] = b;                                                 \
+            }                                                                                  \
+        }                                                                                      \
+        prev_begin = begin;                                                                    \
+        prev_end = n_runs;                                                                     \
+    }                                                                                          \
+    Py_ssize_t n_zones = 0;                                                                    \
+    for (int32_t k = 0; k < n_runs; k++) {                                                     \
+        const int32_t root = find_root(parent, k);                                             \
+        size[root] += end[k] - col[k] + 1;                                                     \
+        n_zones += root == k;                                                                  \
+    }                                                                                          \
+    if (rows_reserve(out, n_zones) < 0) return -1;                                             \
+    for (int32_t k = 0; k < n_runs; k++) {                                                     \
+        if (parent[k] != k) continue;                                                          \
+        int64_t *z = out->data + 3 * out->rows++;                                              \
+        z[0] = roi;                                                                            \
+        z[1] = level[k];                                                                       \
+        z[2] = size[k];                                                                        \
+    }                                                                                          \
+    return 0;                                                                                  \
 }
 
 /*
@@ -339,88 +340,88 @@ static int zone_pass_##SUFFIX(const T *restrict B, int S, int h, int w, Py_ssize
  * 3. per row, neighbour sums/counts (vectorised), then the GLDM and NGTDM increments;
  * 4. GLSZM zones (zone_pass).
  */
-#define DEFINE_KERNEL(SUFFIX, T)                                                         \
-static void kernel_##SUFFIX(const uint8_t *raw, Job *job)                                     \
-{                                                                                             \
-    Scratch sc;                                                                               \
-    if (scratch_alloc(&sc, job, sizeof(T)) < 0) { job->failed = 1; return; }                  \
-    const Py_ssize_t W = job->width, g1 = job->g1, G = g1 - 1;                               \
-    const int do_runs = job->glcm != NULL || job->want_glrlm;                                 \
-    const int do_dn = job->gldm != NULL || job->ngtdm != NULL;                                \
-    T *const B = (T *)sc.pad;                                                                 \
-    for (Py_ssize_t r = 0; r < job->n && !job->failed; r++) {                                 \
-        const Py_ssize_t h = job->hs[r], w = job->ws[r], S = w + 2;                           \
-        const Py_ssize_t LS = (h > w ? h : w) + 5;                                            \
-        const uint8_t *src = raw + job->ys[r] * W + job->xs[r];                               \
-        const T *tab = (const T *)job->tables + r * 256;                                      \
-        memset(B, 0, sizeof(T) * (size_t)((h + 3) * S));                                      \
-        for (Py_ssize_t y = 0; y < h; y++) {                                                  \
-            T *dst = B + (y + 2) * S + 1;                                                     \
-            const uint8_t *line = src + y * W;                                                \
-            for (Py_ssize_t x = 0; x < w; x++) dst[x] = tab[line[x]];                         \
-        }                                                                                     \
-        if (do_runs) {                                                                        \
-            memset(sc.cm, 0, sizeof(int64_t) * (size_t)(N_ANGLES * g1 * g1));                 \
-            memset(sc.rl, 0, sizeof(int32_t) * (size_t)(N_ANGLES * g1 * LS));                 \
+#define DEFINE_KERNEL(SUFFIX, T)                                                               \
+static void kernel_##SUFFIX(const uint8_t *raw, Job *job)                                      \
+{                                                                                              \
+    Scratch sc;                                                                                \
+    if (scratch_alloc(&sc, job, sizeof(T)) < 0) { job->failed = 1; return; }                   \
+    const Py_ssize_t W = job->width, g1 = job->g1, G = g1 - 1;                                 \
+    const int do_runs = job->glcm != NULL || job->want_glrlm;                                  \
+    const int do_dn = job->gldm != NULL || job->ngtdm != NULL;                                 \
+    T *const B = (T *)sc.pad;                                                                  \
+    for (Py_ssize_t r = 0; r < job->n && !job->failed; r++) {                                  \
+        const Py_ssize_t h = job->hs[r], w = job->ws[r], S = w + 2;                            \
+        const Py_ssize_t LS = (h > w ? h : w) + 5;                                             \
+        const uint8_t *src = raw + job->ys[r] * W + job->xs[r];                                \
+        const T *tab = (const T *)job->tables + r * 256;                                       \
+        memset(B, 0, sizeof(T) * (size_t)((h + 3) * S));                                       \
+        for (Py_ssize_t y = 0; y < h; y++) {                                                   \
+            T *dst = B + (y + 2) * S + 1;                                                      \
+            const uint8_t *line = src + y * W;                                                 \
+            for (Py_ssize_t x = 0; x < w; x++) dst[x] = tab[line[x]];                          \
+        }                                                                                      \
+        if (do_runs) {                                                                         \
+            memset(sc.cm, 0, sizeof(int64_t) * (size_t)(N_ANGLES * g1 * g1));                  \
+            memset(sc.rl, 0, sizeof(int32_t) * (size_t)(N_ANGLES * g1 * LS));                  \
             run_pass_##SUFFIX(B, (int)S, (int)h, (int)w, (int)g1, (int)LS, sc.cm, sc.rl,       \
-                              sc.last, sc.at);                                                \
-            /* the GLCM's (level, level) pairs: length - 1 per run, from the run counts */    \
-            for (int a = 0; a < N_ANGLES; a++)                                                \
-                for (Py_ssize_t i = 1; i < g1; i++) {                                         \
-                    const int32_t *rl = sc.rl + (a * g1 + i) * LS;                            \
-                    int64_t pairs = 0;                                                        \
-                    for (Py_ssize_t k = 2; k < LS; k++) pairs += (int64_t)rl[k] * (k - 1);    \
-                    sc.cm[(a * g1 + i) * g1 + i] += pairs;                                    \
-                }                                                                             \
-            if (job->glcm) {                                                                  \
-                double *out = job->glcm + r * N_ANGLES * G * G;                               \
-                for (int a = 0; a < N_ANGLES; a++)                                            \
-                    for (Py_ssize_t i = 1; i < g1; i++)                                       \
-                        for (Py_ssize_t j = 1; j < g1; j++)                                   \
-                            out[(a * G + i - 1) * G + j - 1] =                                \
-                                (double)sc.cm[(a * g1 + i) * g1 + j];                         \
-            }                                                                                 \
-            for (int a = 0; a < N_ANGLES && job->want_glrlm; a++) {                           \
-                const int64_t longest = job->rl_long[r * N_ANGLES + a];                       \
-                const int32_t *rl = sc.rl + a * g1 * LS;                                      \
-                for (Py_ssize_t i = 1; i < g1; i++) {                                         \
-                    for (Py_ssize_t k = 1; k < LS; k++) {                                     \
-                        const int32_t v = rl[i * LS + k];                                     \
-                        if (!v) continue;                                                     \
-                        if (k > longest) { job->failed = 2; break; }                          \
-                        if (rows_reserve(&job->glrlm, 1) < 0) { job->failed = 1; break; }     \
-                        int64_t *cell = job->glrlm.data + 4 * job->glrlm.rows++;              \
-                        cell[0] = r * N_ANGLES + a;                                           \
-                        cell[1] = i;                                                          \
-                        cell[2] = k;                                                          \
-                        cell[3] = v;                                                          \
-                    }                                                                         \
-                }                                                                             \
-            }                                                                                 \
-        }                                                                                     \
-        if (do_dn) {                                                                          \
-            int64_t *const dm = sc.dn, *const nm = sc.dn + g1 * N_DEP;                       \
-            memset(sc.dn, 0, sizeof(int64_t) * (size_t)(2 * g1 * N_DEP));                    \
+                              sc.last, sc.at);                                                 \
+            /* the GLCM's (level, level) pairs: length - 1 per run, from the run counts */     \
+            for (int a = 0; a < N_ANGLES; a++)                                                 \
+                for (Py_ssize_t i = 1; i < g1; i++) {                                          \
+                    const int32_t *rl = sc.rl + (a * g1 + i) * LS;                             \
+                    int64_t pairs = 0;                                                         \
+                    for (Py_ssize_t k = 2; k < LS; k++) pairs += (int64_t)rl[k] * (k - 1);     \
+                    sc.cm[(a * g1 + i) * g1 + i] += pairs;                                     \
+                }                                                                              \
+            if (job->glcm) {                                                                   \
+                double *out = job->glcm + r * N_ANGLES * G * G;                                \
+                for (int a = 0; a < N_ANGLES; a++)                                             \
+                    for (Py_ssize_t i = 1; i < g1; i++)                                        \
+                        for (Py_ssize_t j = 1; j < g1; j++)                                    \
+                            out[(a * G + i - 1) * G + j - 1] =                                 \
+                                (double)sc.cm[(a * g1 + i) * g1 + j];                          \
+            }                                                                                  \
+            for (int a = 0; a < N_ANGLES && job->want_glrlm; a++) {                            \
+                const int64_t longest = job->rl_long[r * N_ANGLES + a];                        \
+                const int32_t *rl = sc.rl + a * g1 * LS;                                       \
+                for (Py_ssize_t i = 1; i < g1; i++) {                                          \
+                    for (Py_ssize_t k = 1; k < LS; k++) {                                      \
+                        const int32_t v = rl[i * LS + k];                                      \
+                        if (!v) continue;                                                      \
+                        if (k > longest) { job->failed = 2; break; }                           \
+                        if (rows_reserve(&job->glrlm, 1) < 0) { job->failed = 1; break; }      \
+                        int64_t *cell = job->glrlm.data + 4 * job->glrlm.rows++;               \
+                        cell[0] = r * N_ANGLES + a;                                            \
+                        cell[1] = i;                                                           \
+                        cell[2] = k;                                                           \
+                        cell[3] = v;                                                           \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        if (do_dn) {                                                                           \
+            int64_t *const dm = sc.dn, *const nm = sc.dn + g1 * N_DEP;                         \
+            memset(sc.dn, 0, sizeof(int64_t) * (size_t)(2 * g1 * N_DEP));                      \
             dn_pass_##SUFFIX(B, (int)S, (int)h, (int)w, job->alpha, dm, nm,                    \
-                             sc.tot, sc.cnt, sc.dep);                       \
-            if (job->gldm)                                                                    \
+                             sc.tot, sc.cnt, sc.dep);                                          \
+            if (job->gldm)                                                                     \
                 memcpy(job->gldm + r * g1 * N_DEP, dm, sizeof(int64_t) * (size_t)(g1 * N_DEP)); \
-            if (job->ngtdm)                                                                   \
+            if (job->ngtdm)                                                                    \
                 memcpy(job->ngtdm + r * g1 * N_DEP, nm, sizeof(int64_t) * (size_t)(g1 * N_DEP)); \
-        }                                                                                     \
-        if (job->want_zones                                                                   \
-            && zone_pass_##SUFFIX(B, (int)S, (int)h, (int)w, r, &sc, &job->zones) < 0)        \
-            job->failed = 1;                                                                  \
-    }                                                                                         \
-    scratch_free(&sc);                                                                        \
+        }                                                                                      \
+        if (job->want_zones                                                                    \
+            && zone_pass_##SUFFIX(B, (int)S, (int)h, (int)w, r, &sc, &job->zones) < 0)         \
+            job->failed = 1;                                                                   \
+    }                                                                                          \
+    scratch_free(&sc);                                                                         \
 }
 
-#define DEFINE_ALL(SUFFIX, T)                                                                \
-    DEFINE_CHANGES(SUFFIX, T)                                                                 \
-    DEFINE_RUN_PASS(SUFFIX, T)                                                                \
-    DEFINE_NEIGHBOURS(SUFFIX, T)                                                              \
-    DEFINE_DN_PASS(SUFFIX, T)                                                                 \
-    DEFINE_ZONE_PASS(SUFFIX, T)                                                               \
+#define DEFINE_ALL(SUFFIX, T)                                                                  \
+    DEFINE_CHANGES(SUFFIX, T)                                                                  \
+    DEFINE_RUN_PASS(SUFFIX, T)                                                                 \
+    DEFINE_NEIGHBOURS(SUFFIX, T)                                                               \
+    DEFINE_DN_PASS(SUFFIX, T)                                                                  \
+    DEFINE_ZONE_PASS(SUFFIX, T)                                                                \
     DEFINE_KERNEL(SUFFIX, T)
 
 DEFINE_ALL(u8, uint8_t)
