@@ -2,14 +2,17 @@
 
 Same columns, same values (parity-tested to 1e-4 relative, see docs/radiomics-fast.md) and
 the same per-ROI reasons as the pyradiomics backend (:mod:`.pyrad`), computed with
-whole-array numpy/scipy operations over a batch instead of one SimpleITK round trip per ROI:
+batched numpy over all ROIs of a chunk instead of one SimpleITK round trip per ROI:
 
-1. every ROI of a chunk is copied into one canvas with one-pixel gaps (:mod:`.fast_mosaic`);
-2. one ``bincount`` of (ROI, raw value) gives every ROI's 256-bin histogram, from which the
-   first-order features are exact (pixels are uint8) and pyradiomics' bin edges follow;
-3. the texture matrices of all ROIs come from shifted whole-canvas comparisons, run finding
-   on transposed/sheared layouts and ``scipy.ndimage.label`` (:mod:`.fast_texture`);
-4. shape2D is closed-form: kacl's ROIs are axis-aligned rectangles, whose marching-squares
+1. the ROIs of a chunk are packed into one canvas (:mod:`.fast_mosaic`), and every ROI's
+   256-bin histogram gives its first-order features exactly (pixels are uint8) and
+   pyradiomics' bin edges;
+2. the texture matrices of all ROIs are counted by the compiled kernel
+   (:mod:`.fast_kernel`, ``_texture.c``) or, where it is not built or
+   ``KACL_RADIOMICS_KERNEL=numpy``, by whole-canvas numpy/scipy passes
+   (:mod:`.fast_texture`); both give the same integers, and the features come from them
+   through the same vectorised formulas;
+3. shape2D is closed-form: kacl's ROIs are axis-aligned rectangles, whose marching-squares
    contour pyradiomics computes as the rectangle with its four corners cut by half a pixel.
 
 Exploited assumptions, all true for kacl's ROIs: the ROI is a whole rectangle of a 2D uint8

@@ -14,6 +14,11 @@ with pyradiomics' feature names. The matrices are those of pyradiomics' C extens
 - GLDM: per pixel, the number of neighbours whose level differs by at most ``gldm_a``;
 - NGTDM: per pixel, |level - mean level of its neighbours in the ROI| (0 without one).
 
+The count functions (``glcm_counts``, ``glrlm_cells``, ``zones``, ``gldm_counts``,
+``ngtdm_sums``) are this module's numpy path and cache their result on the mosaic; the
+compiled kernel (:mod:`.fast_kernel`) fills the same cache keys with the same integers, so
+the feature functions serve both paths.
+
 Feature formulas follow pyradiomics line by line where rounding could matter (e.g. the
 complex-eigenvalue quirk of MCC, ``numpy.e ** x`` in IMC2); elsewhere sums are regrouped
 (over runs, zones or pixel pairs instead of dense matrices), which changes results only in
