@@ -6,7 +6,9 @@ with a one-pixel gap of "outside" (level 0) between them and around the border, 
 whole-array operation (a shifted comparison, a ``bincount`` keyed by ROI id, one
 ``scipy.ndimage.label`` call) computes that matrix for every ROI at once: a neighbour that
 falls in a gap is outside the mask, exactly as pyradiomics' bounds and mask checks say.
-The only per-ROI Python work is the copy of each crop into its slot.
+The only per-ROI Python work is the copy of each crop into its slot. (For the compiled
+kernel, :func:`.fast_kernel.build_raw` packs the raw pixels the same way; there the canvas
+only carries all crops in one buffer, as the kernel copies each ROI into its own scratch.)
 
 Packing: shelves (rows of ROIs) filled tallest-first on a roughly square canvas; the shelves
 are also the bands in which :mod:`.fast_texture` shears the canvas for diagonal runs.
