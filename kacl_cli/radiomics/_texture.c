@@ -246,7 +246,7 @@ static __attribute__((noinline)) void neighbours_##SUFFIX(                      
         const int32_t A = (int32_t)alpha;                                                      \
         for (Py_ssize_t x = 1; x <= w; x++) {                                                  \
             const int32_t c = m[x];                                                            \
-            const int32_t q[8]     = {u[x - 1], u[x], u[x + 1], m[x - 1], m[x + 1], d[x - 1],  \
+            const int32_t q[8] = {u[x - 1], u[x], u[x + 1], m[x - 1], m[x + 1], d[x - 1],      \
                                   d[x], d[x + 1]};                                             \
             int32_t k = 0;                                                                     \
             for (int j = 0; j < 8; j++)                                                        \
@@ -365,15 +365,15 @@ static void kernel_##SUFFIX(const uint8_t *raw, Job *job)                       
             memset(sc.rl, 0, sizeof(int32_t) * (size_t)(N_ANGLES * g1 * LS));                  \
             run_pass_##SUFFIX(B, (int)S, (int)h, (int)w, (int)g1, (int)LS, sc.cm, sc.rl,       \
                               sc.last, sc.at);                                                 \
-            /* the GLCM's (level, level) pairs: length - 1 per run, from the run counts */     \
-            for (int a = 0; a < N_ANGLES; a++)                                                 \
-                for (Py_ssize_t i = 1; i < g1; i++) {                                          \
-                    const int32_t *rl = sc.rl + (a * g1 + i) * LS;                             \
-                    int64_t pairs = 0;                                                         \
-                    for (Py_ssize_t k = 2; k < LS; k++) pairs += (int64_t)rl[k] * (k - 1);     \
-                    sc.cm[(a * g1 + i) * g1 + i] += pairs;                                     \
-                }                                                                              \
             if (job->glcm) {                                                                   \
+                /* the (level, level) pairs: length - 1 per run, from the run counts */       \
+                for (int a = 0; a < N_ANGLES; a++)                                             \
+                    for (Py_ssize_t i = 1; i < g1; i++) {                                      \
+                        const int32_t *rl = sc.rl + (a * g1 + i) * LS;                         \
+                        int64_t pairs = 0;                                                     \
+                        for (Py_ssize_t k = 2; k < LS; k++) pairs += (int64_t)rl[k] * (k - 1); \
+                        sc.cm[(a * g1 + i) * g1 + i] += pairs;                                 \
+                    }                                                                          \
                 double *out = job->glcm + r * N_ANGLES * G * G;                                \
                 for (int a = 0; a < N_ANGLES; a++)                                             \
                     for (Py_ssize_t i = 1; i < g1; i++)                                        \

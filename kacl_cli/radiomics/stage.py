@@ -39,9 +39,6 @@ from .pyrad import single_threaded_sitk
 from .rois import DEFAULT_MIN_PROB, ROI_MODES, Roi, build_rois, select_images
 
 STAGE = "radiomics"
-# ROIs per task (default: the backend's ``rois_per_task``): big enough to amortise pickling
-# and the catalog commit, small enough to resume often.
-CHUNK: int | None = None
 TRAIN_SPLIT = "train"
 
 
@@ -281,7 +278,7 @@ def run_radiomics_stage(
     force: bool = False,
     shard: tuple[int, int] | None = None,
     min_prob: float = DEFAULT_MIN_PROB,
-    chunk: int | None = CHUNK,
+    chunk: int | None = None,  # ROIs per task; None: the backend's ``rois_per_task``
 ) -> dict[str, Any]:
     """Compute the round's radiomics; returns the summary (``skipped: True`` if already done).
 
