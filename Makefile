@@ -13,7 +13,7 @@ install: $(STAMP)
 # requirements are in the venv; torch/torchvision are pinned to the releases on this disk.
 # The editable install also compiles kacl's one C module (setup.py), so its source is a
 # prerequisite: editing it re-runs the install, which rebuilds it.
-$(STAMP): pyproject.toml setup.py kacl_cli/radiomics/_texture.c
+$(STAMP): pyproject.toml setup.py kacl_cli/stages/radiomics/backends/fast/_texture.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q numpy versioneer setuptools wheel
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1

@@ -9,8 +9,9 @@ the contrast rounds) and trains ``--rounds`` contrast rounds of ``--epochs-per-r
 - ``none``                 classification only, same epochs (isolates the contrastive term);
 - ``radiomics-nofeedback`` radiomics positives from round 0's CAM boxes in every round.
 
-Reported on the TEST split via ``kacl_cli.evaluate.headline``: mean AUC over findings and
-mean localization accuracy over T(IoU) 0.1..0.7, as mean +- std over seeds, plus round 0
+Reported on the TEST split via ``kacl_cli.stages.evaluate.stage.headline``: mean AUC over
+findings and mean localization accuracy over T(IoU) 0.1..0.7, as mean +- std over seeds,
+plus round 0
 (pre-training alone) as the common reference. Phantoms are built from known lesions, so the
 numbers say whether the mechanics help on data where they can; they are not NIH results.
 
@@ -85,9 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def base_workspace(root: Path, seed: int, args: argparse.Namespace):
     """Phantoms + round 0 for one seed (shared by every setting of that seed)."""
     from kacl_cli.commands.pretrain import run_pretrain
-    from kacl_cli.data import phantoms
-    from kacl_cli.data.ingest import prepare_synthetic
-    from kacl_cli.train import TrainConfig
+    from kacl_cli.stages.prepare import phantoms
+    from kacl_cli.stages.prepare.stage import prepare_synthetic
+    from kacl_cli.training.fit import TrainConfig
     from kacl_cli.workspace import Workspace
 
     ws = Workspace(root)
@@ -104,8 +105,8 @@ def base_workspace(root: Path, seed: int, args: argparse.Namespace):
 
 def run_setting(base, dest: Path, name: str, seed: int, args: argparse.Namespace
                 ) -> dict[str, Any]:
-    from kacl_cli.contrast import ContrastConfig, run_contrast
-    from kacl_cli.evaluate import headline
+    from kacl_cli.stages.contrast.stage import ContrastConfig, run_contrast
+    from kacl_cli.stages.evaluate.stage import headline
     from kacl_cli.workspace import Workspace
 
     shutil.copytree(base.root, dest)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    from kacl_cli.evaluate import headline
+    from kacl_cli.stages.evaluate.stage import headline
 
     names = args.settings.split(",")
     root = args.keep or Path(tempfile.mkdtemp(prefix="kacl-ablation-"))

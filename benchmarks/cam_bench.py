@@ -3,7 +3,8 @@
 The loop is what the ``grad-cam`` package does for 14 targets: per finding, one forward and one
 ``backward()`` (parameter gradients included, the package zeroes and recomputes them), with
 hooks capturing the target layer's activations and gradients. The batched path is
-``kacl_cli.cam.batched_gradcam``: one no-grad forward and one einsum (GAP + linear head).
+``kacl_cli.stages.cam.gradcam.batched_gradcam``: one no-grad forward and one einsum
+(GAP + linear head).
 Both run the same randomly initialised model on the same batch; the table also reports the
 largest absolute difference between their maps and the time of the map -> box step.
 
@@ -26,10 +27,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kacl_cli.cam import batched_gradcam, maps_to_boxes
 from kacl_cli.device import resolve_device
 from kacl_cli.findings import FINDINGS
 from kacl_cli.models.image_net import build_image_net
+from kacl_cli.stages.cam.gradcam import batched_gradcam, maps_to_boxes
 
 
 def package_style_loop(model: nn.Module, x: torch.Tensor, classes: range) -> torch.Tensor:

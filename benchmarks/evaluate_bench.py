@@ -15,14 +15,14 @@ import time
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from kacl_cli.evaluate import (
+from kacl_cli.findings import FINDINGS
+from kacl_cli.stages.evaluate.stage import (
     IOU_THRESHOLDS,
     accuracy_at,
     bootstrap_aucs,
     bootstrap_weights,
     pair_overlaps,
 )
-from kacl_cli.findings import FINDINGS
 
 
 def main() -> None:

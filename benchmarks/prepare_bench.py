@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kacl_cli.data import ingest, phantoms
-from kacl_cli.data.nih import scan_images
 from kacl_cli.imageio import load_for_store
+from kacl_cli.stages.prepare import phantoms
+from kacl_cli.stages.prepare import stage as ingest
+from kacl_cli.stages.prepare.nih import scan_images
 from kacl_cli.store import ImageReader
 from kacl_cli.workspace import Workspace
 

@@ -37,11 +37,11 @@ import numpy as np  # noqa: E402
 
 from benchmarks.radiomics_pyrad_bench import DEFAULT_SAMPLE, NIH_IMAGES, read_boxes  # noqa: E402
 from kacl_cli.imageio import load_for_store  # noqa: E402
-from kacl_cli.radiomics import fast_kernel  # noqa: E402
-from kacl_cli.radiomics import settings as S  # noqa: E402
-from kacl_cli.radiomics.backend import get_backend  # noqa: E402
-from kacl_cli.radiomics.pyrad import single_threaded_sitk  # noqa: E402
-from kacl_cli.radiomics.rois import store_box  # noqa: E402
+from kacl_cli.stages.radiomics import settings as S  # noqa: E402
+from kacl_cli.stages.radiomics.backends.base import get_backend  # noqa: E402
+from kacl_cli.stages.radiomics.backends.fast import kernel as fast_kernel  # noqa: E402
+from kacl_cli.stages.radiomics.backends.pyrad import single_threaded_sitk  # noqa: E402
+from kacl_cli.stages.radiomics.rois import store_box  # noqa: E402
 
 # Set before the pool forks, read by the workers (no pickling of the images per task).
 _JOB: dict = {}

@@ -28,10 +28,10 @@ import numpy as np
 
 from kacl_cli.findings import FINDINGS
 from kacl_cli.imageio import load_for_store
-from kacl_cli.radiomics import settings as S
-from kacl_cli.radiomics.backend import BACKENDS, get_backend
-from kacl_cli.radiomics.rois import store_box
-from kacl_cli.radiomics.stage import run_radiomics_stage
+from kacl_cli.stages.radiomics import settings as S
+from kacl_cli.stages.radiomics.backends.base import BACKENDS, get_backend
+from kacl_cli.stages.radiomics.rois import store_box
+from kacl_cli.stages.radiomics.stage import run_radiomics_stage
 from kacl_cli.workspace import Workspace
 
 NIH_IMAGES = 112_120

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from . import __version__
-from .commands import cam, contrast, evaluate, merge, predict, prepare, pretrain, radiomics
+from kacl_cli import __version__
+from kacl_cli.commands import cam, contrast, evaluate, merge, predict, prepare, pretrain, radiomics
 
 app = typer.Typer(
     name="kacl",

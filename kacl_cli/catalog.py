@@ -17,8 +17,8 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from .errors import KaclError
-from .findings import LABEL_COLUMNS
+from kacl_cli.errors import KaclError
+from kacl_cli.findings import LABEL_COLUMNS
 
 SCHEMA_VERSION = 1
 

@@ -17,8 +17,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from .errors import KaclError
-from .workspace import Workspace, json_default
+from kacl_cli.errors import KaclError
+from kacl_cli.workspace import Workspace, json_default
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .errors import KaclError
+from kacl_cli.errors import KaclError
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:

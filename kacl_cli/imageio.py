@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
+from kacl_cli.errors import InputError
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 

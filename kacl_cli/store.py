@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import KaclError
+from kacl_cli.errors import KaclError
 
 IMAGES = "images"
 COMPRESSION = "lzf"

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .catalog import Catalog, insert_rows
-from .errors import KaclError
-from .store import Store
+from kacl_cli import __version__
+from kacl_cli.catalog import Catalog, insert_rows
+from kacl_cli.errors import KaclError
+from kacl_cli.store import Store
 
 DEFAULT_WORKSPACE = Path("kacl-workspace")
 

@@ -18,8 +18,8 @@ SIZE = 64
 def pretrained_workspace(root: Path, n: int = N_IMAGES, size: int = SIZE,
                          seed: int = 0) -> Workspace:
     from kacl_cli.commands.pretrain import run_pretrain
-    from kacl_cli.data.ingest import prepare_synthetic
-    from kacl_cli.train import TrainConfig
+    from kacl_cli.stages.prepare.stage import prepare_synthetic
+    from kacl_cli.training.fit import TrainConfig
 
     ws = Workspace(root)
     prepare_synthetic(ws, n, size=size, seed=seed)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..cli import (
+from kacl_cli.cli import (
     DeviceOpt,
     ForceOpt,
     JsonOpt,
@@ -18,7 +18,7 @@ from ..cli import (
     report,
     shard_note,
 )
-from ..workspace import DEFAULT_WORKSPACE, Workspace
+from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "cam"
 
@@ -66,7 +66,7 @@ def command(
 
     Example: kacl cam --round 0 --split test
     """
-    from ..cam_stage import run_cam_stage  # torch import only when the command runs
+    from kacl_cli.stages.cam.stage import run_cam_stage  # torch import only when the command runs
 
     ws = Workspace(workspace)
     result = run_cam_stage(ws, round_, split=split, batch_size=batch_size, threshold=threshold,

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..cli import (
+from kacl_cli.cli import (
     DeviceOpt,
     ForceOpt,
     JsonOpt,
@@ -19,7 +19,7 @@ from ..cli import (
     handle_errors,
     out,
 )
-from ..workspace import DEFAULT_WORKSPACE, Workspace
+from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "contrast"
 
@@ -114,8 +114,8 @@ def command(
 
     Example: kacl contrast --rounds 3 --epochs-per-round 2 --radiomics-backend fast
     """
-    from ..commands.pretrain import default_workers
-    from ..contrast import ContrastConfig, run_contrast
+    from kacl_cli.commands.pretrain import default_workers
+    from kacl_cli.stages.contrast.stage import ContrastConfig, run_contrast
 
     cfg = ContrastConfig(
         rounds=rounds, from_round=from_round, epochs_per_round=epochs_per_round,

@@ -9,9 +9,9 @@ import typer
 from rich import box
 from rich.table import Table
 
-from ..cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
-from ..errors import NotReadyError
-from ..workspace import DEFAULT_WORKSPACE, Workspace
+from kacl_cli.cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
+from kacl_cli.errors import NotReadyError
+from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "evaluate"
 
@@ -22,7 +22,7 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 
 def parse_rounds(ws: Workspace, spec: str, split: str) -> tuple[list[int], bool]:
     """``K`` | ``latest`` | ``all`` -> (rounds, is_all)."""
-    from ..evaluate import available_rounds
+    from kacl_cli.stages.evaluate.stage import available_rounds
 
     spec = spec.strip().lower()
     if spec not in ("all", "latest"):
@@ -130,8 +130,8 @@ def command(
 
     Example: kacl evaluate --round all --split test
     """
-    from ..evaluate import evaluate_round, report_dir
-    from ..report import write_summary_report
+    from kacl_cli.stages.evaluate.report import write_summary_report
+    from kacl_cli.stages.evaluate.stage import evaluate_round, report_dir
 
     ws = Workspace(workspace)
     ws.require()

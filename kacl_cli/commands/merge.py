@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..cli import JsonOpt, WorkspaceOpt, emit, handle_errors, out
-from ..workspace import DEFAULT_WORKSPACE, Workspace
+from kacl_cli.cli import JsonOpt, WorkspaceOpt, emit, handle_errors, out
+from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "merge"
 
@@ -55,7 +55,7 @@ def command(
 
     Example: kacl merge --stage radiomics --round 0
     """
-    from ..shards import merge
+    from kacl_cli.sharding.merge import merge
 
     ws = Workspace(workspace)
     result = merge(ws, stage=stage.value if stage else None, round_=round_, clean=clean)

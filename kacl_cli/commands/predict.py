@@ -8,8 +8,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..cli import DeviceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
-from ..workspace import DEFAULT_WORKSPACE, Workspace
+from kacl_cli.cli import DeviceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
+from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "predict"
 
@@ -68,8 +68,8 @@ def command(
 
     Example: kacl predict chest.png scan.dcm --boxes --overlay overlays/
     """
-    from ..device import resolve_device
-    from ..predict import load_for_predict, predict_files, resolve_checkpoint
+    from kacl_cli.device import resolve_device
+    from kacl_cli.stages.predict import load_for_predict, predict_files, resolve_checkpoint
 
     if round_ is not None and checkpoint is not None:
         raise typer.BadParameter("give --round or --checkpoint, not both")

@@ -1,7 +1,7 @@
 """`kacl prepare`: ingest NIH ChestX-ray14 (or the built-in synthetic phantoms) into a workspace.
 
-Thin CLI over :mod:`kacl_cli.data.ingest`; the rules (layouts, splits, missing vs error, resume)
-are documented there and in docs/data.md.
+Thin CLI over :mod:`kacl_cli.stages.prepare.stage`; the rules (layouts, splits, missing vs
+error, resume) are documented there and in docs/data.md.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..cli import (
+from kacl_cli.cli import (
     ForceOpt,
     JsonOpt,
     ShardOpt,
@@ -24,9 +24,9 @@ from ..cli import (
     report,
     shard_note,
 )
-from ..data import ingest
-from ..data.phantoms import DEFAULT_DIFFICULTY
-from ..workspace import DEFAULT_WORKSPACE, Workspace
+from kacl_cli.stages.prepare import stage as ingest
+from kacl_cli.stages.prepare.phantoms import DEFAULT_DIFFICULTY
+from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "prepare"
 
@@ -130,8 +130,8 @@ def command(
 
     if part is None:
         summary = run(ws, force)
-    else:  # a part workspace of its own; --force restarts the part (kacl_cli.shards)
-        from ..shards import Shard, run_part
+    else:  # a part workspace of its own; --force restarts the part (kacl_cli.sharding.merge)
+        from kacl_cli.sharding.merge import Shard, run_part
 
         summary = run_part(ws, NAME, None, Shard(*part), lambda p: run(p, False), force=force)
         shard_note(NAME, summary)

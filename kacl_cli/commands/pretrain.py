@@ -9,10 +9,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
-from ..cli import skipped as print_skipped
-from ..errors import KaclError
-from ..workspace import DEFAULT_WORKSPACE, Workspace
+from kacl_cli.cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
+from kacl_cli.cli import skipped as print_skipped
+from kacl_cli.errors import KaclError
+from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "pretrain"
 STAGE = "pretrain"
@@ -49,19 +49,19 @@ def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = 
     """Train round 0 (or return the summary of the identical finished run, with skipped=True)."""
     import torch
 
-    from .. import distributed
-    from ..data.loader import StoreDataset, data_fingerprint, load_split
-    from ..device import resolve_device
-    from ..models.checkpoint import model_meta
-    from ..models.image_net import (
+    from kacl_cli.device import resolve_device
+    from kacl_cli.models.checkpoint import model_meta
+    from kacl_cli.models.image_net import (
         BACKBONES,
         GRAY_MEAN,
         GRAY_STD,
         build_image_net,
         init_head_bias,
     )
-    from ..models.losses import ClassificationObjective, pos_weight_from_labels
-    from ..train import fit
+    from kacl_cli.models.losses import ClassificationObjective, pos_weight_from_labels
+    from kacl_cli.training import distributed
+    from kacl_cli.training.fit import fit
+    from kacl_cli.training.loader import StoreDataset, data_fingerprint, load_split
 
     ws.require()
     if backbone not in BACKBONES:
@@ -180,8 +180,8 @@ def command(
 
     Example: kacl pretrain --backbone densenet121 --epochs 10 --device cuda
     """
-    from ..distributed import from_env
-    from ..train import TrainConfig
+    from kacl_cli.training.distributed import from_env
+    from kacl_cli.training.fit import TrainConfig
 
     # Under torchrun only rank 0 writes the catalog and checkpoints.
     main_rank = from_env().is_main

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..cli import (
+from kacl_cli.cli import (
     ForceOpt,
     JsonOpt,
     RadiomicsBackend,
@@ -20,7 +20,7 @@ from ..cli import (
     report,
     shard_note,
 )
-from ..workspace import DEFAULT_WORKSPACE, Workspace
+from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "radiomics"
 
@@ -90,7 +90,7 @@ def command(
 
     Example: kacl radiomics --round 1 --roi cam --workers 8
     """
-    from ..radiomics.stage import run_radiomics_stage
+    from kacl_cli.stages.radiomics.stage import run_radiomics_stage
 
     ws = Workspace(workspace)
     ws.require()
@@ -106,7 +106,7 @@ def command(
 
 
 def _latest_cam_round(ws: Workspace) -> int:
-    from ..errors import NotReadyError
+    from kacl_cli.errors import NotReadyError
 
     rows = ws.catalog.query("SELECT max(round) FROM cam_boxes")
     if not rows or rows[0][0] is None:

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
-from ..errors import CheckpointError
-from ..findings import FINDINGS
-from ..workspace import json_default
-from .image_net import ImageNet, build_image_net, load_weights
+from kacl_cli import __version__
+from kacl_cli.errors import CheckpointError
+from kacl_cli.findings import FINDINGS
+from kacl_cli.models.image_net import ImageNet, build_image_net, load_weights
+from kacl_cli.workspace import json_default
 
 KIND = "kacl-checkpoint"
 MODEL_FILE = "model.safetensors"

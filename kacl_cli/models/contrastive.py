@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
-from .losses import ClassificationObjective, Objective
+from kacl_cli.models.losses import ClassificationObjective, Objective
+from kacl_cli.training import distributed
 
 POSITIVES = ("radiomics", "augment", "none")
 

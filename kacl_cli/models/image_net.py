@@ -2,8 +2,9 @@
 
 Why this shape: with global average pooling followed by one linear layer, the Grad-CAM
 channel weights of class c are exactly row c of the head divided by the map area, so
-``kacl_cli.cam`` gets every finding's map from one forward pass. ``features(x)`` is the
-output of the last conv block after its final activation (the Grad-CAM target layer).
+``kacl_cli.stages.cam.gradcam`` gets every finding's map from one forward pass.
+``features(x)`` is the output of the last conv block after its final activation (the Grad-CAM
+target layer).
 
 Grayscale: the first convolution takes one channel. ImageNet weights are folded into it by
 summing the RGB filters, which is exactly what the 3-channel net would compute on a gray
@@ -21,7 +22,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ..errors import CheckpointError, KaclError
+from kacl_cli.errors import CheckpointError, KaclError
 
 BACKBONES = ("densenet121", "resnet50", "resnet18", "tiny")
 

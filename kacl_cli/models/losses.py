@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from ..errors import KaclError
+from kacl_cli.errors import KaclError
 
 LOSSES = ("focal", "bce")
 POS_WEIGHT_MAX = 100.0

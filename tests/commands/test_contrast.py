@@ -81,7 +81,7 @@ def test_rounds_skip_and_extend(ws) -> None:
 
 
 def test_kill_after_radiomics_then_resume(ws, monkeypatch) -> None:
-    import kacl_cli.train as train
+    import kacl_cli.training.fit as train
 
     written: list[int] = []
     real_write = train._write_epoch_row
@@ -152,8 +152,8 @@ def test_cli_defaults_are_the_models_defaults() -> None:
     import inspect
 
     from kacl_cli.commands import contrast as command
-    from kacl_cli.contrast import ContrastConfig
     from kacl_cli.models.contrastive import ContrastSpec
+    from kacl_cli.stages.contrast.stage import ContrastConfig
 
     params = inspect.signature(command.command).parameters
     for cli_name, attr in (("temperature", "temperature"), ("lam", "lam"),

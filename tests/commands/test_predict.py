@@ -159,7 +159,7 @@ def test_boxes_are_in_input_pixels_and_overlay(ws, pixels, tmp_path) -> None:
 
 
 def test_map_box_to_original_scales_each_axis() -> None:
-    from kacl_cli.predict import map_box_to_original
+    from kacl_cli.stages.predict import map_box_to_original
 
     # an 8 x 8 map over a 240 wide x 384 high image: cell (2, 1) spans x 60..90, y 48..96
     assert map_box_to_original((2, 1, 1, 1), (8, 8), 240, 384) == (60.0, 48.0, 30.0, 48.0)

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from kacl_cli.app import app
 from kacl_cli.catalog import label_columns_sql
-from kacl_cli.data import ingest, phantoms
+from kacl_cli.stages.prepare import phantoms
+from kacl_cli.stages.prepare import stage as ingest
 from kacl_cli.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,7 +147,7 @@ def test_killed_process_resumes_to_the_uninterrupted_result(tmp_path: Path,
     ws = tmp_path / "ws"
     code = (
         "import os, signal, sys\n"
-        "from kacl_cli.data.ingest import prepare_synthetic\n"
+        "from kacl_cli.stages.prepare.stage import prepare_synthetic\n"
         "from kacl_cli.workspace import Workspace\n"
         "def hook(i, at):\n"
         "    if i == 1 and at == 'stored':\n"

@@ -84,7 +84,7 @@ def test_bad_params_and_usage_errors(tiny_workspace, tmp_path: Path) -> None:
 def test_backend_choices_are_the_registry() -> None:
     """`--backend` / `--radiomics-backend` offer exactly the registered radiomics backends."""
     from kacl_cli.cli import RadiomicsBackend
-    from kacl_cli.radiomics.backend import BACKENDS
+    from kacl_cli.stages.radiomics.backends.base import BACKENDS
 
     assert tuple(b.value for b in RadiomicsBackend) == BACKENDS
     result = runner.invoke(app, ["radiomics", "--backend", "nope", "-w", "/nonexistent"])

@@ -1,0 +1,351 @@
+"""The ``cam`` stage: Grad-CAM maps and boxes of every finding for the images of a split.
+
+Inputs: checkpoint ``round-K`` and the store's images. Outputs: raw maps (float16, the feature
+map's h x w, never min-max normalised) in ``store.h5:/cams/round-K``, and one ``cam_boxes``
+row per (image, finding) with the sigmoid probability and the box in ORIGINAL pixel
+coordinates (NULL box + reason for empty/flat maps). ``evaluate`` reads its AUC
+probabilities from these rows, ``radiomics --round K`` its ROIs.
+
+Resumable: images are processed in chunks; each chunk's maps are written first, then its
+``cam_boxes`` rows in one transaction, so an image with rows is complete and a re-run skips
+it. Which checkpoint (content hash) and threshold the round's rows were made with is kept in
+the catalog's ``meta`` table (key ``cam:round-K``): rows made by an older checkpoint of the
+same round or another threshold are dropped instead of being "resumed".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from kacl_cli import progress
+from kacl_cli.boxes import scale_xywh
+from kacl_cli.catalog import insert_columns
+from kacl_cli.device import resolve_device
+from kacl_cli.errors import CheckpointError, InputError, NotReadyError
+from kacl_cli.findings import FINDINGS
+from kacl_cli.models.checkpoint import META_FILE, MODEL_FILE, load_image_net, preprocess
+from kacl_cli.stages.cam.gradcam import batched_gradcam, maps_to_boxes
+from kacl_cli.store import cam_key
+from kacl_cli.training.loader import SPLITS, StoreDataset
+from kacl_cli.workspace import StageRun, Workspace, stable_json
+
+STAGE = "cam"
+# Images per committed chunk: a killed run loses at most this much work, and the per-chunk
+# catalog transaction stays well under a second.
+CHUNK = 1024
+# Bumped when the maps or the box rule change meaning, so old results are not reused.
+METHOD = "gradcam-gap-linear/v1"
+
+_COLUMNS = ("round", "image_id", "finding", "probability", "x", "y", "w", "h", "peak", "mass",
+            "reason")
+
+
+def resolve_splits(split: str | None) -> tuple[str, list[str]]:
+    """(name recorded in the config, splits to process); None means all splits."""
+    name = split or "all"
+    if name == "all":
+        return name, list(SPLITS)
+    if name not in SPLITS:
+        raise InputError(f"--split {split!r}: expected train, val, test or all")
+    return name, [name]
+
+
+def checkpoint_fingerprint(directory: Path) -> str:
+    """Content hash of a checkpoint (tensors + meta): a retrained round-K gets a new hash."""
+    h = hashlib.sha256()
+    for name in (MODEL_FILE, META_FILE):
+        with open(directory / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def resolve_round(ws: Workspace, round_: int | None) -> int:
+    """The requested round, or the latest finished one; one-line errors when there is none."""
+    if round_ is None:
+        rounds = ws.finished_rounds()
+        if not rounds:
+            raise NotReadyError(
+                f"no trained checkpoint in {ws.checkpoints}: run `kacl pretrain` first"
+            )
+        return rounds[-1]
+    if round_ < 0:
+        raise InputError(f"--round {round_}: rounds are 0 (pretrain), 1, 2, ...")
+    if round_ not in ws.finished_rounds():
+        hint = "`kacl pretrain`" if round_ == 0 else "`kacl pretrain`, then `kacl contrast`"
+        raise NotReadyError(
+            f"no finished checkpoint for round {round_} at {ws.checkpoint_dir(round_)}: "
+            f"run {hint} first"
+        )
+    return round_
+
+
+def run_cam_stage(
+    ws: Workspace,
+    round_: int | None = None,
+    *,
+    split: str | None = None,
+    batch_size: int = 64,
+    threshold: float = 0.5,
+    device: str = "auto",
+    force: bool = False,
+    shard: tuple[int, int] | str | None = None,
+    workers: int = 0,
+    chunk_size: int = CHUNK,
+) -> dict[str, Any]:
+    """Compute maps and boxes of all findings for the images of ``split`` (None = all).
+
+    Returns the run summary (with ``skipped: True`` when an identical run had finished).
+    With ``shard=(i, n)`` (or under torchrun: rank r of N = shard r/N, merged by rank 0) the
+    shard's images are processed into a part (see :mod:`kacl_cli.sharding.merge`).
+    """
+    from kacl_cli.sharding import merge as shards
+
+    if not 0.0 < threshold <= 1.0:
+        raise InputError(f"--threshold {threshold}: must be a fraction of the peak in (0, 1]")
+    if batch_size < 1 or chunk_size < 1 or workers < 0:
+        raise InputError("--batch-size must be >= 1 and --workers >= 0")
+    ws.require()
+    split_name, splits = resolve_splits(split)
+    round_ = resolve_round(ws, round_)
+    if shard is not None or shards.ddp_sharding():
+        return shards.run_sharded(
+            ws, STAGE, round_, shard, lambda part: run_cam_stage(
+                part, round_, split=split, batch_size=batch_size, threshold=threshold,
+                device=device, force=force, workers=workers, chunk_size=chunk_size),
+            device=device, force=force)
+    ckpt = ws.checkpoint_dir(round_)
+    images = _images(ws, splits)
+    if not len(images["image_id"]):
+        raise NotReadyError(f"no images in split {split_name}: check `kacl prepare`'s splits")
+    ckpt_hash = checkpoint_fingerprint(ckpt)
+    config = {"round": round_, "threshold": float(threshold), "split": split_name,
+              "method": METHOD}
+    fingerprint = f"checkpoint={ckpt_hash};images={len(images['image_id'])}"
+    state = stable_json({"checkpoint": ckpt_hash, "threshold": float(threshold),
+                         "method": METHOD})
+    # An identical finished run is only worth skipping if its rows are still there: a run with
+    # another threshold (or a retrained checkpoint) since then has replaced them.
+    intact = _rows_intact(ws, round_, state, images["image_id"])
+    begun = ws.begin(STAGE, config, fingerprint, round_=round_, force=force or not intact)
+    if isinstance(begun, dict):
+        return {**begun, "skipped": True}
+    run = begun
+    try:
+        summary = _work(ws, run, round_, ckpt, state, images, config, batch_size,
+                        device, force, workers, chunk_size)
+    except KeyboardInterrupt:
+        run.fail("interrupted")
+        raise
+    except Exception as exc:
+        run.fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
+    run.finish(summary)
+    return summary
+
+
+def _images(ws: Workspace, splits: list[str]) -> dict[str, np.ndarray]:
+    marks = ", ".join("?" * len(splits))
+    return ws.catalog.query_df(
+        "SELECT image_id, row, orig_width, orig_height FROM images "
+        f"WHERE split IN ({marks}) ORDER BY row",
+        splits,
+    )
+
+
+def _state_key(round_: int) -> str:
+    return f"cam:round-{round_}"
+
+
+def _rows_intact(ws: Workspace, round_: int, state: str, image_ids: np.ndarray) -> bool:
+    """Whether every requested image has all its rows, made under ``state``, plus maps."""
+    old = ws.catalog.query("SELECT value FROM meta WHERE key = ?", [_state_key(round_)])
+    if not old or old[0][0] != state or not ws.store.has_cams(round_):
+        return False
+    with ws.catalog.connect(read_only=True) as con:
+        con.register("requested", {"image_id": np.asarray(image_ids, dtype=object)})
+        n = con.execute(
+            "SELECT count(*) FROM cam_boxes WHERE round = ? AND image_id IN "
+            "(SELECT image_id FROM requested)", [round_],
+        ).fetchone()[0]
+    return int(n) == len(image_ids) * len(FINDINGS)
+
+
+def _prepare_rows(
+    ws: Workspace, round_: int, state: str, image_ids: np.ndarray, force: bool
+) -> set[str]:
+    """Drop stale rows/maps of this round; return the requested images already done."""
+    key = _state_key(round_)
+    old = ws.catalog.query("SELECT value FROM meta WHERE key = ?", [key])
+    with ws.catalog.connect() as con:
+        if not old or old[0][0] != state:
+            # Made by another checkpoint/threshold/method (or unknown): none of it is reusable.
+            con.execute("DELETE FROM cam_boxes WHERE round = ?", [round_])
+            ws.store.delete(cam_key(round_))
+            con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, state])
+            return set()
+        con.register("requested", {"image_id": np.asarray(image_ids, dtype=object)})
+        if force:
+            con.execute(
+                "DELETE FROM cam_boxes WHERE round = ? AND image_id IN "
+                "(SELECT image_id FROM requested)", [round_],
+            )
+            return set()
+        done = con.execute(
+            "SELECT DISTINCT image_id FROM cam_boxes WHERE round = ? AND image_id IN "
+            "(SELECT image_id FROM requested)", [round_],
+        ).fetchall()
+    return {r[0] for r in done}
+
+
+def _work(
+    ws: Workspace, run: StageRun, round_: int, ckpt: Path, state: str,
+    images: dict[str, np.ndarray], config: dict[str, Any], batch_size: int, device_spec: str,
+    force: bool, workers: int, chunk_size: int,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    dev = resolve_device(device_spec)
+    model, meta = load_image_net(ckpt, dev)
+    ids = np.asarray(images["image_id"], dtype=object)
+    done = _prepare_rows(ws, round_, state, ids, force)
+    pending = np.array([i for i, image_id in enumerate(ids) if image_id not in done], dtype=int)
+    n_store = ws.store.n_rows()
+    computed = 0
+    compute_s = 0.0
+    map_shape: tuple[int, int] | None = None
+    with progress.bar(len(pending), f"cam round {round_}") as pb:
+        for start in range(0, len(pending), chunk_size):
+            idx = pending[start:start + chunk_size]
+            t0 = time.perf_counter()
+            rows_out, maps, probs = _infer_chunk(
+                ws, model, meta, dev, np.asarray(images["row"])[idx], batch_size, workers, pb,
+                ckpt,
+            )
+            map_shape = maps.shape[-2:]
+            columns = _box_columns(
+                round_, ids[idx], probs, maps, config["threshold"],
+                np.asarray(images["orig_width"])[idx], np.asarray(images["orig_height"])[idx],
+            )
+            compute_s += time.perf_counter() - t0
+            # Maps first, then rows: an image that has rows is complete on resume.
+            ws.store.write_cams(round_, rows_out, maps, n_store)
+            with ws.catalog.connect() as con:
+                insert_columns(con, "cam_boxes", columns, replace=True)
+            computed += len(idx)
+    summary = _summarise(ws, round_, ids)
+    seconds = time.perf_counter() - started
+    summary.update(
+        round=round_, split=config["split"], threshold=config["threshold"],
+        checkpoint=str(ckpt), computed=computed, reused=len(ids) - computed,
+        map_size=list(map_shape) if map_shape is not None else _stored_map_size(ws, round_),
+        errors=run.n_errors, seconds=round(seconds, 3),
+        images_per_s=round(computed / compute_s, 2) if compute_s > 0 else None,
+        device=str(dev),
+    )
+    return summary
+
+
+def _infer_chunk(
+    ws: Workspace, model: torch.nn.Module, meta: dict[str, Any], dev: torch.device,
+    rows: np.ndarray, batch_size: int, workers: int, pb: Any, ckpt: Path,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(store rows, float16 maps k x F x h x w, probabilities k x F) of some store rows.
+
+    Non-finite logits stop the stage: pixels are uint8, so NaN/inf can only come from the
+    weights (a diverged training run), and a made-up probability would poison evaluate's AUC.
+    """
+    dataset = StoreDataset(ws.store.path, rows, np.zeros((len(rows), len(FINDINGS)), np.float32),
+                           augment=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=dev.type == "cuda")
+    out_rows, out_maps, out_probs = [], [], []
+    try:
+        for batch in loader:
+            x = preprocess(batch["image"], meta, dev)
+            logits, maps = batched_gradcam(model, x)
+            if not torch.isfinite(logits).all():
+                raise CheckpointError(
+                    f"{ckpt}: the model gives non-finite logits (NaN/inf), e.g. for store row "
+                    f"{int(batch['row'][~torch.isfinite(logits).all(dim=1).cpu()][0])}: a "
+                    "diverged training run? retrain this round"
+                )
+            out_rows.append(batch["row"].numpy())
+            # float16 here, before the boxes: the stored map reproduces its box exactly.
+            out_maps.append(maps.to(torch.float16).cpu().numpy())
+            out_probs.append(torch.sigmoid(logits.float()).double().cpu().numpy())
+            pb.update(len(x))
+    finally:
+        # HDF5 refuses to open the store for writing while this process still reads it.
+        dataset.reader.close()
+    return np.concatenate(out_rows), np.concatenate(out_maps), np.concatenate(out_probs)
+
+
+def _box_columns(
+    round_: int, image_ids: np.ndarray, probs: np.ndarray, maps: np.ndarray, frac: float,
+    orig_w: np.ndarray, orig_h: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """``cam_boxes`` columns for a chunk: one row per (image, finding), boxes in original px."""
+    k, n_f, map_h, map_w = maps.shape
+    n = k * n_f
+    found = maps_to_boxes(maps.reshape(n, map_h, map_w), frac)
+    boxes = np.full((n, 4), np.nan)
+    has = np.array([mb.box is not None for mb in found], dtype=bool)
+    if has.any():
+        # map pixel -> original pixel: the map spans the whole image on both axes
+        image = np.repeat(np.arange(k), n_f)[has]
+        boxes[has] = scale_xywh(np.array([mb.box for mb in found if mb.box is not None]),
+                                (orig_w[image] / map_w), (orig_h[image] / map_h))
+    peak = np.array([mb.peak for mb in found], dtype=np.float64)
+    mass = np.array([mb.mass for mb in found], dtype=np.float64)
+    reason = np.array([mb.reason for mb in found], dtype=object)
+
+    # NaN becomes NULL in DuckDB's numpy scan; say so explicitly with masked arrays.
+    def col(a: np.ndarray) -> np.ma.MaskedArray:
+        return np.ma.masked_invalid(a)
+
+    return {
+        "round": np.full(n, round_, dtype=np.int32),
+        "image_id": np.repeat(np.asarray(image_ids, dtype=object), n_f),
+        "finding": np.tile(np.asarray(FINDINGS[:n_f], dtype=object), k),
+        "probability": probs.reshape(n).astype(np.float64),
+        "x": col(boxes[:, 0]), "y": col(boxes[:, 1]), "w": col(boxes[:, 2]),
+        "h": col(boxes[:, 3]), "peak": col(peak), "mass": col(mass), "reason": reason,
+    }
+
+
+def _summarise(ws: Workspace, round_: int, image_ids: np.ndarray) -> dict[str, Any]:
+    """Box counts over all requested images of the round (this run's and earlier chunks')."""
+    with ws.catalog.connect(read_only=True) as con:
+        con.register("requested", {"image_id": np.asarray(image_ids, dtype=object)})
+        rows = con.execute(
+            "SELECT reason, count(*) FROM cam_boxes WHERE round = ? AND image_id IN "
+            "(SELECT image_id FROM requested) GROUP BY reason", [round_],
+        ).fetchall()
+    reasons = {str(r): int(c) for r, c in rows if r is not None}
+    boxes = sum(int(c) for r, c in rows if r is None)
+    return {"images": len(image_ids), "boxes": boxes, "empty_maps": sum(reasons.values()),
+            "no_box_reasons": dict(Counter(reasons).most_common())}
+
+
+def _stored_map_size(ws: Workspace, round_: int) -> list[int] | None:
+    if not ws.store.has_cams(round_):
+        return None
+    with ws.store.open("r") as f:
+        return list(f[cam_key(round_)].shape[-2:])
+
+
+def read_state(ws: Workspace, round_: int) -> dict[str, Any] | None:
+    """Checkpoint hash, threshold and method the round's stored maps/boxes were made with."""
+    rows = ws.catalog.query("SELECT value FROM meta WHERE key = ?", [_state_key(round_)])
+    return json.loads(rows[0][0]) if rows else None
+
+

@@ -1,0 +1,473 @@
+"""Reading the NIH ChestX-ray14 release the way users actually have it on disk.
+
+What is accepted (see docs/data.md):
+- images flat in ``DIR/images/*.png`` (what the official ``images_0NN.tar.gz`` unpack to), or
+  the widely used mirror layout ``DIR/images_001/images/ .. DIR/images_012/images/`` (also
+  ``DIR/images_0NN/*.png``); any mix of those;
+- labels in ``Data_Entry_2017_v2020.csv`` (preferred: the 2020 relabelling) or the original
+  ``Data_Entry_2017.csv`` (same columns plus a trailing empty one);
+- ``BBox_List_2017.csv`` (header ``Image Index,Finding Label,Bbox [x,y,w,h],,,``; rows of six
+  fields; ``Infiltrate`` means Infiltration), optional;
+- ``train_val_list.txt`` / ``test_list.txt`` (the official patient-level split), optional.
+
+The CSVs are parsed strictly: a row we cannot read stops ``prepare`` with ``file:line: why``
+before anything is written, because silently dropping label rows would bias every metric.
+Images, on the other hand, are expected to be partly missing (people download a few of the
+twelve archives): a CSV row without its PNG is counted as "missing", never an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import signal
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kacl_cli.errors import InputError
+from kacl_cli.findings import FINDINGS, NO_FINDING, normalise_finding
+from kacl_cli.imageio import load_for_store
+
+LABEL_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
+BBOX_FILE = "BBox_List_2017.csv"
+TRAIN_VAL_LIST = "train_val_list.txt"
+TEST_LIST = "test_list.txt"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+# Columns of Data_Entry_2017*.csv, by position (the header splits "OriginalImage[Width,Height]"
+# into two cells, so names are useless; positions are what both revisions share).
+N_ENTRY_COLUMNS = 11
+N_BBOX_COLUMNS = 6
+
+
+@dataclass(slots=True)
+class Entry:
+    """One row of the label file."""
+
+    image_id: str
+    findings: tuple[str, ...]  # canonical names, FINDINGS order; empty = "No Finding"
+    follow_up: int | None
+    patient_id: str
+    age: int | None
+    sex: str | None
+    view_position: str | None
+    csv_width: int | None  # the CSV's (pre-resize) original size; informational only
+    csv_height: int | None
+    spacing_x: float | None
+    spacing_y: float | None
+    line: int  # 1-based line in the CSV, for messages
+
+
+@dataclass(frozen=True)
+class Box:
+    finding: str
+    x: float
+    y: float
+    w: float
+    h: float
+
+
+@dataclass
+class NihRelease:
+    """Everything ``prepare`` needs from one NIH folder, already validated."""
+
+    root: Path
+    labels_file: Path
+    entries: list[Entry]
+    boxes: dict[str, list[Box]]
+    bbox_file: Path | None
+    train_val: set[str] | None
+    test: set[str] | None
+    images: dict[str, Path]  # file name -> path, over every supported layout
+    file_hashes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_official_split(self) -> bool:
+        return self.train_val is not None and self.test is not None
+
+
+# -- small parsers -------------------------------------------------------------------------
+def _err(path: Path, line: int, msg: str) -> InputError:
+    return InputError(f"{path}:{line}: {msg}")
+
+
+def _int(value: str, path: Path, line: int, what: str, *, allow_empty: bool) -> int | None:
+    if value.isdigit():  # the common case, 100k times per file: skip the general path
+        return int(value)
+    v = value.strip()
+    if not v:
+        if allow_empty:
+            return None
+        raise _err(path, line, f"empty {what}")
+    # Ages in some copies of the original file read like "058Y".
+    if what == "Patient Age" and v[-1:] in ("Y", "y"):
+        v = v[:-1]
+    try:
+        f = float(v)
+    except ValueError:
+        raise _err(path, line, f"{what} {value!r} is not a number") from None
+    if not f.is_integer():
+        raise _err(path, line, f"{what} {value!r} is not a whole number")
+    return int(f)
+
+
+def _float(value: str, path: Path, line: int, what: str, *, allow_empty: bool) -> float | None:
+    try:
+        f = float(value)
+    except ValueError:
+        if not value.strip():
+            if allow_empty:
+                return None
+            raise _err(path, line, f"empty {what}") from None
+        raise _err(path, line, f"{what} {value!r} is not a number") from None
+    if f != f or f in (float("inf"), float("-inf")):
+        raise _err(path, line, f"{what} {value!r} is not finite")
+    return f
+
+
+def _rows(path: Path) -> Iterable[tuple[int, list[str]]]:
+    """(line number, fields) of a CSV, turning csv/encoding failures into a located error."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    raise _err(path, reader.line_num, f"unreadable CSV row ({exc})") from None
+                yield reader.line_num, row
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _check_extra_empty(row: list[str], n: int, path: Path, line: int) -> None:
+    if len(row) < n:
+        raise _err(path, line, f"expected {n} columns, found {len(row)}")
+    extra = [c for c in row[n:] if c.strip()]
+    if extra:
+        raise _err(path, line, f"expected {n} columns, found {len(row)} (extra: {extra[0]!r})")
+
+
+def parse_labels(value: str, path: Path, line: int) -> tuple[str, ...]:
+    """'A|B' -> canonical findings in FINDINGS order; 'No Finding' -> ()."""
+    parts = [p.strip() for p in value.split("|") if p.strip()]
+    if not parts:
+        raise _err(path, line, "empty Finding Labels")
+    if parts == [NO_FINDING]:
+        return ()
+    found = set()
+    for p in parts:
+        if p == NO_FINDING:
+            raise _err(path, line, f"'No Finding' combined with findings in {value!r}")
+        try:
+            found.add(normalise_finding(p))
+        except KeyError:
+            raise _err(path, line, f"unknown finding {p!r} in Finding Labels") from None
+    return tuple(f for f in FINDINGS if f in found)
+
+
+def _records(path: Path, header: tuple[str, str], kind: str) -> Iterator[tuple[int, list[str]]]:
+    """(line, fields) of the data rows of an NIH CSV whose first two header names are
+    ``header`` (case-insensitive); blank lines carry nothing (e.g. a trailing newline pair)."""
+    header_seen = False
+    for line, row in _rows(path):
+        if not any(row):
+            continue
+        if header_seen:
+            yield line, row
+        elif [c.strip().lower() for c in row[:2]] == [h.lower() for h in header]:
+            header_seen = True
+        else:
+            raise _err(path, line, f"not an NIH {kind} file (header must start with "
+                                   f"'{header[0]},{header[1]}')")
+    if not header_seen:
+        raise InputError(f"{path}: empty {kind} file")
+
+
+def read_data_entry(path: Path) -> list[Entry]:
+    """Parse ``Data_Entry_2017*.csv`` strictly (see module docstring).
+
+    Written for speed as well (112k rows on every prepare): label strings are parsed once per
+    distinct combination, and numbers take a fast path.
+    """
+    path = Path(path)
+    entries: list[Entry] = []
+    seen: dict[str, int] = {}
+    label_cache: dict[str, tuple[str, ...]] = {}
+    for line, row in _records(path, ("Image Index", "Finding Labels"), "label"):
+        if len(row) != N_ENTRY_COLUMNS:
+            _check_extra_empty(row, N_ENTRY_COLUMNS, path, line)
+        image_id = row[0].strip()
+        if not image_id:
+            raise _err(path, line, "empty Image Index")
+        if image_id in seen:
+            raise _err(path, line, f"duplicate Image Index {image_id!r} (first on line "
+                                   f"{seen[image_id]})")
+        seen[image_id] = line
+        patient = row[3].strip()
+        if not patient:
+            raise _err(path, line, "empty Patient ID")
+        if patient.isdigit():
+            patient = str(int(patient))  # "00001" and "1" are the same patient
+        findings = label_cache.get(row[1])
+        if findings is None:
+            findings = label_cache[row[1]] = parse_labels(row[1], path, line)
+        entries.append(Entry(
+            image_id,
+            findings,
+            _int(row[2], path, line, "Follow-up #", allow_empty=True),
+            patient,
+            _int(row[4], path, line, "Patient Age", allow_empty=True),
+            row[5].strip() or None,
+            row[6].strip() or None,
+            _int(row[7], path, line, "OriginalImage Width", allow_empty=True),
+            _int(row[8], path, line, "OriginalImage Height", allow_empty=True),
+            _float(row[9], path, line, "pixel spacing x", allow_empty=True),
+            _float(row[10], path, line, "pixel spacing y", allow_empty=True),
+            line,
+        ))
+    return entries
+
+
+def read_bbox_list(path: Path) -> dict[str, list[Box]]:
+    """Parse ``BBox_List_2017.csv``: image id -> boxes (original pixels, x/y top-left)."""
+    path = Path(path)
+    boxes: dict[str, list[Box]] = {}
+    for line, row in _records(path, ("Image Index", "Finding Label"), "box"):
+        _check_extra_empty(row, N_BBOX_COLUMNS, path, line)
+        image_id = row[0].strip()
+        if not image_id:
+            raise _err(path, line, "empty Image Index")
+        try:
+            finding = normalise_finding(row[1])
+        except KeyError:
+            raise _err(path, line, f"unknown finding {row[1].strip()!r}") from None
+        x, y, w, h = (
+            _float(v, path, line, name, allow_empty=False)
+            for v, name in zip(row[2:6], ("box x", "box y", "box w", "box h"), strict=True)
+        )
+        if w <= 0 or h <= 0:  # type: ignore[operator]
+            raise _err(path, line, f"box has no area (w={w}, h={h})")
+        boxes.setdefault(image_id, []).append(Box(finding, x, y, w, h))  # type: ignore[arg-type]
+    return boxes
+
+
+def read_list(path: Path) -> set[str]:
+    """One image id per line (``train_val_list.txt`` / ``test_list.txt``)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from None
+    return {s.strip() for s in text.splitlines() if s.strip()}
+
+
+# -- the folder ----------------------------------------------------------------------------
+def image_dirs(root: Path) -> list[Path]:
+    """The image folders of every supported layout under ``root``, in a stable order."""
+    root = Path(root)
+    dirs = []
+    if (root / "images").is_dir():
+        dirs.append(root / "images")
+    for d in sorted(root.glob("images_*")):
+        if not d.is_dir():
+            continue
+        dirs.append(d / "images" if (d / "images").is_dir() else d)
+    return dirs
+
+
+def scan_images(root: Path) -> dict[str, Path]:
+    """File name -> path of every image under the supported layouts (first one wins).
+
+    ``os.scandir`` rather than ``glob``: the full release is 112k files and this runs on every
+    invocation (it is part of the input fingerprint).
+    """
+    found: dict[str, Path] = {}
+    for d in image_dirs(root):
+        with os.scandir(d) as it:
+            for e in it:
+                if e.name.lower().endswith(IMAGE_SUFFIXES) and e.name not in found:
+                    found[e.name] = Path(e.path)
+    return found
+
+
+def file_sha(path: Path) -> str:
+    """Content hash of a (small) input file, for the input fingerprint."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def find_labels_file(root: Path) -> Path:
+    for name in LABEL_FILES:
+        if (Path(root) / name).is_file():
+            return Path(root) / name
+    raise InputError(
+        f"{root}: no label file ({' or '.join(LABEL_FILES)}); point --nih-dir at the folder "
+        "that holds the NIH CSVs and images/"
+    )
+
+
+@dataclass
+class Inputs:
+    """The cheap survey of an NIH folder: which files are there, their hashes, the images.
+
+    Enough for the input fingerprint, so a finished prepare is skipped without parsing 112k
+    CSV rows.
+    """
+
+    root: Path
+    labels_file: Path
+    bbox_file: Path | None
+    has_lists: bool
+    file_hashes: dict[str, str]
+    images: dict[str, Path]
+
+
+def survey(root: Path) -> Inputs:
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"--nih-dir {root}: no such directory")
+    labels_file = find_labels_file(root)
+    hashes = {labels_file.name: file_sha(labels_file)}
+    bbox_file = root / BBOX_FILE if (root / BBOX_FILE).is_file() else None
+    if bbox_file is not None:
+        hashes[bbox_file.name] = file_sha(bbox_file)
+    has_lists = (root / TRAIN_VAL_LIST).is_file() and (root / TEST_LIST).is_file()
+    if has_lists:
+        hashes[TRAIN_VAL_LIST] = file_sha(root / TRAIN_VAL_LIST)
+        hashes[TEST_LIST] = file_sha(root / TEST_LIST)
+    return Inputs(root, labels_file, bbox_file, has_lists, hashes, scan_images(root))
+
+
+def read_release(root: Path | Inputs) -> NihRelease:
+    """Read and validate an NIH folder (labels, boxes, split lists, image listing)."""
+    inputs = root if isinstance(root, Inputs) else survey(root)
+    r = inputs.root
+    entries = read_data_entry(inputs.labels_file)
+    boxes = read_bbox_list(inputs.bbox_file) if inputs.bbox_file is not None else {}
+    train_val = read_list(r / TRAIN_VAL_LIST) if inputs.has_lists else None
+    test = read_list(r / TEST_LIST) if inputs.has_lists else None
+    return NihRelease(root=r, labels_file=inputs.labels_file, entries=entries, boxes=boxes,
+                      bbox_file=inputs.bbox_file, train_val=train_val, test=test,
+                      images=inputs.images, file_hashes=inputs.file_hashes)
+
+
+# -- splits --------------------------------------------------------------------------------
+def patient_uniform(patient_id: str, seed: int) -> float:
+    """A seeded number in [0, 1) per patient.
+
+    Hash-based instead of shuffling the patient list: a patient's split then does not depend on
+    which other patients happen to be downloaded (partial downloads, ``--limit``, adding
+    archives later all keep every earlier image's split).
+    """
+    digest = hashlib.blake2b(f"{seed}:{patient_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def assign_splits(
+    entries: list[Entry],
+    mode: str,
+    seed: int,
+    *,
+    test_ids: set[str] | None = None,
+    val_fraction: float = 0.1,
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+) -> dict[str, str]:
+    """image_id -> train | val | test, with every patient in exactly one split.
+
+    ``official``: a patient is in test if any of their images is in ``test_list.txt`` (the
+    official lists are patient-disjoint, so this only matters for inconsistent copies); the
+    other patients are train, and a seeded ``val_fraction`` of them is carved out as val.
+    ``random``: seeded patient-level 70/10/20 (``fractions``).
+    """
+    if mode == "official":
+        if test_ids is None:
+            raise InputError("official split needs train_val_list.txt and test_list.txt "
+                             "(use --split random)")
+        test_patients = {e.patient_id for e in entries if e.image_id in test_ids}
+
+        def split_of(patient: str) -> str:
+            if patient in test_patients:
+                return "test"
+            return "val" if patient_uniform(patient, seed) < val_fraction else "train"
+    elif mode == "random":
+        tr, va, _ = fractions
+
+        def split_of(patient: str) -> str:
+            u = patient_uniform(patient, seed)
+            return "train" if u < tr else "val" if u < tr + va else "test"
+    else:
+        raise InputError(f"unknown split {mode!r}: expected official or random")
+    cache: dict[str, str] = {}
+    for e in entries:
+        if e.patient_id not in cache:
+            cache[e.patient_id] = split_of(e.patient_id)
+    _fill_empty_splits(cache, seed, mode, val_fraction, fractions)
+    return {e.image_id: cache[e.patient_id] for e in entries}
+
+
+def _fill_empty_splits(by_patient: dict[str, str], seed: int, mode: str,
+                       val_fraction: float, fractions: tuple[float, float, float]) -> None:
+    """On tiny files a hashed 10% can be nobody: move the patient nearest to the empty split's
+    hash range there (from the largest split, which keeps at least one patient).
+
+    Only ever triggers when a split is empty, so real-sized data keeps the pure hash rule.
+    """
+    if mode == "official":
+        ranges = {"val": (0.0, val_fraction)}
+        donors = ["train"]  # test comes from the official list, never moved
+    else:
+        tr, va, _ = fractions
+        ranges = {"val": (tr, tr + va), "test": (tr + va, 1.0)}
+        donors = ["train", "val", "test"]
+    for split, (lo, hi) in ranges.items():
+        if split in by_patient.values():
+            continue
+        groups = {d: [p for p, s in by_patient.items() if s == d] for d in donors if d != split}
+        donor = max(groups, key=lambda d: len(groups[d]))
+        if len(groups[donor]) < 2:
+            continue
+        dist = {p: max(lo - u, u - hi, 0.0)
+                for p in groups[donor] for u in (patient_uniform(p, seed),)}
+        by_patient[min(groups[donor], key=dist.__getitem__)] = split
+
+
+# -- decoding (the unit of work of prepare's worker processes) -----------------------------
+@dataclass
+class Decoded:
+    index: int
+    pixels: np.ndarray | None  # size x size uint8, None when the file could not be read
+    width: int  # of the decoded source image
+    height: int
+    reason: str | None
+
+
+def decode_job(job: tuple[int, str, int]) -> Decoded:
+    """Decode + resize one file; failures come back as a reason, never as an exception.
+
+    Lives here (not in ingest) so worker processes import only this light module.
+    """
+    index, path, size = job
+    try:
+        pixels, w, h = load_for_store(path, size)
+    except InputError as exc:
+        return Decoded(index, None, 0, 0, str(exc))
+    except Exception as exc:  # a decoder bug on one odd file must not kill the whole ingest
+        return Decoded(index, None, 0, 0, f"{path}: cannot decode ({type(exc).__name__}: {exc})")
+    return Decoded(index, pixels, w, h, None)
+
+
+def worker_init() -> None:
+    """Pool workers leave Ctrl-C to the main process, which stops the pool and reports once
+    (instead of every worker printing a KeyboardInterrupt traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

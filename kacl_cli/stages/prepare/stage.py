@@ -1,0 +1,503 @@
+"""``prepare``'s engine: an NIH folder (real, or phantoms written in the same layout) -> workspace.
+
+Flow: read and validate the CSVs (nothing is written when they are malformed) -> assign splits
+over *all* CSV rows (so a patient's split never depends on what is downloaded) -> decode and
+resize the images present, in worker processes, in CSV order -> the main process commits every
+chunk: pixels into ``store.h5`` first (written and flushed), then that chunk's ``images``,
+``labels`` and ``gt_boxes`` rows in one catalog transaction.
+
+Why that order resumes exactly: a chunk is "done" only once its catalog rows exist, and those
+are committed after its pixels. A killed run leaves at most pixels past the catalog's last row;
+the re-run skips image ids already in the catalog, starts writing at ``max(row) + 1`` and so
+overwrites (and trims) those orphan rows. Same CSV order + same skip set = the same rows as an
+uninterrupted run.
+
+Missing vs error: a CSV row whose image file is absent is "missing" (partial downloads are
+normal; counted, not an error). A file that exists but cannot be decoded (corrupt, zero-byte,
+not an image) is an ``errors`` row with the reason; everything else is still ingested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kacl_cli.catalog import insert_rows
+from kacl_cli.errors import InputError, KaclError
+from kacl_cli.findings import FINDINGS
+from kacl_cli.progress import bar
+from kacl_cli.sharding.merge import file_lock
+from kacl_cli.stages.prepare import nih, phantoms
+from kacl_cli.stages.prepare.nih import Decoded, decode_job
+from kacl_cli.workspace import StageRun, Workspace, config_hash, stable_json
+
+STAGE = "prepare"
+DATASET_KEY = "prepare_dataset"  # meta row: what the workspace's images are (see _claim)
+DEFAULT_CHUNK = 256  # images per commit: fewer commits cost less CPU beside the decoders
+VAL_FRACTION = 0.1
+MAX_AUTO_WORKERS = 8
+
+ChunkHook = Callable[[int, str], None]
+"""Test hook: called with (chunk index, "stored" | "committed") after each step of a chunk."""
+
+
+def auto_workers(workers: int) -> int:
+    """``0`` = one worker per usable CPU core (the affinity mask a batch scheduler grants, not
+    the machine's count), capped: past ~8 decoders the single writer becomes the limit."""
+    if workers > 0:
+        return workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_AUTO_WORKERS, cores or 1))
+
+
+# -- decoding ------------------------------------------------------------------------------
+class Decoders:
+    """The decode pool, started in a background thread as soon as prepare knows it will work.
+
+    Starting workers takes a few hundred ms; meanwhile the main process parses the CSVs and
+    does its catalog bookkeeping, so on small runs the start-up is not added to the wall time.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            self._pool = pool(self.workers)
+        except BaseException as exc:  # re-raised in the main thread by get()
+            self._error = exc
+
+    def get(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._pool
+
+    def close(self) -> None:
+        self._thread.join()
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> Decoders:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _decoded_stream(jobs: list[tuple[int, str, int]], decoders: Decoders | None
+                    ) -> Iterator[Decoded]:
+    """Decoded images in job order: in-process, or through ``decoders`` (see :func:`pool`).
+
+    ``Pool.imap`` would queue all 112k jobs at once and buffer every result the main process
+    has not consumed yet; a semaphore around the job feed bounds what is in flight (memory
+    stays flat even when store writes are slower than decoding).
+    """
+    if decoders is None or len(jobs) < 2:
+        for job in jobs:
+            yield decode_job(job)
+        return
+    slots = threading.Semaphore(decoders.workers * 16)
+    stop = threading.Event()
+
+    def feed() -> Iterator[tuple[int, str, int]]:
+        for job in jobs:
+            while not slots.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            if stop.is_set():
+                return
+            yield job
+
+    try:
+        for d in decoders.get().imap(decode_job, feed(), chunksize=4):
+            slots.release()
+            yield d
+    finally:
+        stop.set()  # unblock the feeder so the pool can shut down
+
+
+def pool(workers: int, preload: tuple[str, ...] = ("kacl_cli.stages.prepare.nih",)):
+    """A process pool that starts fast and safely.
+
+    Not ``fork``: the parent holds DuckDB/HDF5/tqdm threads, and forking those is how pools
+    deadlock. Not plain ``spawn`` either: it re-imports the ``kacl`` entry script (the whole CLI,
+    torch included) in every worker, seconds each. A forkserver that preloads only the light
+    decode module gives both.
+    """
+    methods = mp.get_all_start_methods()
+    if "forkserver" in methods:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(list(preload))
+    else:  # pragma: no cover - Windows
+        ctx = mp.get_context("spawn")
+    return ctx.Pool(workers, initializer=nih.worker_init)
+
+
+# -- workspace bookkeeping -----------------------------------------------------------------
+DERIVED_TABLES = ("cam_boxes", "rois", "radiomics", "radiomics_stats", "box_supervision",
+                  "metrics")
+
+def wipe_images(ws: Workspace) -> None:
+    """Remove every prepared image (``--force``): store file and image/label/box rows.
+
+    The whole store goes, not just ``/images``: Grad-CAM maps in it are indexed by row and
+    would silently belong to other images afterwards. For the same reason every table derived
+    from the images (CAM boxes, ROIs, radiomics, metrics, box supervision) is emptied, so the
+    downstream stages recompute instead of skipping on rows of the old data. Checkpoints stay:
+    pretrain's data fingerprint decides whether they still fit.
+    """
+    if ws.store.path.exists():
+        ws.store.path.unlink()
+    if ws.catalog.path.exists():
+        with ws.catalog.connect() as con:
+            con.execute("BEGIN")
+            for table in ("images", "labels", "gt_boxes") + DERIVED_TABLES:
+                con.execute(f"DELETE FROM {table}")
+            con.execute("DELETE FROM meta WHERE key = ? OR key LIKE 'cam:%'", [DATASET_KEY])
+            con.execute("COMMIT")
+
+
+def _claim(ws: Workspace, identity: dict[str, Any]) -> None:
+    """Record what dataset this workspace holds; refuse to mix two datasets in one store.
+
+    Resuming, or adding images of a growing download, keeps the identity (it excludes the image
+    listing and --limit); another folder, size, split or label file needs ``--force``.
+    """
+    want = stable_json(identity)
+    with ws.catalog.connect() as con:
+        row = con.execute("SELECT value FROM meta WHERE key = ?", [DATASET_KEY]).fetchone()
+        n = con.execute("SELECT count(*) FROM images").fetchone()[0]
+        if row is not None and row[0] != want and n > 0:
+            have = json.loads(row[0])
+            diff = sorted(k for k in set(have) | set(identity) if have.get(k) != identity.get(k))
+            raise KaclError(
+                f"workspace {ws.root} already holds {n} images prepared with other settings "
+                f"({', '.join(diff)} differ); use --force to rebuild it, or another --workspace"
+            )
+        if row is None and n > 0:
+            raise KaclError(f"workspace {ws.root} holds {n} images of unknown origin; "
+                            "use --force to rebuild it, or another --workspace")
+        con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [DATASET_KEY, want])
+
+
+def dataset_fingerprint(ws: Workspace) -> str:
+    """A short hash of what ``prepare`` put in this workspace (settings + image count).
+
+    For downstream stages' input fingerprints: it changes when the data is rebuilt (``--force``)
+    or grows, so their finished runs are then no longer skipped.
+    """
+    rows = ws.catalog.query("SELECT value FROM meta WHERE key = ?", [DATASET_KEY])
+    n = ws.catalog.count("images")
+    return hashlib.sha256(f"{rows[0][0] if rows else ''}|{n}".encode()).hexdigest()[:16]
+
+
+def _commit_rows(ws: Workspace, images: list[tuple], labels: list[tuple],
+                 boxes: list[tuple]) -> None:
+    """One transaction per chunk: a chunk is either fully in the catalog or not at all."""
+    with ws.catalog.connect() as con:
+        con.execute("BEGIN")
+        for table, rows in (("images", images), ("labels", labels), ("gt_boxes", boxes)):
+            insert_rows(con, table, rows)
+        con.execute("COMMIT")
+
+
+# -- the ingest ----------------------------------------------------------------------------
+def ingest_release(
+    ws: Workspace,
+    release: nih.NihRelease,
+    run: StageRun,
+    *,
+    size: int,
+    split: str = "official",
+    seed: int = 0,
+    limit: int | None = None,
+    decoders: Decoders | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    on_chunk: ChunkHook | None = None,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Ingest the images of ``release`` present on disk into ``ws`` (resumable; see module).
+
+    ``decoders``: a started worker pool, or None to decode in this process.
+    ``shard=(i, n)``: only shard i's images (``kacl_cli.sharding.merge``; ``ws`` is then its part).
+    """
+    t0 = time.perf_counter()
+    if split == "official" and not release.has_official_split:
+        raise InputError(
+            f"{release.root}: no train_val_list.txt/test_list.txt for the official split; "
+            "add them or use --split random"
+        )
+    splits = nih.assign_splits(release.entries, split, seed, test_ids=release.test,
+                               val_fraction=VAL_FRACTION)
+    present = [e for e in release.entries if e.image_id in release.images]
+    missing = len(release.entries) - len(present)
+    listed = {e.image_id for e in release.entries}
+    unlisted = sum(1 for name in release.images if name not in listed)
+    over_limit = 0
+    if limit is not None and len(present) > limit:
+        over_limit = len(present) - limit
+        present = present[:limit]
+    if shard is not None:  # one slice of what an unsharded run ingests; splits stay global
+        from kacl_cli.sharding.merge import take_prepare_items
+
+        present = take_prepare_items(ws, present, shard)
+
+    with ws.catalog.connect(read_only=True) as con:
+        done = {r[0] for r in con.execute("SELECT image_id FROM images").fetchall()}
+        max_row = con.execute("SELECT max(row) FROM images").fetchone()[0]
+    next_row = 0 if max_row is None else int(max_row) + 1
+    stored = ws.store.n_rows()
+    if stored < next_row:
+        raise KaclError(f"store {ws.store.path} has {stored} images but the catalog expects "
+                        f"{next_row}; run `kacl prepare --force` to rebuild")
+    if stored > next_row:  # orphan pixels of a killed run: trim them now
+        if next_row == 0:
+            ws.store.path.unlink()  # nothing committed (maybe even another --size): start over
+        else:
+            ws.store.write_images(next_row, np.empty((0, size, size), np.uint8), size)
+
+    todo = [e for e in present if e.image_id not in done]
+    already = len(present) - len(todo)
+    jobs = [(i, str(release.images[e.image_id]), size) for i, e in enumerate(todo)]
+    ingested = failed = 0
+    chunk_index = 0
+    buf: list[tuple[nih.Entry, Decoded]] = []
+
+    def commit() -> None:
+        nonlocal next_row, ingested, failed, chunk_index
+        good = [(e, d) for e, d in buf if d.pixels is not None]
+        bad = [(e.image_id, d.reason or "unreadable") for e, d in buf if d.pixels is None]
+        if good:
+            ws.store.write_images(next_row, np.stack([d.pixels for _, d in good]), size)
+            if on_chunk:
+                on_chunk(chunk_index, "stored")
+            img_rows, lab_rows, box_rows = [], [], []
+            for k, (e, d) in enumerate(good):
+                img_rows.append(_image_row(e, d, next_row + k, splits[e.image_id],
+                                           str(release.images[e.image_id])))
+                has = set(e.findings)
+                lab_rows.append((e.image_id, *[f in has for f in FINDINGS], not has))
+                for b in release.boxes.get(e.image_id, ()):
+                    box_rows.append((e.image_id, b.finding, b.x, b.y, b.w, b.h))
+            _commit_rows(ws, img_rows, lab_rows, box_rows)
+            if on_chunk:
+                on_chunk(chunk_index, "committed")
+        run.errors(bad)
+        next_row += len(good)
+        ingested += len(good)
+        failed += len(bad)
+        chunk_index += 1
+        buf.clear()
+
+    with bar(len(todo), "prepare") as pb:
+        for d in _decoded_stream(jobs, decoders):
+            buf.append((todo[d.index], d))
+            pb.update(1)
+            if len(buf) >= chunk_size:
+                commit()
+        if buf:
+            commit()
+
+    seconds = time.perf_counter() - t0
+    with ws.catalog.connect(read_only=True) as con:
+        counts = dict(con.execute("SELECT split, count(*) FROM images GROUP BY split").fetchall())
+        n_boxes, n_box_images = con.execute(
+            "SELECT count(*), count(DISTINCT image_id) FROM gt_boxes").fetchone()
+    return {
+        "source": str(release.root),
+        "labels_file": release.labels_file.name,
+        "size": size,
+        "split": split,
+        "csv_rows": len(release.entries),
+        "missing": missing,
+        "unlisted": unlisted,
+        "over_limit": over_limit,
+        "ingested": ingested,
+        "skipped_existing": already,
+        "failed": failed,
+        "images": int(sum(counts.values())),
+        "train": int(counts.get("train", 0)),
+        "val": int(counts.get("val", 0)),
+        "test": int(counts.get("test", 0)),
+        "gt_boxes": int(n_boxes),
+        "images_with_boxes": int(n_box_images),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(ingested / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def _image_row(e: nih.Entry, d: Decoded, row: int, split: str, path: str) -> tuple:
+    """The ``images`` row; pixel spacing is converted to the decoded image's pixels.
+
+    The CSV's spacing is per pixel of the *scanner's* image (OriginalImage[Width,Height], e.g.
+    2500 x 2048); the released PNG was resized to 1024, so one PNG pixel is wider by
+    csv_width / png_width. Unknown when the CSV lacks the size.
+    """
+    sx = sy = None
+    if e.spacing_x is not None and e.csv_width:
+        sx = e.spacing_x * e.csv_width / d.width
+    if e.spacing_y is not None and e.csv_height:
+        sy = e.spacing_y * e.csv_height / d.height
+    return (e.image_id, row, e.patient_id, split, e.follow_up, e.view_position, e.age, e.sex,
+            d.width, d.height, sx, sy, os.path.abspath(path))
+
+
+def _finish(ws: Workspace, run: StageRun, summary: dict[str, Any]) -> dict[str, Any]:
+    """Close the run: exit-1 failure when the workspace ends up with no images at all."""
+    summary["errors"] = run.n_errors
+    if summary["images"] == 0:
+        why = ("none of the images could be read (see the errors table)" if summary["failed"]
+               else f"none of the {summary['csv_rows']} images listed in "
+                    f"{summary['labels_file']} were found under {summary['source']}"
+                    "/images or images_0NN/images")
+        run.fail(why)
+        raise KaclError(f"nothing ingested: {why}")
+    run.finish(summary)
+    return summary
+
+
+def _fingerprint(inputs: nih.Inputs) -> str:
+    names = hashlib.sha256("\n".join(sorted(inputs.images)).encode()).hexdigest()[:16]
+    return config_hash({"files": inputs.file_hashes, "n_images": len(inputs.images),
+                        "names": names})
+
+
+def prepare_nih(
+    ws: Workspace,
+    nih_dir: Path,
+    *,
+    size: int = 256,
+    limit: int | None = None,
+    workers: int = 1,
+    split: str = "official",
+    seed: int = 0,
+    force: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    on_chunk: ChunkHook | None = None,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """``kacl prepare --nih-dir``: returns the summary (``skipped: True`` when already done)."""
+    _check_size(size)
+    if limit is not None and limit < 1:
+        raise InputError("--limit must be at least 1")
+    root = Path(nih_dir).resolve()
+    inputs = nih.survey(root)
+    config = {"source": "nih", "nih_dir": str(root), "size": size, "split": split,
+              "seed": seed, "limit": limit, "val_fraction": VAL_FRACTION}
+    fingerprint = _fingerprint(inputs)
+    if not force and ws.exists():  # skip before parsing 112k CSV rows
+        done = ws.find_done(STAGE, None, config_hash(config), fingerprint)
+        if done is not None:
+            return {**done, "skipped": True}
+    with _decoders(workers) as decoders:  # starts while the CSVs are parsed
+        release = nih.read_release(inputs)  # validates the CSVs before anything is written
+        identity = {k: config[k] for k in ("source", "nih_dir", "size", "split", "seed")}
+        identity["labels"] = inputs.file_hashes
+        return _run(ws, config, fingerprint, identity, force, lambda run: ingest_release(
+            ws, release, run, size=size, split=split, seed=seed, limit=limit,
+            decoders=decoders, chunk_size=chunk_size, on_chunk=on_chunk, shard=shard))
+
+
+def _decoders(workers: int) -> Decoders | contextlib.nullcontext:
+    return Decoders(workers) if workers > 1 else contextlib.nullcontext()
+
+
+def prepare_synthetic(
+    ws: Workspace,
+    n: int,
+    size: int = 256,
+    seed: int = 0,
+    difficulty: float = phantoms.DEFAULT_DIFFICULTY,
+    *,
+    enrich: float = 0.0,
+    workers: int = 1,
+    force: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    on_chunk: ChunkHook | None = None,
+    shard: tuple[int, int] | None = None,
+    phantom_root: Path | None = None,
+) -> dict[str, Any]:
+    """``kacl prepare --synthetic N``: phantoms written as an NIH folder under ``WS/phantoms``,
+    then ingested by the very same code as real data. Returns the summary.
+
+    Shards (``ws`` = a part) share one phantom folder (``phantom_root``, the workspace's): the
+    first to arrive generates it under a file lock, the others wait and reuse it.
+    """
+    _check_size(size)
+    if n < 1:
+        raise InputError("--synthetic needs at least 1 image")
+    if not 0.0 <= difficulty <= 1.0:
+        raise InputError(f"--difficulty must be in [0, 1], got {difficulty}")
+    if not 0.0 <= enrich <= 1.0:
+        raise InputError(f"--enrich must be in [0, 1], got {enrich}")
+    config = {"source": "synthetic", "n": n, "size": size, "seed": seed,
+              "difficulty": difficulty, "enrich": enrich,
+              "generator": phantoms.GENERATOR_VERSION, "val_fraction": VAL_FRACTION}
+    root = phantom_root or ws.root / "phantoms"
+
+    def work(run: StageRun) -> dict[str, Any]:
+        expect = {k: config[k] for k in ("n", "size", "seed", "difficulty", "enrich",
+                                         "generator")}
+        generated, t0 = 0, time.perf_counter()
+        with file_lock(root.with_name(root.name + ".lock")):
+            if force or not phantoms.release_is_complete(root, expect):
+                if root.exists():
+                    shutil.rmtree(root)
+                with bar(n, "phantoms") as pb:
+                    phantoms.write_release(root, n, size, seed, difficulty, enrich, workers,
+                                           progress=pb.update)
+                generated = n
+        gen_seconds = round(time.perf_counter() - t0, 2)
+        with _decoders(workers) as decoders:
+            release = nih.read_release(root)
+            summary = ingest_release(ws, release, run, size=size, split="official",
+                                     seed=seed, decoders=decoders, chunk_size=chunk_size,
+                                     on_chunk=on_chunk, shard=shard)
+        summary.update(source="synthetic", phantom_dir=str(root), generated=generated,
+                       generate_seconds=gen_seconds, difficulty=difficulty, enrich=enrich,
+                       seed=seed)
+        return summary
+
+    return _run(ws, config, phantoms.GENERATOR_VERSION, dict(config), force, work)
+
+
+def _check_size(size: int) -> None:
+    if not 16 <= size <= 4096:
+        raise InputError(f"--size must be between 16 and 4096 pixels, got {size}")
+
+
+def _run(ws: Workspace, config: dict[str, Any], fingerprint: str, identity: dict[str, Any],
+         force: bool, work: Callable[[StageRun], dict[str, Any]]) -> dict[str, Any]:
+    ws.init()
+    began = ws.begin(STAGE, config, fingerprint, force=force)
+    if isinstance(began, dict):
+        return {**began, "skipped": True}
+    run = began
+    try:
+        if force:
+            wipe_images(ws)
+        _claim(ws, identity)
+        return _finish(ws, run, work(run))
+    except KaclError as exc:
+        if run.summary == {}:  # not yet closed by _finish
+            run.fail(str(exc))
+        raise
+

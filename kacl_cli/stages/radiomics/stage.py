@@ -1,0 +1,437 @@
+"""The radiomics stage: ROIs of a round -> features in the catalog, and the loader for training.
+
+Flow of :func:`run_radiomics_stage`:
+1. resolve settings (defaults + ``--params``) and the ROI list (:mod:`.rois`);
+2. ``ws.begin`` (an identical finished run is skipped);
+3. write the ROI rows of the processed images, dropping ROIs (and their features) that
+   changed since an earlier run;
+4. compute the ROIs that have no feature row with these settings and this backend yet, in
+   chunks of ``Backend.rois_per_task`` ROIs across ``workers`` processes; each chunk's rows
+   are committed in one transaction, so a killed run resumes where it stopped and never
+   duplicates rows;
+5. per-feature training-split statistics over the positive ROIs (``radiomics_stats``).
+
+Workers read their images from the store themselves (:class:`~kacl_cli.store.ImageReader`)
+and return plain arrays; only the main process writes to the catalog (DuckDB: one writer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kacl_cli import progress
+from kacl_cli.catalog import insert_columns
+from kacl_cli.errors import InputError, KaclError, NotReadyError
+from kacl_cli.stages.radiomics import settings as settings_mod
+from kacl_cli.stages.radiomics.backends.base import BACKENDS, Backend, get_backend
+from kacl_cli.stages.radiomics.backends.pyrad import single_threaded_sitk
+from kacl_cli.stages.radiomics.rois import (
+    DEFAULT_MIN_PROB,
+    ROI_MODES,
+    Roi,
+    build_rois,
+    select_images,
+)
+from kacl_cli.store import ImageReader
+from kacl_cli.workspace import StageRun, Workspace, stable_json
+
+STAGE = "radiomics"
+TRAIN_SPLIT = "train"
+
+
+# -- worker side ----------------------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(store_path: str, backend_name: str, settings: dict[str, Any]) -> None:
+    """Per-process state: one open store reader and one backend (built once, not per chunk)."""
+    single_threaded_sitk()
+    _WORKER["reader"] = ImageReader(Path(store_path))
+    _WORKER["backend"] = get_backend(backend_name)
+    _WORKER["settings"] = settings
+
+
+def _extract_chunk(
+    task: tuple[int, list[int], list[tuple[int, int, int, int]], list[tuple[float, float]]],
+) -> tuple[int, np.ndarray, list[str | None]]:
+    """Features of one chunk: (chunk id, n x F float64, reasons)."""
+    chunk_id, rows, boxes, spacings = task
+    reader: ImageReader = _WORKER["reader"]
+    backend: Backend = _WORKER["backend"]
+    uniq, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+    pixels = reader.batch(uniq)
+    images = [pixels[j] for j in inverse]
+    res = backend.extract(images, boxes, _WORKER["settings"], spacings)
+    return chunk_id, res.features, res.reasons
+
+
+# -- main side ------------------------------------------------------------------------------
+def _roi_fingerprint(rois: list[Roi], n_rows: int, size: int) -> str:
+    h = hashlib.sha256(f"{n_rows}:{size}".encode())
+    for r in rois:
+        h.update(f"{r.image_id}|{r.finding}|{r.source}|{r.box}|{r.is_positive}|{r.spacing}\n"
+                 .encode())
+    return h.hexdigest()[:16]
+
+
+def _sync_rois(ws: Workspace, round_: int, rois: list[Roi], image_ids: list[str],
+               settings: dict[str, Any], names: list[str], force: bool) -> None:
+    """Write the round's ROI rows for the processed images; drop changed ones' features."""
+    shash = settings_mod.settings_hash(settings)
+    with ws.catalog.connect() as con:
+        con.execute("BEGIN TRANSACTION")
+        # whole columns as list parameters: one statement instead of one per row
+        # (executemany costs ~4 ms a row; a full NIH round has ~10^5 ROIs)
+        con.execute("CREATE TEMP TABLE scope AS SELECT unnest(?::VARCHAR[]) AS image_id",
+                    [image_ids])
+        con.execute(
+            "CREATE TEMP TABLE new_rois AS SELECT unnest(?::VARCHAR[]) AS image_id, "
+            "unnest(?::VARCHAR[]) AS finding, unnest(?::VARCHAR[]) AS source, "
+            "unnest(?::INTEGER[]) AS x0, unnest(?::INTEGER[]) AS y0, "
+            "unnest(?::INTEGER[]) AS x1, unnest(?::INTEGER[]) AS y1, "
+            "unnest(?::BOOLEAN[]) AS is_positive",
+            [[r.image_id for r in rois], [r.finding for r in rois], [r.source for r in rois],
+             *([r.box[k] for r in rois] for k in range(4)), [r.is_positive for r in rois]],
+        )
+        # features of ROIs whose rectangle changed (or vanished) are stale
+        stale = (
+            "SELECT o.image_id, o.finding FROM rois o JOIN scope s USING (image_id) "
+            "LEFT JOIN new_rois n USING (image_id, finding) WHERE o.round = ? AND "
+            "(n.image_id IS NULL OR n.x0 <> o.x0 OR n.y0 <> o.y0 OR n.x1 <> o.x1 "
+            "OR n.y1 <> o.y1)"
+        )
+        con.execute(
+            f"DELETE FROM radiomics WHERE round = ? AND (image_id, finding) IN ({stale})",
+            [round_, round_],
+        )
+        if force:
+            con.execute(
+                "DELETE FROM radiomics WHERE round = ? AND image_id IN (SELECT image_id FROM "
+                "scope)", [round_],
+            )
+        else:
+            # features of ROIs that no longer exist in the new ROI set (orphans)
+            con.execute(
+                "DELETE FROM radiomics WHERE round = ? AND image_id IN (SELECT image_id FROM "
+                "scope) AND (image_id, finding) NOT IN (SELECT image_id, finding FROM new_rois)",
+                [round_],
+            )
+        con.execute(
+            "DELETE FROM rois WHERE round = ? AND image_id IN (SELECT image_id FROM scope)",
+            [round_],
+        )
+        con.execute(
+            "INSERT INTO rois SELECT ?, image_id, finding, source, x0, y0, x1, y1, is_positive "
+            "FROM new_rois", [round_],
+        )
+        con.execute(
+            "INSERT OR REPLACE INTO radiomics_settings VALUES (?, ?)",
+            [shash, stable_json(settings)],
+        )
+        con.execute("DELETE FROM radiomics_features WHERE settings_hash = ?", [shash])
+        insert_columns(con, "radiomics_features", {
+            "settings_hash": [shash] * len(names), "feature_index": list(range(len(names))),
+            "name": list(names),
+        })
+        con.execute("COMMIT")
+
+
+def _todo(ws: Workspace, round_: int, rois: list[Roi], shash: str, backend: str) -> list[Roi]:
+    """ROIs without a feature row computed with these settings by this backend."""
+    done = {
+        (r[0], r[1])
+        for r in ws.catalog.query(
+            "SELECT image_id, finding FROM radiomics WHERE round = ? AND settings_hash = ? "
+            "AND backend = ?", [round_, shash, backend],
+        )
+    }
+    return [r for r in rois if r.key not in done]
+
+
+def _write_chunk(ws: Workspace, run: StageRun, round_: int, rois: list[Roi],
+                 features: np.ndarray, reasons: list[str | None], backend: str,
+                 shash: str) -> tuple[int, int]:
+    """Commit one chunk's rows; return (failed ROIs, nonfinite values)."""
+    values: list[list[float] | None] = []
+    counts: list[int] = []
+    for feats, reason in zip(features, reasons, strict=True):
+        if reason is None:
+            counts.append(int((~np.isfinite(feats)).sum()))
+            values.append(feats.astype(np.float32).tolist())
+        else:
+            counts.append(0)
+            values.append(None)
+    with ws.catalog.connect() as con:
+        insert_columns(con, "radiomics", {
+            "round": [round_] * len(rois), "image_id": [r.image_id for r in rois],
+            "finding": [r.finding for r in rois], "backend": [backend] * len(rois),
+            "settings_hash": [shash] * len(rois), "features": values, "n_nonfinite": counts,
+            "reason": list(reasons),
+        }, replace=True)
+    n_nonfinite = sum(counts)
+    failed = [(f"{r.image_id}/{r.finding}", reason)
+              for r, reason in zip(rois, reasons, strict=True) if reason is not None]
+    run.errors(failed)
+    return len(failed), n_nonfinite
+
+
+def _chunks(rois: list[Roi], size: int) -> list[list[Roi]]:
+    return [rois[i:i + size] for i in range(0, len(rois), size)]
+
+
+def _compute(ws: Workspace, run: StageRun, round_: int, todo: list[Roi], backend: str,
+             settings: dict[str, Any], workers: int, chunk: int) -> dict[str, Any]:
+    shash = settings_mod.settings_hash(settings)
+    chunks = _chunks(todo, chunk)
+    tasks = [(i, [r.row for r in c], [r.box for r in c], [r.spacing for r in c])
+             for i, c in enumerate(chunks)]
+    failed = nonfinite = 0
+    reasons: Counter[str] = Counter()
+    init_args = (str(ws.store.path), backend, settings)
+    with progress.bar(len(todo), f"radiomics round {round_}", unit="roi") as pb:
+        def consume(result: tuple[int, np.ndarray, list[str | None]]) -> None:
+            nonlocal failed, nonfinite
+            cid, feats, why = result
+            f, nf = _write_chunk(ws, run, round_, chunks[cid], feats, why, backend, shash)
+            failed += f
+            nonfinite += nf
+            reasons.update(_reason_kind(w) for w in why if w is not None)
+            pb.update(len(chunks[cid]))
+
+        if workers <= 1 or len(tasks) <= 1:
+            _init_worker(*init_args)
+            try:
+                for task in tasks:
+                    consume(_extract_chunk(task))
+            finally:
+                _WORKER["reader"].close()
+                _WORKER.clear()
+        else:
+            ctx = mp.get_context("spawn")  # no inherited h5py/duckdb handles or locks
+            with ctx.Pool(min(workers, len(tasks)), _init_worker, init_args) as pool:
+                for result in pool.imap_unordered(_extract_chunk, tasks):
+                    consume(result)
+    return {"failed": failed, "nonfinite": nonfinite, "reasons": dict(reasons)}
+
+
+def _reason_kind(reason: str) -> str:
+    """Group reasons for the summary ("ROI thinner than 2 px (1x5)" -> "ROI thinner than 2 px")."""
+    return reason.split(" (")[0].split(":")[0]
+
+
+# -- statistics -----------------------------------------------------------------------------
+def compute_stats(ws: Workspace, round_: int, shash: str, n_features: int) -> int:
+    """Per-feature mean/std over finite values of the TRAINING split's positive ROIs.
+
+    Only training images: validation and test features are z-scored with statistics they
+    did not contribute to. std 0 (a constant feature) becomes 1 so z-scoring never divides by
+    zero. Returns the number of training rows used (0 = no statistics written).
+    """
+    data = ws.catalog.query(
+        "SELECT r.features FROM radiomics r JOIN rois o USING (round, image_id, finding) "
+        "JOIN images i USING (image_id) WHERE r.round = ? AND r.settings_hash = ? "
+        "AND o.is_positive AND i.split = ? AND r.features IS NOT NULL",
+        [round_, shash, TRAIN_SPLIT],
+    )
+    with ws.catalog.connect() as con:
+        con.execute("BEGIN TRANSACTION")
+        con.execute("DELETE FROM radiomics_stats WHERE round = ? AND settings_hash = ?",
+                    [round_, shash])
+        if data:
+            x = np.asarray([d[0] for d in data], dtype=np.float64).reshape(len(data), n_features)
+            mean, std, n = finite_stats(x)
+            insert_columns(con, "radiomics_stats", {
+                "round": [round_] * n_features, "settings_hash": [shash] * n_features,
+                "feature_index": list(range(n_features)), "mean": mean.tolist(),
+                "std": std.tolist(), "n": n.tolist(),
+            })
+        con.execute("COMMIT")
+    return len(data)
+
+
+def finite_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column mean/std over finite entries; a column with no spread (or no data) gets std 1."""
+    finite = np.isfinite(x)
+    n = finite.sum(axis=0)
+    xs = np.where(finite, x, 0.0)
+    mean = np.divide(xs.sum(axis=0), n, out=np.zeros(x.shape[1]), where=n > 0)
+    var = np.divide((np.where(finite, x - mean, 0.0) ** 2).sum(axis=0), n,
+                    out=np.zeros(x.shape[1]), where=n > 0)
+    std = np.sqrt(var)
+    std = np.where((std > 0) & np.isfinite(std), std, 1.0)
+    return mean, std, n
+
+
+# -- the stage ------------------------------------------------------------------------------
+def run_radiomics_stage(
+    ws: Workspace,
+    round_: int,
+    *,
+    roi: str = "cam",
+    backend: str = "fast",
+    params: Path | str | None = None,
+    workers: int = 1,
+    split: str | list[str] | None = None,
+    force: bool = False,
+    shard: tuple[int, int] | None = None,
+    min_prob: float = DEFAULT_MIN_PROB,
+    chunk: int | None = None,  # ROIs per task; None: the backend's ``rois_per_task``
+) -> dict[str, Any]:
+    """Compute the round's radiomics; returns the summary (``skipped: True`` if already done).
+
+    ``shard=(i, n)`` computes shard i's images (sorted image_id, positions i, i+n, ...) into
+    a part of its own, folded in by ``kacl merge`` (which also recomputes the statistics);
+    under torchrun rank r of N runs shard r/N and rank 0 merges
+    (see :mod:`kacl_cli.sharding.merge`).
+    """
+    from kacl_cli.sharding import merge as shards
+
+    ws.require()
+    if roi not in ROI_MODES:
+        raise InputError(f"--roi must be one of {', '.join(ROI_MODES)}, got {roi!r}")
+    if backend not in BACKENDS:
+        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if workers < 1:
+        raise InputError(f"--workers must be >= 1, got {workers}")
+    if not 0.0 <= min_prob <= 1.0:
+        raise InputError(f"--min-prob must be in [0, 1], got {min_prob}")
+    splits = [split] if isinstance(split, str) else (list(split) if split else None)
+    if shard is not None or shards.ddp_sharding():
+        return shards.run_sharded(
+            ws, STAGE, round_, shard, lambda part: run_radiomics_stage(
+                part, round_, roi=roi, backend=backend, params=params, workers=workers,
+                split=split, force=force, min_prob=min_prob, chunk=chunk),
+            force=force)
+    settings = settings_mod.load_settings(params)
+    impl = get_backend(backend)  # fail early when a backend is unavailable
+    names = impl.feature_names(settings)
+    shash = settings_mod.settings_hash(settings)
+    size = ws.store.image_size()
+
+    images = select_images(ws, splits)
+    if not images:
+        raise InputError(f"no images in split(s) {', '.join(splits or ['any'])}")
+    rois = build_rois(ws, round_, images, roi=roi, min_prob=min_prob,
+                      spacing=settings_mod.spacing_mode(settings), size=size)
+    config = {"round": round_, "roi": roi, "backend": backend, "settings_hash": shash,
+              "min_prob": min_prob, "split": splits}
+    fingerprint = _roi_fingerprint(rois, ws.store.n_rows(), size)
+    begun = ws.begin(STAGE, config, fingerprint, round_=round_, force=force)
+    if isinstance(begun, dict):
+        return {**begun, "skipped": True}
+    run = begun
+    t0 = time.perf_counter()
+    try:
+        _sync_rois(ws, round_, rois, list(images), settings, names, force)
+        todo = _todo(ws, round_, rois, shash, impl.name)
+        done = _compute(ws, run, round_, todo, impl.name, settings, workers,
+                        chunk or impl.rois_per_task)
+        n_train = compute_stats(ws, round_, shash, len(names))
+    except BaseException as exc:
+        run.fail(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        raise
+    seconds = time.perf_counter() - t0
+    summary = {
+        "round": round_,
+        "roi": roi,
+        "backend": impl.name,
+        "settings_hash": shash,
+        "features": len(names),
+        "images": len(images),
+        "rois": len(rois),
+        "positive_rois": sum(r.is_positive for r in rois),
+        "gt_rois": sum(r.source == "gt" for r in rois),
+        "computed": len(todo),
+        "reused": len(rois) - len(todo),
+        "failed": done["failed"],
+        "failed_reasons": done["reasons"],
+        "nonfinite_values": done["nonfinite"],
+        "spacing_unknown_images": len({r.image_id for r in rois if not r.spacing_known}),
+        "train_rows_for_stats": n_train,
+        "workers": workers,
+        "seconds": round(seconds, 3),
+        "rois_per_s": round(len(todo) / seconds, 2) if seconds > 0 and todo else 0.0,
+    }
+    run.finish(summary)
+    return summary
+
+
+# -- loading for training -------------------------------------------------------------------
+@dataclass
+class PositiveFeatures:
+    """One row per image with a usable positive ROI, z-scored with training statistics."""
+
+    image_ids: list[str]
+    features: np.ndarray  # n x F float32, finite
+    names: list[str]
+    settings_hash: str
+    n_nonfinite: int  # values that were NaN/inf and were set to 0 (the training mean)
+    n_failed: int  # images whose positive ROI gave no features (left out)
+
+
+def latest_settings_hash(ws: Workspace, round_: int) -> str:
+    """Settings of the round's most recent finished radiomics run (else the only ones)."""
+    rows = ws.catalog.query(
+        "SELECT config_json FROM runs WHERE stage = ? AND round = ? AND status = 'done' "
+        "ORDER BY finished_at DESC", [STAGE, round_],
+    )
+    stats = {r[0] for r in ws.catalog.query(
+        "SELECT DISTINCT settings_hash FROM radiomics_stats WHERE round = ?", [round_])}
+    for (cfg,) in rows:
+        h = json.loads(cfg).get("settings_hash")
+        if h in stats:
+            return h
+    if len(stats) == 1:
+        return stats.pop()
+    if not stats:
+        raise NotReadyError(
+            f"no radiomics statistics for round {round_}: run `kacl radiomics --round {round_}` "
+            "(including the train split)"
+        )
+    raise KaclError(f"several radiomics settings for round {round_}; pass settings_hash")
+
+
+def load_positive_features(ws: Workspace, round_: int,
+                           settings_hash: str | None = None) -> PositiveFeatures:
+    """The contrastive positives of a round: z-scored features of each image's positive ROI.
+
+    NaN/inf never reach a model: they are counted and replaced by 0 (= the training mean
+    after z-scoring). Images whose positive ROI failed are left out (counted in n_failed).
+    """
+    shash = settings_hash or latest_settings_hash(ws, round_)
+    names = [r[0] for r in ws.catalog.query(
+        "SELECT name FROM radiomics_features WHERE settings_hash = ? ORDER BY feature_index",
+        [shash])]
+    stats = ws.catalog.query(
+        "SELECT mean, std FROM radiomics_stats WHERE round = ? AND settings_hash = ? "
+        "ORDER BY feature_index", [round_, shash])
+    if not names or len(stats) != len(names):
+        raise NotReadyError(
+            f"no radiomics statistics for round {round_} and settings {shash}: run "
+            f"`kacl radiomics --round {round_}` (including the train split)"
+        )
+    rows = ws.catalog.query(
+        "SELECT r.image_id, r.features FROM radiomics r JOIN rois o "
+        "USING (round, image_id, finding) JOIN images i USING (image_id) "
+        "WHERE r.round = ? AND r.settings_hash = ? AND o.is_positive ORDER BY i.row",
+        [round_, shash],
+    )
+    ok = [(i, f) for i, f in rows if f is not None]
+    mean = np.array([s[0] for s in stats], dtype=np.float64)
+    std = np.array([s[1] for s in stats], dtype=np.float64)
+    x = np.asarray([f for _, f in ok], dtype=np.float64).reshape(len(ok), len(names))
+    z = (x - mean) / std
+    finite = np.isfinite(z)
+    n_nonfinite = int((~finite).sum())
+    z = np.where(finite, z, 0.0).astype(np.float32)
+    return PositiveFeatures([i for i, _ in ok], z, names, shash, n_nonfinite,
+                            len(rows) - len(ok))

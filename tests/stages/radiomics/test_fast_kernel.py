@@ -1,0 +1,174 @@
+"""The compiled counting kernel against the numpy path: the same integers, and clear errors.
+
+The feature formulas are shared, so equal counts mean equal features; the parity tests
+(test_fast_parity.py) then hold both paths to pyradiomics.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from kacl_cli.errors import InputError
+from kacl_cli.stages.radiomics import settings as S
+from kacl_cli.stages.radiomics.backends.fast import kernel as fast_kernel
+from kacl_cli.stages.radiomics.backends.fast import texture as T
+from kacl_cli.stages.radiomics.backends.fast.backend import FastBackend, extract_rois
+from kacl_cli.stages.radiomics.backends.fast.mosaic import build
+
+CLASSES = {"glcm", "glrlm", "glszm", "gldm", "ngtdm"}
+
+
+def image(rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """Gaussian-smoothed noise from white (sigma 0) to blotchy (sigma 6), a random contrast
+    that saturates some pixels, or a flat image: few to many grey levels per ROI."""
+    sigma = rng.choice([0.0, 0.8, 2.0, 6.0, -1.0])
+    if sigma < 0:
+        return np.full((size, size), rng.integers(0, 256), dtype=np.uint8)
+    field = ndimage.gaussian_filter(rng.normal(size=(size, size)), sigma)
+    return np.clip(128 + field / field.std() * rng.uniform(10, 120), 0, 255).astype(np.uint8)
+
+
+def crops_of(seed: int, n: int = 40, size: int = 64) -> list[np.ndarray]:
+    """Crops from 1 x 1 to the whole image, some of them 1 pixel thin."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        img = image(rng, size)
+        h, w = rng.integers(1, size + 1, size=2)
+        if k % 7 == 0:
+            h = 1  # a one-pixel line
+        y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+        out.append(img[y:y + h, x:x + w])
+    return out
+
+
+def numpy_counts(crops, bin_width, bin_count, alpha):
+    m = build(crops, bin_width, bin_count)
+    zr, zl, zs = T.zones(m)
+    return m, {
+        "glcm": T.glcm_counts(m),
+        "glrlm": T.glrlm_cells(m),
+        "zones": np.sort(np.stack([zr, zl, zs]), axis=1),
+        "gldm": T.gldm_counts(m, alpha),
+        "ngtdm": T.ngtdm_sums(m),
+    }
+
+
+def kernel_counts(crops, bin_width, bin_count, alpha):
+    m = fast_kernel.build_raw(crops, bin_width, bin_count)
+    fast_kernel.fill(m, CLASSES, alpha)
+    zr, zl, zs = m.cache["zones"]
+    return m, {
+        "glcm": m.cache["glcm"],
+        "glrlm": m.cache["glrlm"],
+        "zones": np.sort(np.stack([zr, zl, zs]), axis=1),
+        "gldm": m.cache[("gldm", alpha)],
+        "ngtdm": m.cache["ngtdm"],
+    }
+
+
+def test_the_kernel_is_built() -> None:
+    """`pip install` (make install) builds it; without it the backend is 3-4x slower."""
+    assert fast_kernel.available()
+
+
+@pytest.mark.parametrize(
+    ("bin_width", "bin_count", "alpha"),
+    [(25, None, 0), (7.5, None, 1), (None, 16, 2), (None, 300, 0)],
+    ids=["binWidth25", "binWidth7.5-alpha1", "binCount16-alpha2", "binCount300-uint16"],
+)
+def test_kernel_counts_equal_the_numpy_path(bin_width, bin_count, alpha) -> None:
+    crops = crops_of(seed=int(alpha) + (bin_count or 0))
+    m_np, ref = numpy_counts(crops, bin_width, bin_count, alpha)
+    m_c, got = kernel_counts(crops, bin_width, bin_count, alpha)
+    if bin_count == 300:
+        assert m_c.tables.dtype == np.uint16  # more than 255 levels: the uint16 kernel
+    np.testing.assert_array_equal(m_c.hist, m_np.hist)
+    np.testing.assert_array_equal(m_c.level_counts, m_np.level_counts)
+    np.testing.assert_array_equal(got["glcm"], ref["glcm"])
+    for a, b in zip(got["glrlm"], ref["glrlm"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got["zones"], ref["zones"])
+    np.testing.assert_array_equal(got["gldm"], ref["gldm"])
+    np.testing.assert_array_equal(got["ngtdm"], ref["ngtdm"])
+
+
+def test_strided_crops_are_copied_not_misread() -> None:
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (64, 64)).astype(np.uint8)
+    crops = [img[5:40, 3:50:2], img[10:30, 10:40].T, img[::-1, ::-1][:20, :20]]
+    _, ref = numpy_counts([np.ascontiguousarray(c) for c in crops], 25, None, 0)
+    _, got = kernel_counts(crops, 25, None, 0)
+    np.testing.assert_array_equal(got["glcm"], ref["glcm"])
+    np.testing.assert_array_equal(got["zones"], ref["zones"])
+
+
+def test_kernel_choice_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv(fast_kernel.KERNEL_ENV, "numpy")
+    assert not fast_kernel.use_kernel()
+    monkeypatch.setenv(fast_kernel.KERNEL_ENV, "c")
+    assert fast_kernel.use_kernel()
+    monkeypatch.setenv(fast_kernel.KERNEL_ENV, "gpu")
+    with pytest.raises(InputError, match="auto, c, numpy"):
+        fast_kernel.use_kernel()
+
+
+def test_without_the_kernel_auto_falls_back_and_c_refuses(monkeypatch) -> None:
+    settings = S.load_settings()
+    crops = crops_of(seed=5, n=12)
+    with_kernel = extract_rois(crops, settings)
+    monkeypatch.setattr(fast_kernel, "_texture", None)
+    monkeypatch.setenv(fast_kernel.KERNEL_ENV, "auto")
+    assert not fast_kernel.use_kernel()
+    np.testing.assert_allclose(extract_rois(crops, settings), with_kernel, rtol=1e-12,
+                               atol=1e-12, equal_nan=True)
+    monkeypatch.setenv(fast_kernel.KERNEL_ENV, "c")
+    with pytest.raises(InputError, match="not built"):
+        extract_rois(crops, settings)
+    # through the backend too: one clear error for the call, not a failure reason per ROI
+    image = np.zeros((32, 32), np.uint8)
+    with pytest.raises(InputError, match="not built"):
+        FastBackend().extract([image], [(0, 0, 8, 8)], settings)
+
+
+def _args(m, **over):
+    ix = fast_kernel._index
+    args = dict(canvas=m.raw, ys=ix(m.ys), xs=ix(m.xs), hs=ix(m.heights), ws=ix(m.widths),
+                tables=m.tables, itemsize=m.tables.itemsize, g1=m.n_levels + 1, alpha=0,
+                glcm=None, rl_long=None, gldm=None, ngtdm=None, glrlm=False, zones=True)
+    args.update(over)
+    return tuple(args.values())
+
+
+def test_bad_kernel_arguments_raise_instead_of_reading_out_of_bounds() -> None:
+    m = fast_kernel.build_raw(crops_of(seed=2, n=4), 25, None)
+    texture_c = fast_kernel._texture
+    assert texture_c.counts(*_args(m))[1] is not None
+    outside = fast_kernel._index(m.ys + m.raw.shape[0])
+    with pytest.raises(ValueError, match="does not lie inside the canvas"):
+        texture_c.counts(*_args(m, ys=outside))
+    with pytest.raises(ValueError, match="level >= g1"):
+        texture_c.counts(*_args(m, g1=2))
+    with pytest.raises(ValueError, match="glcm"):
+        texture_c.counts(*_args(m, glcm=np.zeros(3)))
+    with pytest.raises(ValueError, match="rl_long is required"):
+        texture_c.counts(*_args(m, glrlm=True))
+    short = fast_kernel._index(np.ones(4 * m.n))
+    with pytest.raises(ValueError, match="longer than rl_long"):
+        texture_c.counts(*_args(m, glrlm=True, rl_long=short))
+    canvas = np.zeros((8, 8), np.uint8)
+    hist = np.zeros((1, 256), np.int64)
+    ix = fast_kernel._index
+    with pytest.raises(ValueError, match="inside the canvas"):
+        texture_c.place([np.ones((5, 5), np.uint8)], canvas, ix([6]), ix([0]), hist)
+    with pytest.raises(ValueError, match="2D uint8"):
+        texture_c.place([np.ones((5, 5), np.uint16)], canvas, ix([0]), ix([0]), hist)
+
+
+def test_rois_wider_than_the_kernel_allows_are_refused() -> None:
+    """Row positions are uint16 in the kernel: a wider ROI is an error, not a wrap-around."""
+    m = fast_kernel.build_raw([np.zeros((2, 65_001), np.uint8)], 25, None)
+    with pytest.raises(ValueError, match="wider than 65000 px"):
+        fast_kernel.fill(m, {"glcm"})
