@@ -136,21 +136,13 @@ def run_cam_stage(
     # An identical finished run is only worth skipping if its rows are still there: a run with
     # another threshold (or a retrained checkpoint) since then has replaced them.
     intact = _rows_intact(ws, round_, state, images["image_id"])
-    begun = ws.begin(STAGE, config, fingerprint, round_=round_, force=force or not intact)
-    if isinstance(begun, dict):
-        return {**begun, "skipped": True}
-    run = begun
-    try:
-        summary = _work(ws, run, round_, ckpt, state, images, config, batch_size,
-                        device, force, workers, chunk_size)
-    except KeyboardInterrupt:
-        run.fail("interrupted")
-        raise
-    except Exception as exc:
-        run.fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise
-    run.finish(summary)
-    return summary
+    with ws.stage_run(STAGE, config, fingerprint, round_=round_,
+                      force=force or not intact) as run:
+        if run.skipped:
+            return run.result()
+        run.summary = _work(ws, run, round_, ckpt, state, images, config, batch_size,
+                            device, force, workers, chunk_size)
+    return run.result()
 
 
 def _images(ws: Workspace, splits: list[str]) -> dict[str, np.ndarray]:

@@ -247,26 +247,20 @@ def run_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps,
     config = {**cfg.hashed(), "round": k}
     fingerprint = (f"checkpoint={checkpoint_fingerprint(prev_dir)};"
                    f"data={data_fingerprint(ws, ('train', 'val', 'test'))}")
+    # A finished identical run is only skipped while its checkpoint is still there.
+    have_ckpt = k in ws.finished_rounds()
     # Under torchrun: every rank has read its inputs; rank 0 records the run, the others
-    # mirror it (distributed.begin_stage), so only rank 0 ever writes the catalog.
-    begun = distributed.begin_stage(ws, cfg.device, STAGE, config, fingerprint, round_=k,
-                                    force=cfg.force)
-    if isinstance(begun, dict):
-        if k in ws.finished_rounds():
+    # mirror it (runs.stage_run with a device), so only rank 0 ever writes the catalog.
+    with ws.stage_run(STAGE, config, fingerprint, round_=k, force=cfg.force or not have_ckpt,
+                      device=cfg.device) as run:
+        if run.skipped:
             note(f"contrast round {k}: done, skipping (same config and inputs)")
-            return {**begun, "skipped": True}
-        begun = distributed.begin_stage(ws, cfg.device, STAGE, config, fingerprint, round_=k,
-                                        force=True)
-    run = begun
-    try:
+            return run.result()
         summary = _train_round(ws, k, cfg, steps, run, ctx, note)
-    except BaseException as exc:
-        run.fail(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-        raise
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    summary["run_id"] = run.run_id
-    run.finish(summary)
-    return summary
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
+        summary["run_id"] = run.run_id
+        run.summary = summary
+    return run.result()
 
 
 def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run, ctx,

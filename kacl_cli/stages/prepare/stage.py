@@ -360,17 +360,15 @@ def _image_row(e: nih.Entry, d: Decoded, row: int, split: str, path: str) -> tup
             d.width, d.height, sx, sy, os.path.abspath(path))
 
 
-def _finish(ws: Workspace, run: StageRun, summary: dict[str, Any]) -> dict[str, Any]:
-    """Close the run: exit-1 failure when the workspace ends up with no images at all."""
+def _checked(run: StageRun, summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary; an exit-1 failure when the workspace ends up with no images."""
     summary["errors"] = run.n_errors
     if summary["images"] == 0:
         why = ("none of the images could be read (see the errors table)" if summary["failed"]
                else f"none of the {summary['csv_rows']} images listed in "
                     f"{summary['labels_file']} were found under {summary['source']}"
                     "/images or images_0NN/images")
-        run.fail(why)
         raise KaclError(f"nothing ingested: {why}")
-    run.finish(summary)
     return summary
 
 
@@ -487,17 +485,11 @@ def _check_size(size: int) -> None:
 def _run(ws: Workspace, config: dict[str, Any], fingerprint: str, identity: dict[str, Any],
          force: bool, work: Callable[[StageRun], dict[str, Any]]) -> dict[str, Any]:
     ws.init()
-    began = ws.begin(STAGE, config, fingerprint, force=force)
-    if isinstance(began, dict):
-        return {**began, "skipped": True}
-    run = began
-    try:
+    with ws.stage_run(STAGE, config, fingerprint, force=force) as run:
+        if run.skipped:
+            return run.result()
         if force:
             wipe_images(ws)
         _claim(ws, identity)
-        return _finish(ws, run, work(run))
-    except KaclError as exc:
-        if run.summary == {}:  # not yet closed by _finish
-            run.fail(str(exc))
-        raise
-
+        run.summary = _checked(run, work(run))
+    return run.result()

@@ -325,44 +325,39 @@ def run_radiomics_stage(
     config = {"round": round_, "roi": roi, "backend": backend, "settings_hash": shash,
               "min_prob": min_prob, "split": splits}
     fingerprint = _roi_fingerprint(rois, ws.store.n_rows(), size)
-    begun = ws.begin(STAGE, config, fingerprint, round_=round_, force=force)
-    if isinstance(begun, dict):
-        return {**begun, "skipped": True}
-    run = begun
-    t0 = time.perf_counter()
-    try:
+    with ws.stage_run(STAGE, config, fingerprint, round_=round_, force=force) as run:
+        if run.skipped:
+            return run.result()
+        t0 = time.perf_counter()
         _sync_rois(ws, round_, rois, list(images), settings, names, force)
         todo = _todo(ws, round_, rois, shash, impl.name)
         done = _compute(ws, run, round_, todo, impl.name, settings, workers,
                         chunk or impl.rois_per_task)
         n_train = compute_stats(ws, round_, shash, len(names))
-    except BaseException as exc:
-        run.fail(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-        raise
-    seconds = time.perf_counter() - t0
-    summary = {
-        "round": round_,
-        "roi": roi,
-        "backend": impl.name,
-        "settings_hash": shash,
-        "features": len(names),
-        "images": len(images),
-        "rois": len(rois),
-        "positive_rois": sum(r.is_positive for r in rois),
-        "gt_rois": sum(r.source == "gt" for r in rois),
-        "computed": len(todo),
-        "reused": len(rois) - len(todo),
-        "failed": done["failed"],
-        "failed_reasons": done["reasons"],
-        "nonfinite_values": done["nonfinite"],
-        "spacing_unknown_images": len({r.image_id for r in rois if not r.spacing_known}),
-        "train_rows_for_stats": n_train,
-        "workers": workers,
-        "seconds": round(seconds, 3),
-        "rois_per_s": round(len(todo) / seconds, 2) if seconds > 0 and todo else 0.0,
-    }
-    run.finish(summary)
-    return summary
+        seconds = time.perf_counter() - t0
+        summary = {
+            "round": round_,
+            "roi": roi,
+            "backend": impl.name,
+            "settings_hash": shash,
+            "features": len(names),
+            "images": len(images),
+            "rois": len(rois),
+            "positive_rois": sum(r.is_positive for r in rois),
+            "gt_rois": sum(r.source == "gt" for r in rois),
+            "computed": len(todo),
+            "reused": len(rois) - len(todo),
+            "failed": done["failed"],
+            "failed_reasons": done["reasons"],
+            "nonfinite_values": done["nonfinite"],
+            "spacing_unknown_images": len({r.image_id for r in rois if not r.spacing_known}),
+            "train_rows_for_stats": n_train,
+            "workers": workers,
+            "seconds": round(seconds, 3),
+            "rois_per_s": round(len(todo) / seconds, 2) if seconds > 0 and todo else 0.0,
+        }
+        run.summary = summary
+    return run.result()
 
 
 # -- loading for training -------------------------------------------------------------------
