@@ -85,10 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def base_workspace(root: Path, seed: int, args: argparse.Namespace):
     """Phantoms + round 0 for one seed (shared by every setting of that seed)."""
-    from kacl_cli.commands.pretrain import run_pretrain
+    from kacl_cli.stages import pretrain
     from kacl_cli.stages.prepare import phantoms
     from kacl_cli.stages.prepare.stage import prepare_synthetic
-    from kacl_cli.training.fit import TrainConfig
+    from kacl_cli.training.config import TrainConfig
     from kacl_cli.workspace import Workspace
 
     ws = Workspace(root)
@@ -99,7 +99,7 @@ def base_workspace(root: Path, seed: int, args: argparse.Namespace):
                       lr=args.pretrain_lr,
                       image_size=args.size, seed=seed, device=args.device,
                       workers=args.workers)
-    run_pretrain(ws, backbone=args.backbone, init="none", cfg=cfg)
+    pretrain.run(ws, pretrain.PretrainConfig(backbone=args.backbone, init="none", train=cfg))
     return ws
 
 

@@ -24,7 +24,8 @@ from kacl_cli.findings import FINDINGS, LABEL_COLUMNS
 from kacl_cli.models.checkpoint import model_meta
 from kacl_cli.models.image_net import GRAY_MEAN, GRAY_STD, build_image_net
 from kacl_cli.models.losses import ClassificationObjective
-from kacl_cli.training.fit import TrainConfig, fit
+from kacl_cli.training.config import TrainConfig
+from kacl_cli.training.fit import fit
 from kacl_cli.training.loader import StoreDataset, load_split
 from kacl_cli.workspace import Workspace
 

@@ -9,8 +9,19 @@ and notes.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 
 from tqdm.auto import tqdm
+
+# How a stage says something that is not its result (a warning, where it is): a callback the
+# command layer supplies (the CLI prints it on stderr); stages never import the CLI.
+Note = Callable[[str], None]
+
+
+def note_stderr(text: str) -> None:
+    """The default :data:`Note` outside the CLI: one line on stderr, past any progress bar."""
+    tqdm.write(text, file=sys.stderr)
 
 
 def enabled() -> bool:

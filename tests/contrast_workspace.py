@@ -17,15 +17,15 @@ SIZE = 64
 
 def pretrained_workspace(root: Path, n: int = N_IMAGES, size: int = SIZE,
                          seed: int = 0) -> Workspace:
-    from kacl_cli.commands.pretrain import run_pretrain
+    from kacl_cli.stages import pretrain
     from kacl_cli.stages.prepare.stage import prepare_synthetic
-    from kacl_cli.training.fit import TrainConfig
+    from kacl_cli.training.config import TrainConfig
 
     ws = Workspace(root)
     prepare_synthetic(ws, n, size=size, seed=seed)
     cfg = TrainConfig(epochs=1, batch_size=8, image_size=size, workers=0, device="cpu",
                       seed=seed)
-    run_pretrain(ws, backbone="tiny", init="none", cfg=cfg)
+    pretrain.run(ws, pretrain.PretrainConfig(backbone="tiny", init="none", train=cfg))
     return ws
 
 

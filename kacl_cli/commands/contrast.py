@@ -114,8 +114,8 @@ def command(
 
     Example: kacl contrast --rounds 3 --epochs-per-round 2 --radiomics-backend fast
     """
-    from kacl_cli.commands.pretrain import default_workers
     from kacl_cli.stages.contrast.stage import ContrastConfig, run_contrast
+    from kacl_cli.stages.pretrain import default_workers
 
     cfg = ContrastConfig(
         rounds=rounds, from_round=from_round, epochs_per_round=epochs_per_round,

@@ -15,7 +15,8 @@ from kacl_cli.models.checkpoint import model_meta, read_checkpoint
 from kacl_cli.models.image_net import GRAY_MEAN, GRAY_STD, build_image_net
 from kacl_cli.models.losses import ClassificationObjective, Objective
 from kacl_cli.training import fit as train
-from kacl_cli.training.fit import TrainConfig, fit, mean_auc
+from kacl_cli.training.config import TrainConfig
+from kacl_cli.training.fit import fit, mean_auc
 from kacl_cli.training.loader import StoreDataset, load_split
 from kacl_cli.workspace import Workspace
 
@@ -192,12 +193,13 @@ def test_pretrain_starts_the_head_at_the_train_prevalence(tiny_workspace) -> Non
     """Regression: the head bias started at 0 (p = 0.5 for every finding). AdamW moves a bias
     by ~lr per step, so a short run pushed the logits down through negative head weights
     instead, and Grad-CAM maps (which leave out the bias) came out empty or border-lit."""
-    from kacl_cli.commands.pretrain import default_lr, run_pretrain
+    from kacl_cli.stages import pretrain
+    from kacl_cli.stages.pretrain import default_lr
 
     ws = tiny_workspace(n=16, size=32)
     cfg = TrainConfig(epochs=1, batch_size=4, image_size=32, workers=0, device="cpu",
                       lr=1e-9, augment=False)
-    run_pretrain(ws, backbone="tiny", init="none", cfg=cfg)
+    pretrain.run(ws, pretrain.PretrainConfig(backbone="tiny", init="none", train=cfg))
     tensors, meta = read_checkpoint(ws.checkpoint_dir(0))
     labels = load_split(ws, "train").labels
     prev = np.clip(labels.mean(axis=0), 1e-3, 1 - 1e-3)

@@ -1,0 +1,44 @@
+"""What one training run is asked to do (:class:`TrainConfig`), free of torch.
+
+The CLI reads its option defaults from here at start-up, so this module imports nothing heavy;
+the loop that uses it is :func:`kacl_cli.training.fit.fit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Config fields that change how fast a run goes, not what it computes: left out of the hash,
+# so a finished run is not redone because it moved to another device or worker count.
+EXECUTION_FIELDS = ("device", "workers", "amp", "channels_last", "val_batch_size")
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs; ``hashed()`` is what identifies a run."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    loss: str = "focal"
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    image_size: int = 224
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    workers: int = 2
+    warmup_fraction: float = 0.05
+    grad_clip: float = 5.0
+    val_batch_size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def hashed(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
