@@ -13,14 +13,15 @@ def test_config_hash_is_order_independent_and_sensitive() -> None:
 def test_finished_run_is_skipped_unless_forced(tiny_workspace) -> None:
     ws = tiny_workspace(n=4)
     run = ws.begin("demo", {"x": 1}, "fp1", round_=0)
-    assert isinstance(run, StageRun)
+    assert isinstance(run, StageRun) and not run.skipped
     run.error("img-1", "broken")
     run.finish({"n": 3})
     again = ws.begin("demo", {"x": 1}, "fp1", round_=0)
-    assert again == {"n": 3}
-    assert isinstance(ws.begin("demo", {"x": 1}, "fp1", round_=0, force=True), StageRun)
-    assert isinstance(ws.begin("demo", {"x": 2}, "fp1", round_=0), StageRun)
-    assert isinstance(ws.begin("demo", {"x": 1}, "fp2", round_=0), StageRun)
+    assert again.skipped and again.previous == {"n": 3}
+    assert again.result() == {"n": 3, "skipped": True}
+    assert not ws.begin("demo", {"x": 1}, "fp1", round_=0, force=True).skipped
+    assert not ws.begin("demo", {"x": 2}, "fp1", round_=0).skipped
+    assert not ws.begin("demo", {"x": 1}, "fp2", round_=0).skipped
     assert ws.catalog.count("errors", "item = 'img-1'") == 1
 
 
