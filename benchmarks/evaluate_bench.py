@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from kacl_cli.findings import FINDINGS
-from kacl_cli.stages.evaluate.stage import (
+from kacl_cli.stages.evaluate.metrics import (
     IOU_THRESHOLDS,
     accuracy_at,
     bootstrap_aucs,

@@ -15,6 +15,7 @@ from typing import Any
 from kacl_cli import runs
 from kacl_cli.catalog import Catalog
 from kacl_cli.errors import KaclError
+from kacl_cli.models.checkpoint_files import META_FILE, MODEL_FILE
 from kacl_cli.runs import StageRun, config_hash, stable_json
 from kacl_cli.store import Store
 
@@ -90,17 +91,11 @@ class Workspace:
         if self.checkpoints.is_dir():
             for p in self.checkpoints.glob("round-*"):
                 suffix = p.name.split("-", 1)[1]
-                if suffix.isdigit() and (p / "meta.json").exists() and (
-                    p / "model.safetensors"
+                if suffix.isdigit() and (p / META_FILE).exists() and (
+                    p / MODEL_FILE
                 ).exists():
                     rounds.append(int(suffix))
         return sorted(rounds)
-
-    def latest_round(self) -> int:
-        rounds = self.finished_rounds()
-        if not rounds:
-            raise KaclError(f"no trained checkpoint in {self.checkpoints}: run `kacl pretrain`")
-        return rounds[-1]
 
     # -- runs (kacl_cli.runs) ---------------------------------------------------------------
     def find_done(

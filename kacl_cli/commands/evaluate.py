@@ -10,10 +10,12 @@ from rich import box
 from rich.table import Table
 
 from kacl_cli.cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
-from kacl_cli.errors import NotReadyError
+from kacl_cli.stages import rounds as rounds_mod
+from kacl_cli.stages.evaluate.config import EvaluateConfig
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "evaluate"
+_DEFAULTS = EvaluateConfig()
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
@@ -21,11 +23,9 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 
 
 def parse_rounds(ws: Workspace, spec: str, split: str) -> tuple[list[int], bool]:
-    """``K`` | ``latest`` | ``all`` -> (rounds, is_all)."""
-    from kacl_cli.stages.evaluate.stage import available_rounds
-
+    """``K`` | ``latest`` | ``all`` -> (rounds, is_all); which rounds: stages.rounds."""
     spec = spec.strip().lower()
-    if spec not in ("all", "latest"):
+    if spec not in (rounds_mod.ALL, rounds_mod.LATEST):
         try:
             k = int(spec)
         except ValueError:
@@ -34,15 +34,7 @@ def parse_rounds(ws: Workspace, spec: str, split: str) -> tuple[list[int], bool]
         if k < 0:
             raise typer.BadParameter("--round must be >= 0", param_hint="--round")
         return [k], False
-    rounds = available_rounds(ws, split)
-    if not rounds:
-        raise NotReadyError(
-            f"nothing to evaluate in {ws.root}: no checkpoint and no cam_boxes on split "
-            f"{split!r} (run `kacl pretrain` first)")
-    if spec == "latest":
-        finished = ws.finished_rounds()
-        return [finished[-1] if finished else rounds[-1]], False
-    return rounds, True
+    return rounds_mod.evaluation_rounds(ws, spec, split), spec == rounds_mod.ALL
 
 
 def render_round(doc: dict[str, Any]) -> None:
@@ -106,17 +98,20 @@ def render_all(docs: list[dict[str, Any]], summary: Path) -> None:
 def command(
     round_spec: Annotated[str, typer.Option(
         "--round", help="Round K to evaluate, 'latest' (default), or 'all' (each round plus a "
-        "summary report across rounds).")] = "latest",
-    split: Annotated[str, typer.Option("--split", help="Split to evaluate on.")] = "test",
+        "summary report across rounds).")] = rounds_mod.LATEST,
+    split: Annotated[str, typer.Option("--split", help="Split to evaluate on.")]
+    = _DEFAULTS.split,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Report directory (default WORKSPACE/reports/round-K; with --round all, "
         "DIR/round-K and DIR/summary).")] = None,
     bootstrap: Annotated[int, typer.Option(
-        "--bootstrap", min=0, help="Bootstrap resamples for the AUC CIs (0 = no CIs).")] = 1000,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
+        "--bootstrap", min=0, help="Bootstrap resamples for the AUC CIs (0 = no CIs).")]
+    = _DEFAULTS.n_boot,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = _DEFAULTS.seed,
     overlays: Annotated[int, typer.Option(
-        "--overlays", min=0, help="Grad-CAM overlays in the report's grid.")] = 12,
-    device: DeviceOpt = "auto",
+        "--overlays", min=0, help="Grad-CAM overlays in the report's grid.")]
+    = _DEFAULTS.overlays,
+    device: DeviceOpt = _DEFAULTS.device,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
@@ -130,8 +125,8 @@ def command(
 
     Example: kacl evaluate --round all --split test
     """
+    from kacl_cli.stages.evaluate import stage
     from kacl_cli.stages.evaluate.report import write_summary_report
-    from kacl_cli.stages.evaluate.stage import evaluate_round, report_dir
 
     ws = Workspace(workspace)
     ws.require()
@@ -139,18 +134,15 @@ def command(
     docs = []
     for k in rounds:
         where = (out_dir / f"round-{k}") if (is_all and out_dir is not None) else out_dir
-        doc = evaluate_round(ws, k, split=split, out=where, n_boot=bootstrap, seed=seed,
+        cfg = EvaluateConfig(split=split, out=where, n_boot=bootstrap, seed=seed,
                              overlays=overlays, force=force, device=device)
-        if doc.get("skipped"):
-            err.print(f"evaluate round {k}: done, skipping (same config and inputs; "
-                      "--force re-runs)")
-        docs.append(doc)
+        docs.append(stage.run(ws, k, cfg, note=lambda text: err.print(text, highlight=False)))
     if not is_all:
         emit(docs[0], as_json, lambda: render_round(docs[0]))
         return
     summary = (out_dir if out_dir is not None else ws.reports) / "summary" / "report.html"
     write_summary_report(ws, split, rounds, summary,
-                         {d["round"]: Path(d.get("report") or report_dir(ws, d["round"], None)
+                         {d["round"]: Path(d.get("report") or stage.report_dir(ws, d["round"], None)
                                            / "report.html") for d in docs})
     emit({"split": split, "rounds": docs, "summary_report": str(summary)}, as_json,
          lambda: render_all(docs, summary))

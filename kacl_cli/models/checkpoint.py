@@ -24,12 +24,10 @@ import torch.nn.functional as F
 from kacl_cli import __version__
 from kacl_cli.errors import CheckpointError
 from kacl_cli.findings import FINDINGS
+from kacl_cli.models.checkpoint_files import KIND, META_FILE, MODEL_FILE
 from kacl_cli.models.image_net import ImageNet, build_image_net, load_weights
 from kacl_cli.workspace import json_default
 
-KIND = "kacl-checkpoint"
-MODEL_FILE = "model.safetensors"
-META_FILE = "meta.json"
 IMAGE_PREFIX = "image_net."
 OBJECTIVE_PREFIX = "objective."
 

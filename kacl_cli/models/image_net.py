@@ -23,6 +23,7 @@ import torchvision
 from torch import nn
 
 from kacl_cli.errors import CheckpointError, KaclError
+from kacl_cli.models.checkpoint_files import MODEL_FILE
 
 BACKBONES = ("densenet121", "resnet50", "resnet18", "tiny")
 
@@ -149,7 +150,7 @@ def fold_rgb(weight: torch.Tensor) -> torch.Tensor:
 def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file or a weights-only torch file (never unpickles objects)."""
     if path.is_dir():
-        path = path / "model.safetensors"
+        path = path / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"--init {path}: no such file")
     try:

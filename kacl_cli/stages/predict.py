@@ -24,6 +24,7 @@ from kacl_cli.errors import KaclError
 from kacl_cli.findings import FINDINGS
 from kacl_cli.imageio import read_gray, resize_square
 from kacl_cli.models.checkpoint import load_image_net, preprocess
+from kacl_cli.stages.rounds import resolve_round
 
 
 @dataclass
@@ -69,12 +70,7 @@ def resolve_checkpoint(ws, round_: int | None, checkpoint: Path | None) -> Path:
     """``--checkpoint PATH``, else ``--round K`` of the workspace, else its latest round."""
     if checkpoint is not None:
         return Path(checkpoint)
-    if round_ is None:
-        round_ = ws.latest_round()
-    path = ws.checkpoint_dir(round_)
-    if round_ not in ws.finished_rounds():
-        raise KaclError(f"no finished checkpoint for round {round_} at {path}")
-    return path
+    return ws.checkpoint_dir(resolve_round(ws, round_))
 
 
 def map_box_to_original(box: Sequence[float], map_hw: tuple[int, int], width: int,

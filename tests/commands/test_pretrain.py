@@ -33,7 +33,7 @@ def test_pretrain_writes_checkpoint_and_skips_rerun(tiny_workspace) -> None:
     assert meta["metrics"]["best_epoch"] == summary["best_epoch"]
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 14)
     assert ws.catalog.count("epochs", "round = 0") == 2
-    assert ws.latest_round() == 0
+    assert ws.finished_rounds()[-1] == 0
 
     again = _pretrain(ws, "--epochs", "2")
     assert again.exit_code == 0

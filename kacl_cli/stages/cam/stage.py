@@ -34,6 +34,7 @@ from kacl_cli.errors import CheckpointError, InputError, NotReadyError
 from kacl_cli.findings import FINDINGS
 from kacl_cli.models.checkpoint import META_FILE, MODEL_FILE, load_image_net, preprocess
 from kacl_cli.stages.cam.gradcam import batched_gradcam, maps_to_boxes
+from kacl_cli.stages.rounds import resolve_round
 from kacl_cli.store import cam_key
 from kacl_cli.training.loader import SPLITS, StoreDataset
 from kacl_cli.workspace import StageRun, Workspace, stable_json
@@ -67,26 +68,6 @@ def checkpoint_fingerprint(directory: Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]
-
-
-def resolve_round(ws: Workspace, round_: int | None) -> int:
-    """The requested round, or the latest finished one; one-line errors when there is none."""
-    if round_ is None:
-        rounds = ws.finished_rounds()
-        if not rounds:
-            raise NotReadyError(
-                f"no trained checkpoint in {ws.checkpoints}: run `kacl pretrain` first"
-            )
-        return rounds[-1]
-    if round_ < 0:
-        raise InputError(f"--round {round_}: rounds are 0 (pretrain), 1, 2, ...")
-    if round_ not in ws.finished_rounds():
-        hint = "`kacl pretrain`" if round_ == 0 else "`kacl pretrain`, then `kacl contrast`"
-        raise NotReadyError(
-            f"no finished checkpoint for round {round_} at {ws.checkpoint_dir(round_)}: "
-            f"run {hint} first"
-        )
-    return round_
 
 
 def run_cam_stage(

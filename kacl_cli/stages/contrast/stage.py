@@ -49,6 +49,7 @@ from kacl_cli.stages.radiomics.stage import (
     load_positive_features,
     run_radiomics_stage,
 )
+from kacl_cli.stages.rounds import resolve_round
 from kacl_cli.training import distributed
 from kacl_cli.training.fit import TrainConfig, fit, progress_note
 from kacl_cli.training.loader import SplitData, StoreDataset, data_fingerprint, load_split
@@ -409,6 +410,6 @@ def run_contrast(ws: Workspace, cfg: ContrastConfig,
     for k in todo:
         note(f"contrast: round {k}/{cfg.rounds}")
         rounds.append(run_round(ws, k, cfg, steps, note))
-    return {"rounds": rounds, "latest_round": ws.latest_round(),
+    return {"rounds": rounds, "latest_round": resolve_round(ws, None),
             "trained": [r["round"] for r in rounds if not r.get("skipped")],
             "config": cfg.hashed()}

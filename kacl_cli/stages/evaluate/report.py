@@ -32,7 +32,8 @@ from kacl_cli.stages.evaluate.baselines import (
     WANG2017_LOC_IOBB,
     WANG2017_LOC_IOU,
 )
-from kacl_cli.stages.evaluate.stage import ALL, EvalData, accuracy_at, pair_overlaps
+from kacl_cli.stages.evaluate.data import EvalData
+from kacl_cli.stages.evaluate.metrics import ALL, accuracy_at, pair_overlaps
 from kacl_cli.stages.prepare.stage import DATASET_KEY
 from kacl_cli.workspace import Workspace
 

@@ -1,16 +1,10 @@
-"""The papers' metrics (Wang et al. 2017; Li et al. 2018) and the `evaluate` stage.
+"""The ``evaluate`` stage: metrics of one round on one split, written three ways.
 
-Classification: per-finding ROC AUC on one split from ``cam_boxes.probability`` of a round, their
-mean over findings with both classes present, and percentile bootstrap 95% CIs that resample
-*images* (so the 14 per-finding AUCs and their mean are resampled jointly, as they were
-measured). Localization: for every ground-truth box of the split (images whose boxes supervised
-training are excluded, from AUC too) the predicted box of that image and finding, correct when
-IoU > T(IoU) / IoBB > T(IoBB) (strict), a missing prediction counting as wrong; accuracy =
-correct / ground-truth boxes. Definitions in docs/evaluation.md.
-
-The metric functions at the top are pure numpy (tested against hand-computed cases and
-sklearn); the stage below reads the catalog, writes the ``metrics`` table, ``metrics.json`` and
-the HTML report (:mod:`kacl_cli.stages.evaluate.report`).
+It makes sure the round's cam_boxes cover the split (running the cam stage when they are
+missing or older than the checkpoint), reads the data (:mod:`~kacl_cli.stages.evaluate.data`),
+computes the metrics document (:mod:`~kacl_cli.stages.evaluate.metrics`), and writes the
+``metrics`` table, ``metrics.json`` and the HTML report
+(:mod:`~kacl_cli.stages.evaluate.report`). Definitions in docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -18,443 +12,19 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from sklearn.metrics import roc_auc_score
-
-from kacl_cli import boxes as bx
 from kacl_cli.catalog import insert_rows, label_columns_sql
-from kacl_cli.cli import err
 from kacl_cli.errors import KaclError, NotReadyError
-from kacl_cli.findings import BOX_FINDINGS, BOX_LABEL_ALIASES, FINDINGS
-from kacl_cli.progress import bar
-from kacl_cli.stages.evaluate.baselines import IOBB_THRESHOLDS, IOU_THRESHOLDS
-from kacl_cli.workspace import StageRun, Workspace, stable_json
-
-__all__ = [
-    "IOU_THRESHOLDS", "IOBB_THRESHOLDS", "roc_auc", "weighted_auc", "bootstrap_aucs",
-    "percentile_ci", "pair_overlaps", "accuracy_at", "EvalData", "load_eval_data",
-    "compute_metrics", "headline", "evaluate_round", "available_rounds",
-]
+from kacl_cli.models.checkpoint_files import META_FILE
+from kacl_cli.progress import Note, note_stderr
+from kacl_cli.stages.evaluate.config import EvaluateConfig
+from kacl_cli.stages.evaluate.data import load_eval_data
+from kacl_cli.stages.evaluate.metrics import compute_metrics, metric_rows
+from kacl_cli.workspace import Workspace, stable_json
 
 STAGE = "evaluate"
-CI_LEVEL = 0.95
-ALL = "all"  # the `finding` of summary rows (means over findings) in the metrics table
-# Bootstrap weights are built in chunks of at most this many cells (resamples x images), so
-# memory stays ~100 MB even on the full 25,596-image NIH test split.
-_CHUNK_CELLS = 4_000_000
-# "overlap > T" is strict; this slack keeps floating-point round-off at an exact tie (a box
-# shifted by half its width has IoBB 0.5 up to ~1e-16) from counting as a hit.
-TIE_EPS = 1e-9
-
-
-# --------------------------------------------------------------------------------------------
-# Metric functions (pure numpy)
-# --------------------------------------------------------------------------------------------
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC (sklearn); NaN when only one class is present, where AUC is undefined."""
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    keep = np.isfinite(s)
-    y, s = y[keep], s[keep]
-    if y.all() or not y.any():
-        return float("nan")
-    return float(roc_auc_score(y, s))
-
-
-class _WeightedAuc:
-    """The AUC of integer-weighted resamples of one sample, prepared once per finding.
-
-    A bootstrap resample is the original sample with multiplicities, so its AUC is the
-    weighted Mann-Whitney statistic: for each positive, the weight of the negatives scored
-    below it plus half of those tied with it. The negatives are sorted by score once; per
-    resample that is one cumulative sum over the negatives' weights and a gather at each
-    positive's (precomputed) position: a few passes over a B x n array for B resamples,
-    instead of B sorts or B sklearn calls.
-    """
-
-    def __init__(self, labels: np.ndarray, scores: np.ndarray, columns: np.ndarray | None = None):
-        y = np.asarray(labels, dtype=bool)
-        s = np.asarray(scores, dtype=np.float64)
-        cols = np.arange(len(y)) if columns is None else np.asarray(columns)
-        neg = np.flatnonzero(~y)
-        order = np.argsort(s[neg], kind="mergesort")
-        s_neg = s[neg][order]
-        self.neg_cols = cols[neg[order]]
-        pos = np.flatnonzero(y)
-        self.pos_cols = cols[pos]
-        # cumulative negative weight strictly below / up to each positive's score
-        self.lo = np.searchsorted(s_neg, s[pos], side="left")
-        self.hi = np.searchsorted(s_neg, s[pos], side="right")
-
-    def __call__(self, weights: np.ndarray) -> np.ndarray:
-        w = np.atleast_2d(weights)
-        cn = np.zeros((w.shape[0], len(self.neg_cols) + 1), dtype=np.int64)
-        np.cumsum(w[:, self.neg_cols], axis=1, out=cn[:, 1:])
-        w_pos = w[:, self.pos_cols].astype(np.float64)
-        num = (w_pos * (cn[:, self.lo] + cn[:, self.hi])).sum(axis=1) * 0.5
-        denom = w_pos.sum(axis=1) * cn[:, -1]
-        return np.divide(num, denom, out=np.full(num.shape, np.nan), where=denom > 0)
-
-
-def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """AUCs of many integer-weighted resamples at once (B x n weights -> B AUCs); with weights
-    all 1 it is sklearn's AUC. NaN for a resample without both classes."""
-    return _WeightedAuc(labels, scores)(np.asarray(weights))
-
-
-def bootstrap_weights(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
-    """Chunks of bootstrap multiplicities (c x n int): row b counts how often resample b drew
-    each image. Seeded, so the same call gives the same CIs."""
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_boot, _CHUNK_CELLS // max(n, 1)))
-    done = 0
-    while done < n_boot:
-        c = min(chunk, n_boot - done)
-        idx = rng.integers(0, n, size=(c, n))
-        flat = (idx + np.arange(c)[:, None] * n).ravel()
-        yield np.bincount(flat, minlength=c * n).reshape(c, n).astype(np.int32)
-        done += c
-
-
-def bootstrap_aucs(labels: np.ndarray, scores: np.ndarray, n_boot: int, seed: int,
-                   progress: Callable[[int], object] | None = None) -> np.ndarray:
-    """Per-finding AUCs of ``n_boot`` image-level bootstrap resamples: (n_boot x F).
-
-    ``labels``/``scores`` are n x F; a NaN score (image without a probability for that finding)
-    leaves the image out of that finding only. NaN where a resample lacks a class. All findings
-    share the same resamples (images are resampled, with all their labels). ``progress(k)`` is
-    called after each chunk of k resamples.
-    """
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    n, n_f = s.shape
-    out = np.full((n_boot, n_f), np.nan)
-    if n == 0 or n_boot <= 0:
-        return out
-    plans = []
-    for j in range(n_f):
-        v = np.flatnonzero(np.isfinite(s[:, j]))
-        plans.append(_WeightedAuc(y[v, j], s[v, j], v))
-    row = 0
-    for w in bootstrap_weights(n, n_boot, seed):
-        for j, plan in enumerate(plans):
-            out[row:row + len(w), j] = plan(w)
-        row += len(w)
-        if progress is not None:
-            progress(len(w))
-    return out
-
-
-def percentile_ci(samples: np.ndarray, level: float = CI_LEVEL) -> tuple[float, float]:
-    """Percentile bootstrap interval of the finite samples; (NaN, NaN) when there are none."""
-    x = np.asarray(samples, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return float("nan"), float("nan")
-    tail = (1.0 - level) / 2.0 * 100.0
-    lo, hi = np.percentile(x, [tail, 100.0 - tail])
-    return float(lo), float(hi)
-
-
-def pair_overlaps(pred_xywh: np.ndarray, gt_xywh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """IoU and IoBB of each (predicted, ground-truth) pair; NaN where there is no prediction
-    (a NaN predicted box), so the caller can count those pairs as wrong explicitly."""
-    pred = np.asarray(pred_xywh, dtype=np.float64).reshape(-1, 4)
-    gt = np.asarray(gt_xywh, dtype=np.float64).reshape(-1, 4)
-    has = np.isfinite(pred).all(axis=1)
-    iou = np.full(len(gt), np.nan)
-    iobb = np.full(len(gt), np.nan)
-    iou[has] = bx.iou(pred[has], gt[has])
-    iobb[has] = bx.iobb(pred[has], gt[has])
-    return iou, iobb
-
-
-def accuracy_at(overlap: np.ndarray, thresholds: tuple[float, ...] | np.ndarray) -> np.ndarray:
-    """Fraction of pairs with overlap > T (strict, see TIE_EPS) for each T; a NaN overlap (no
-    predicted box) is wrong. NaN for every T when there are no pairs (undefined, not 0)."""
-    o = np.nan_to_num(np.asarray(overlap, dtype=np.float64), nan=-np.inf)
-    t = np.asarray(thresholds, dtype=np.float64)
-    if o.size == 0:
-        return np.full(t.shape, np.nan)
-    return (o[None, :] > t[:, None] + TIE_EPS).mean(axis=1)
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-@dataclass
-class EvalData:
-    """Everything the metrics and the report need for one (round, split)."""
-
-    round: int
-    split: str
-    image_ids: np.ndarray            # n, ordered by store row
-    rows: np.ndarray                 # n store rows
-    orig_size: np.ndarray            # n x 2 (width, height) original pixels
-    labels: np.ndarray               # n x 14 bool
-    probs: np.ndarray                # n x 14, NaN where cam_boxes has no row
-    pred: np.ndarray                 # n x 14 x 4 predicted boxes (original px), NaN if none
-    # localization pairs: one per ground-truth box of a box finding, minus excluded images
-    pair_image: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    pair_finding: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    pair_gt: np.ndarray = field(default_factory=lambda: np.empty((0, 4)))
-    n_excluded_images: int = 0       # split images with GT boxes that supervised training
-    n_excluded_pairs: int = 0
-    n_missing_cam_images: int = 0    # split images without any cam_boxes row for the round
-    n_other_gt: int = 0              # GT boxes of findings outside the 8 box findings (ignored)
-
-    @property
-    def pair_pred(self) -> np.ndarray:
-        return self.pred[self.pair_image, self.pair_finding]
-
-
-def _index_of(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Position of each value in ``keys`` (-1 when absent)."""
-    lookup = {k: i for i, k in enumerate(keys.tolist())}
-    return np.fromiter((lookup.get(v, -1) for v in values.tolist()), dtype=np.int64,
-                       count=len(values))
-
-
-def _canonical(names: np.ndarray) -> np.ndarray:
-    return np.array([BOX_LABEL_ALIASES.get(n, n) for n in names.tolist()], dtype=object)
-
-
-def load_eval_data(ws: Workspace, round_: int, split: str) -> EvalData:
-    """Read labels, cam_boxes of the round and GT boxes of one split from the catalog."""
-    cat = ws.catalog
-    img = cat.query_df(
-        f"SELECT i.image_id, i.row, i.orig_width, i.orig_height, {label_columns_sql()} "
-        "FROM images i JOIN labels l USING (image_id) WHERE i.split = ? "
-        "AND i.image_id NOT IN (SELECT image_id FROM box_supervision) ORDER BY i.row",
-        [split],
-    )
-    # Images whose boxes supervised training leave every evaluation, AUC included.
-    n_sup_images, n_sup_pairs = cat.query(
-        "SELECT count(DISTINCT i.image_id), count(g.image_id) FROM images i "
-        "JOIN box_supervision b USING (image_id) LEFT JOIN gt_boxes g USING (image_id) "
-        "WHERE i.split = ?",
-        [split],
-    )[0]
-    ids = np.asarray(img["image_id"], dtype=object)
-    n = len(ids)
-    if n == 0:
-        raise NotReadyError(f"no labelled images in split {split!r} of {ws.root}")
-    labels = np.stack([np.asarray(img[f], dtype=bool) for f in FINDINGS], axis=1)
-    cam = cat.query_df(
-        "SELECT c.image_id, c.finding, c.probability, c.x, c.y, c.w, c.h FROM cam_boxes c "
-        "JOIN images i USING (image_id) WHERE c.round = ? AND i.split = ?",
-        [round_, split],
-    )
-    probs = np.full((n, len(FINDINGS)), np.nan)
-    pred = np.full((n, len(FINDINGS), 4), np.nan)
-    ii = _index_of(np.asarray(cam["image_id"], dtype=object), ids)
-    ff = _index_of(_canonical(np.asarray(cam["finding"], dtype=object)), np.array(FINDINGS))
-    ok = (ii >= 0) & (ff >= 0)
-    probs[ii[ok], ff[ok]] = np.asarray(cam["probability"], dtype=np.float64)[ok]
-    box = np.stack([np.ma.filled(np.ma.asarray(cam[k], dtype=np.float64), np.nan)
-                    for k in ("x", "y", "w", "h")], axis=1) if len(ii) else np.empty((0, 4))
-    pred[ii[ok], ff[ok]] = box[ok]
-    has_cam = np.zeros(n, dtype=bool)
-    has_cam[ii[ok]] = True
-
-    gt = cat.query_df(
-        "SELECT g.image_id, g.finding, g.x, g.y, g.w, g.h FROM gt_boxes g "
-        "JOIN images i USING (image_id) WHERE i.split = ? "
-        "AND i.image_id NOT IN (SELECT image_id FROM box_supervision) "
-        "ORDER BY g.image_id, g.finding, g.x, g.y",
-        [split],
-    )
-    gi = _index_of(np.asarray(gt["image_id"], dtype=object), ids)
-    gf = _index_of(_canonical(np.asarray(gt["finding"], dtype=object)), np.array(BOX_FINDINGS))
-    gbox = np.stack([np.asarray(gt[k], dtype=np.float64) for k in ("x", "y", "w", "h")], axis=1)
-    in_split = gi >= 0  # GT of an image without a labels row: not evaluable
-    keep = in_split & (gf >= 0)
-    return EvalData(
-        round=round_, split=split, image_ids=ids,
-        rows=np.asarray(img["row"], dtype=np.int64),
-        orig_size=np.stack([np.asarray(img["orig_width"], dtype=np.float64),
-                            np.asarray(img["orig_height"], dtype=np.float64)], axis=1),
-        labels=labels, probs=probs, pred=pred,
-        pair_image=gi[keep], pair_finding=gf[keep], pair_gt=gbox[keep],
-        n_excluded_images=int(n_sup_images),
-        n_excluded_pairs=int(n_sup_pairs),
-        n_missing_cam_images=int((~has_cam).sum()),
-        n_other_gt=int((in_split & (gf < 0)).sum()),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics document
-# --------------------------------------------------------------------------------------------
-def _num(x: float | np.floating | None) -> float | None:
-    """JSON-safe number: None for NaN/inf (shown as "n/a")."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return float(np.mean(vals)) if vals else None
-
-
-def compute_metrics(data: EvalData, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """All metrics of one (round, split) as one JSON-ready document (metrics.json)."""
-    notes: list[str] = []
-    # -- classification -----------------------------------------------------------------
-    boot = None
-    if n_boot > 0:
-        with bar(n_boot, "bootstrap", unit="resample") as pb:
-            boot = bootstrap_aucs(data.labels, data.probs, n_boot, seed, progress=pb.update)
-    cls_rows, included = [], []
-    for j, f in enumerate(FINDINGS):
-        keep = np.isfinite(data.probs[:, j])
-        y = data.labels[keep, j]
-        auc = roc_auc(y, data.probs[keep, j])
-        lo = hi = float("nan")
-        n_valid = 0
-        if boot is not None and math.isfinite(auc):
-            lo, hi = percentile_ci(boot[:, j])
-            n_valid = int(np.isfinite(boot[:, j]).sum())
-        if math.isfinite(auc):
-            included.append(j)
-        cls_rows.append({
-            "finding": f, "auc": _num(auc), "ci_low": _num(lo), "ci_high": _num(hi),
-            "n": int(keep.sum()), "n_pos": int(y.sum()), "n_boot_valid": n_valid,
-        })
-    excluded = [FINDINGS[j] for j in range(len(FINDINGS)) if j not in included]
-    if excluded:
-        notes.append(
-            f"AUC n/a (only one class in split {data.split!r}), excluded from the mean: "
-            + ", ".join(excluded)
-        )
-    mean_auc = _mean([cls_rows[j]["auc"] for j in included])
-    m_lo = m_hi = float("nan")
-    m_valid = 0
-    if boot is not None and included:
-        per = boot[:, included]
-        means = np.where(np.isfinite(per).all(axis=1), per.mean(axis=1), np.nan)
-        m_lo, m_hi = percentile_ci(means)
-        m_valid = int(np.isfinite(means).sum())
-        if m_valid < 0.5 * n_boot:
-            notes.append(
-                f"mean-AUC CI from only {m_valid} of {n_boot} resamples (the others lacked a "
-                "class for some finding): treat it as rough"
-            )
-    if data.n_missing_cam_images:
-        notes.append(
-            f"{data.n_missing_cam_images} image(s) of the split have no cam_boxes rows for "
-            f"round {data.round} (see the errors table): left out of the AUCs, their "
-            "ground-truth boxes count as wrong"
-        )
-
-    # -- localization -------------------------------------------------------------------
-    iou, iobb = pair_overlaps(data.pair_pred, data.pair_gt)
-    loc_rows = []
-    for k, f in enumerate(BOX_FINDINGS):
-        sel = data.pair_finding == k
-        m = int(sel.sum())
-        loc_rows.append({
-            "finding": f, "n": m, "n_missing": int(np.isnan(iou[sel]).sum()),
-            "n_images": len(set(data.pair_image[sel].tolist())),
-            "mean_iou": _num(np.nan_to_num(iou[sel], nan=0.0).mean()) if m else None,
-            "mean_iobb": _num(np.nan_to_num(iobb[sel], nan=0.0).mean()) if m else None,
-            "acc_iou": [_num(a) for a in accuracy_at(iou[sel], IOU_THRESHOLDS)],
-            "acc_iobb": [_num(a) for a in accuracy_at(iobb[sel], IOBB_THRESHOLDS)],
-        })
-    mean_acc_iou = [_mean([r["acc_iou"][t] for r in loc_rows])
-                    for t in range(len(IOU_THRESHOLDS))]
-    mean_acc_iobb = [_mean([r["acc_iobb"][t] for r in loc_rows])
-                     for t in range(len(IOBB_THRESHOLDS))]
-    mean_loc_acc = _mean(mean_acc_iou)
-    no_pairs = [r["finding"] for r in loc_rows if r["n"] == 0]
-    if len(data.pair_gt) == 0:
-        notes.append(f"no ground-truth boxes to localize in split {data.split!r}")
-    elif no_pairs:
-        notes.append("no ground-truth boxes (accuracy n/a, excluded from the means) for: "
-                     + ", ".join(no_pairs))
-    if data.n_excluded_images:
-        notes.append(
-            f"{data.n_excluded_images} box-annotated image(s) ({data.n_excluded_pairs} boxes) "
-            "excluded from AUC and localization: their boxes supervised training "
-            "(box_supervision)"
-        )
-    if data.n_other_gt:
-        notes.append(f"{data.n_other_gt} ground-truth box(es) of findings outside the 8 box "
-                     "findings ignored")
-    return {
-        "round": data.round,
-        "split": data.split,
-        "n_images": len(data.image_ids),
-        "bootstrap": int(n_boot),
-        "seed": int(seed),
-        "ci_level": CI_LEVEL,
-        "classification": {
-            "findings": cls_rows,
-            "mean_auc": mean_auc,
-            "mean_auc_ci": [_num(m_lo), _num(m_hi)],
-            "mean_auc_boot_valid": m_valid,
-            "n_findings_in_mean": len(included),
-            "excluded_findings": excluded,
-        },
-        "localization": {
-            "iou_thresholds": list(IOU_THRESHOLDS),
-            "iobb_thresholds": list(IOBB_THRESHOLDS),
-            "n_pairs": int(len(data.pair_gt)),
-            "n_images": len(set(data.pair_image.tolist())),
-            "n_missing_pred": int(np.isnan(iou).sum()),
-            "n_excluded_images": data.n_excluded_images,
-            "n_excluded_pairs": data.n_excluded_pairs,
-            "findings": loc_rows,
-            "mean_acc_iou": mean_acc_iou,
-            "mean_acc_iobb": mean_acc_iobb,
-            "mean_loc_acc": mean_loc_acc,
-        },
-        "headline": {"mean_auc": mean_auc, "mean_loc_acc": mean_loc_acc},
-        "notes": notes,
-    }
-
-
-def metric_rows(doc: dict[str, Any], run_id: str | None) -> list[tuple]:
-    """The document as long-format ``metrics`` rows:
-    (round, split, metric, finding, threshold, value, ci_low, ci_high, n, run_id)."""
-    r, s = doc["round"], doc["split"]
-    rows: list[tuple] = []
-
-    def add(metric: str, finding: str, threshold: float | None, value: float | None,
-            lo: float | None = None, hi: float | None = None, n: int | None = None) -> None:
-        rows.append((r, s, metric, finding, threshold, value, lo, hi, n, run_id))
-
-    cls = doc["classification"]
-    for c in cls["findings"]:
-        add("auc", c["finding"], None, c["auc"], c["ci_low"], c["ci_high"], c["n"])
-    add("mean_auc", ALL, None, cls["mean_auc"], *cls["mean_auc_ci"], cls["n_findings_in_mean"])
-    loc = doc["localization"]
-    for c in loc["findings"]:
-        for t, a in zip(loc["iou_thresholds"], c["acc_iou"], strict=True):
-            add("loc_acc_iou", c["finding"], t, a, n=c["n"])
-        for t, a in zip(loc["iobb_thresholds"], c["acc_iobb"], strict=True):
-            add("loc_acc_iobb", c["finding"], t, a, n=c["n"])
-        add("mean_iou", c["finding"], None, c["mean_iou"], n=c["n"])
-        add("mean_iobb", c["finding"], None, c["mean_iobb"], n=c["n"])
-    n_loc = sum(1 for c in loc["findings"] if c["n"])
-    for t, a in zip(loc["iou_thresholds"], loc["mean_acc_iou"], strict=True):
-        add("mean_loc_acc_iou", ALL, t, a, n=n_loc)
-    for t, a in zip(loc["iobb_thresholds"], loc["mean_acc_iobb"], strict=True):
-        add("mean_loc_acc_iobb", ALL, t, a, n=n_loc)
-    add("mean_loc_acc", ALL, None, loc["mean_loc_acc"], n=n_loc)
-    add("n_images", ALL, None, doc["n_images"], n=doc["n_images"])
-    add("n_loc_pairs", ALL, None, loc["n_pairs"], n=loc["n_pairs"])
-    add("n_loc_excluded_images", ALL, None, loc["n_excluded_images"],
-        n=loc["n_excluded_images"])
-    return rows
 
 
 def write_metrics(ws: Workspace, doc: dict[str, Any], run_id: str | None) -> None:
@@ -472,19 +42,6 @@ def write_metrics(ws: Workspace, doc: dict[str, Any], run_id: str | None) -> Non
             raise
 
 
-# --------------------------------------------------------------------------------------------
-# The stage
-# --------------------------------------------------------------------------------------------
-def available_rounds(ws: Workspace, split: str) -> list[int]:
-    """Rounds with a finished checkpoint or with cam_boxes rows on the split."""
-    rounds = set(ws.finished_rounds())
-    rows = ws.catalog.query(
-        "SELECT DISTINCT c.round FROM cam_boxes c JOIN images i USING (image_id) "
-        "WHERE i.split = ?", [split])
-    rounds.update(int(r[0]) for r in rows)
-    return sorted(rounds)
-
-
 def _cam_coverage(ws: Workspace, round_: int, split: str) -> tuple[int, int]:
     """(images of the split with cam_boxes rows for the round, images of the split)."""
     (covered, total), = ws.catalog.query(
@@ -498,7 +55,7 @@ def _cam_coverage(ws: Workspace, round_: int, split: str) -> tuple[int, int]:
 def _cams_stale(ws: Workspace, round_: int) -> bool:
     """True when checkpoint round-K is newer than the last finished cam run of round K (the
     round was re-trained after its maps were made)."""
-    meta = ws.checkpoint_dir(round_) / "meta.json"
+    meta = ws.checkpoint_dir(round_) / META_FILE
     if not meta.exists():
         return False
     rows = ws.catalog.query(
@@ -511,7 +68,8 @@ def _cams_stale(ws: Workspace, round_: int) -> bool:
     return trained > last
 
 
-def ensure_cams(ws: Workspace, round_: int, split: str, device: str = "auto") -> None:
+def ensure_cams(ws: Workspace, round_: int, split: str, device: str = "auto",
+                note: Note = note_stderr) -> None:
     """Run the cam stage for (round, split) when its cam_boxes are missing or stale."""
     covered, total = _cam_coverage(ws, round_, split)
     if total == 0:
@@ -526,9 +84,9 @@ def ensure_cams(ws: Workspace, round_: int, split: str, device: str = "auto") ->
             f"no cam_boxes for round {round_} on split {split!r} and no checkpoint round-"
             f"{round_} to compute them: run `kacl pretrain` / `kacl contrast` first"
         )
-    err.print(f"evaluate: cam_boxes of round {round_} on split {split!r} "
-              f"{'are older than the checkpoint' if covered == total else 'missing'}; "
-              f"running the cam stage")
+    note(f"evaluate: cam_boxes of round {round_} on split {split!r} "
+         f"{'are older than the checkpoint' if covered == total else 'missing'}; "
+         f"running the cam stage")
     from kacl_cli.stages.cam.stage import run_cam_stage
 
     run_cam_stage(ws, round_, split=split, device=device)
@@ -567,11 +125,8 @@ def report_dir(ws: Workspace, round_: int, out: Path | None) -> Path:
     return Path(out) if out is not None else ws.reports / f"round-{round_}"
 
 
-def evaluate_round(
-    ws: Workspace, round_: int, *, split: str = "test", out: Path | None = None,
-    n_boot: int = 1000, seed: int = 0, overlays: int = 12, force: bool = False,
-    device: str = "auto",
-) -> dict[str, Any]:
+def run(ws: Workspace, round_: int, cfg: EvaluateConfig,
+        note: Note = note_stderr) -> dict[str, Any]:
     """Evaluate one round: metrics table rows, metrics.json and report.html in the report dir.
 
     Returns the metrics document (with ``skipped: True`` when an identical finished run and its
@@ -581,39 +136,45 @@ def evaluate_round(
         write_round_report,  # matplotlib: imported only when a report is made
     )
 
-    if n_boot < 0:
-        raise KaclError(f"--bootstrap must be >= 0, got {n_boot}")
-    ensure_cams(ws, round_, split, device)
-    directory = report_dir(ws, round_, out)
+    if cfg.n_boot < 0:
+        raise KaclError(f"--bootstrap must be >= 0, got {cfg.n_boot}")
+    split = cfg.split
+    ensure_cams(ws, round_, split, cfg.device, note)
+    directory = report_dir(ws, round_, cfg.out)
     metrics_path = directory / "metrics.json"
     report_path = directory / "report.html"
-    config = {"round": round_, "split": split, "bootstrap": n_boot, "seed": seed,
-              "overlays": overlays, "out": str(directory.resolve())}
+    config = {"round": round_, "split": split, "bootstrap": cfg.n_boot, "seed": cfg.seed,
+              "overlays": cfg.overlays, "out": str(directory.resolve())}
     fp = fingerprint(ws, round_, split)
-    run = ws.begin(STAGE, config, fp, round_=round_, force=force)
-    if isinstance(run, dict):
-        if metrics_path.exists() and report_path.exists():
-            doc = json.loads(metrics_path.read_text())
-            return {**doc, "skipped": True}
-        run = ws.begin(STAGE, config, fp, round_=round_, force=True)  # files were removed
-    assert isinstance(run, StageRun)
-    try:
+    # An identical finished run is only skipped while its files are still there.
+    files = metrics_path.exists() and report_path.exists()
+    with ws.stage_run(STAGE, config, fp, round_=round_, force=cfg.force or not files) as run_:
+        if run_.skipped:
+            note(f"evaluate round {round_}: done, skipping (same config and inputs; "
+                 "--force re-runs)")
+            return {**json.loads(metrics_path.read_text()), "skipped": True}
         data = load_eval_data(ws, round_, split)
-        doc = compute_metrics(data, n_boot=n_boot, seed=seed)
-        doc["run_id"] = run.run_id
+        doc = compute_metrics(data, n_boot=cfg.n_boot, seed=cfg.seed)
+        doc["run_id"] = run_.run_id
         doc["workspace"] = str(ws.root)
         doc["report"] = str(report_path)
         doc["metrics_json"] = str(metrics_path)
         directory.mkdir(parents=True, exist_ok=True)
-        write_round_report(ws, data, doc, report_path, max_overlays=overlays)
+        write_round_report(ws, data, doc, report_path, max_overlays=cfg.overlays)
         tmp = metrics_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, indent=2))
         tmp.replace(metrics_path)
-        write_metrics(ws, doc, run.run_id)
-    except BaseException as exc:
-        run.fail(str(exc) or type(exc).__name__)
-        raise
-    run.finish({"round": round_, "split": split, **doc["headline"],
-                "n_images": doc["n_images"], "n_loc_pairs": doc["localization"]["n_pairs"],
-                "report": str(report_path)})
+        write_metrics(ws, doc, run_.run_id)
+        run_.summary = {"round": round_, "split": split, **doc["headline"],
+                        "n_images": doc["n_images"],
+                        "n_loc_pairs": doc["localization"]["n_pairs"],
+                        "report": str(report_path)}
     return {**doc, "skipped": False}
+
+
+def evaluate_round(ws: Workspace, round_: int, *, split: str = "test", out: Path | None = None,
+                   n_boot: int = 1000, seed: int = 0, overlays: int = 12, force: bool = False,
+                   device: str = "auto", note: Note = note_stderr) -> dict[str, Any]:
+    """:func:`run` with keyword settings (tests, benchmarks)."""
+    return run(ws, round_, EvaluateConfig(split=split, out=out, n_boot=n_boot, seed=seed,
+                                          overlays=overlays, force=force, device=device), note)

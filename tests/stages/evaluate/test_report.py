@@ -12,8 +12,9 @@ import pytest
 
 from kacl_cli.findings import BOX_FINDINGS, FINDINGS
 from kacl_cli.stages.evaluate.baselines import WANG2017_AUC, WANG2017_LOC_IOU
+from kacl_cli.stages.evaluate.metrics import IOBB_THRESHOLDS, IOU_THRESHOLDS
 from kacl_cli.stages.evaluate.report import write_summary_report
-from kacl_cli.stages.evaluate.stage import IOBB_THRESHOLDS, IOU_THRESHOLDS, evaluate_round
+from kacl_cli.stages.evaluate.stage import evaluate_round
 
 
 class Tables(HTMLParser):

@@ -11,20 +11,19 @@ from sklearn.metrics import roc_auc_score
 
 from kacl_cli.errors import NotReadyError
 from kacl_cli.findings import BOX_FINDINGS, FINDINGS
-from kacl_cli.stages.evaluate.stage import (
+from kacl_cli.stages.evaluate.data import load_eval_data
+from kacl_cli.stages.evaluate.metrics import (
     IOBB_THRESHOLDS,
     IOU_THRESHOLDS,
     accuracy_at,
     bootstrap_aucs,
     compute_metrics,
-    evaluate_round,
-    headline,
-    load_eval_data,
     pair_overlaps,
     percentile_ci,
     roc_auc,
     weighted_auc,
 )
+from kacl_cli.stages.evaluate.stage import evaluate_round, headline
 
 
 # -- geometry and the threshold rule ------------------------------------------------------------

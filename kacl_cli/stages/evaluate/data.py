@@ -1,0 +1,119 @@
+"""What the evaluate stage reads for one (round, split): labels, cam_boxes, GT boxes.
+
+:func:`load_eval_data` queries the catalog once and returns an :class:`EvalData` of aligned
+arrays (one row per image, ordered by store row; one pair per ground-truth box of a box
+finding), which the pure metrics (:mod:`kacl_cli.stages.evaluate.metrics`) and the report
+(:mod:`kacl_cli.stages.evaluate.report`) take.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kacl_cli.catalog import label_columns_sql
+from kacl_cli.errors import NotReadyError
+from kacl_cli.findings import BOX_FINDINGS, BOX_LABEL_ALIASES, FINDINGS
+from kacl_cli.workspace import Workspace
+
+
+@dataclass
+class EvalData:
+    """Everything the metrics and the report need for one (round, split)."""
+
+    round: int
+    split: str
+    image_ids: np.ndarray            # n, ordered by store row
+    rows: np.ndarray                 # n store rows
+    orig_size: np.ndarray            # n x 2 (width, height) original pixels
+    labels: np.ndarray               # n x 14 bool
+    probs: np.ndarray                # n x 14, NaN where cam_boxes has no row
+    pred: np.ndarray                 # n x 14 x 4 predicted boxes (original px), NaN if none
+    # localization pairs: one per ground-truth box of a box finding, minus excluded images
+    pair_image: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    pair_finding: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    pair_gt: np.ndarray = field(default_factory=lambda: np.empty((0, 4)))
+    n_excluded_images: int = 0       # split images with GT boxes that supervised training
+    n_excluded_pairs: int = 0
+    n_missing_cam_images: int = 0    # split images without any cam_boxes row for the round
+    n_other_gt: int = 0              # GT boxes of findings outside the 8 box findings (ignored)
+
+    @property
+    def pair_pred(self) -> np.ndarray:
+        return self.pred[self.pair_image, self.pair_finding]
+
+
+def _index_of(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Position of each value in ``keys`` (-1 when absent)."""
+    lookup = {k: i for i, k in enumerate(keys.tolist())}
+    return np.fromiter((lookup.get(v, -1) for v in values.tolist()), dtype=np.int64,
+                       count=len(values))
+
+
+def _canonical(names: np.ndarray) -> np.ndarray:
+    return np.array([BOX_LABEL_ALIASES.get(n, n) for n in names.tolist()], dtype=object)
+
+
+def load_eval_data(ws: Workspace, round_: int, split: str) -> EvalData:
+    """Read labels, cam_boxes of the round and GT boxes of one split from the catalog."""
+    cat = ws.catalog
+    img = cat.query_df(
+        f"SELECT i.image_id, i.row, i.orig_width, i.orig_height, {label_columns_sql()} "
+        "FROM images i JOIN labels l USING (image_id) WHERE i.split = ? "
+        "AND i.image_id NOT IN (SELECT image_id FROM box_supervision) ORDER BY i.row",
+        [split],
+    )
+    # Images whose boxes supervised training leave every evaluation, AUC included.
+    n_sup_images, n_sup_pairs = cat.query(
+        "SELECT count(DISTINCT i.image_id), count(g.image_id) FROM images i "
+        "JOIN box_supervision b USING (image_id) LEFT JOIN gt_boxes g USING (image_id) "
+        "WHERE i.split = ?",
+        [split],
+    )[0]
+    ids = np.asarray(img["image_id"], dtype=object)
+    n = len(ids)
+    if n == 0:
+        raise NotReadyError(f"no labelled images in split {split!r} of {ws.root}")
+    labels = np.stack([np.asarray(img[f], dtype=bool) for f in FINDINGS], axis=1)
+    cam = cat.query_df(
+        "SELECT c.image_id, c.finding, c.probability, c.x, c.y, c.w, c.h FROM cam_boxes c "
+        "JOIN images i USING (image_id) WHERE c.round = ? AND i.split = ?",
+        [round_, split],
+    )
+    probs = np.full((n, len(FINDINGS)), np.nan)
+    pred = np.full((n, len(FINDINGS), 4), np.nan)
+    ii = _index_of(np.asarray(cam["image_id"], dtype=object), ids)
+    ff = _index_of(_canonical(np.asarray(cam["finding"], dtype=object)), np.array(FINDINGS))
+    ok = (ii >= 0) & (ff >= 0)
+    probs[ii[ok], ff[ok]] = np.asarray(cam["probability"], dtype=np.float64)[ok]
+    box = np.stack([np.ma.filled(np.ma.asarray(cam[k], dtype=np.float64), np.nan)
+                    for k in ("x", "y", "w", "h")], axis=1) if len(ii) else np.empty((0, 4))
+    pred[ii[ok], ff[ok]] = box[ok]
+    has_cam = np.zeros(n, dtype=bool)
+    has_cam[ii[ok]] = True
+
+    gt = cat.query_df(
+        "SELECT g.image_id, g.finding, g.x, g.y, g.w, g.h FROM gt_boxes g "
+        "JOIN images i USING (image_id) WHERE i.split = ? "
+        "AND i.image_id NOT IN (SELECT image_id FROM box_supervision) "
+        "ORDER BY g.image_id, g.finding, g.x, g.y",
+        [split],
+    )
+    gi = _index_of(np.asarray(gt["image_id"], dtype=object), ids)
+    gf = _index_of(_canonical(np.asarray(gt["finding"], dtype=object)), np.array(BOX_FINDINGS))
+    gbox = np.stack([np.asarray(gt[k], dtype=np.float64) for k in ("x", "y", "w", "h")], axis=1)
+    in_split = gi >= 0  # GT of an image without a labels row: not evaluable
+    keep = in_split & (gf >= 0)
+    return EvalData(
+        round=round_, split=split, image_ids=ids,
+        rows=np.asarray(img["row"], dtype=np.int64),
+        orig_size=np.stack([np.asarray(img["orig_width"], dtype=np.float64),
+                            np.asarray(img["orig_height"], dtype=np.float64)], axis=1),
+        labels=labels, probs=probs, pred=pred,
+        pair_image=gi[keep], pair_finding=gf[keep], pair_gt=gbox[keep],
+        n_excluded_images=int(n_sup_images),
+        n_excluded_pairs=int(n_sup_pairs),
+        n_missing_cam_images=int((~has_cam).sum()),
+        n_other_gt=int((in_split & (gf < 0)).sum()),
+    )
