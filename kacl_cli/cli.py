@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from kacl_cli.errors import KaclError
+from kacl_cli.stages.radiomics.backends.base import BACKENDS
 from kacl_cli.workspace import Workspace, json_default
 
 out = Console(soft_wrap=True)
@@ -44,12 +45,9 @@ ShardOpt = Annotated[
 
 
 
-class RadiomicsBackend(str, Enum):
-    """``--backend`` / ``--radiomics-backend`` choices (= ``radiomics.backend.BACKENDS``; a test
-    keeps them equal). An Enum, so Typer rejects a bad value as a usage error (exit 2)."""
-
-    pyradiomics = "pyradiomics"
-    fast = "fast"
+# ``--backend`` / ``--radiomics-backend`` choices, built from the backend registry. An Enum, so
+# Typer rejects a bad value as a usage error (exit 2).
+RadiomicsBackend = Enum("RadiomicsBackend", {name: name for name in BACKENDS}, type=str)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

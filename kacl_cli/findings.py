@@ -55,3 +55,7 @@ def finding_index(name: str) -> int:
 def normalise_finding(name: str) -> str:
     """Canonical spelling of a finding (maps 'Infiltrate' to 'Infiltration')."""
     return FINDINGS[finding_index(name.strip())]
+
+# A finding is called present at a probability of at least this (``kacl predict``; the papers
+# report AUCs, which need no threshold).
+POSITIVE_PROBABILITY = 0.5

@@ -18,9 +18,11 @@ from kacl_cli.cli import (
     report,
     shard_note,
 )
+from kacl_cli.stages.cam.config import CamConfig
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "cam"
+_DEFAULTS = CamConfig()
 
 
 def _fraction(value: float) -> float:
@@ -43,12 +45,13 @@ def command(
         float,
         typer.Option("--threshold", callback=_fraction,
                      help="Box region: map values >= this fraction of the map's peak, in (0, 1]."),
-    ] = 0.5,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 64,
+    ] = _DEFAULTS.threshold,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
+    = _DEFAULTS.batch_size,
     workers: Annotated[
         int, typer.Option("--workers", min=0, help="DataLoader worker processes reading the store.")
-    ] = 0,
-    device: DeviceOpt = "auto",
+    ] = _DEFAULTS.workers,
+    device: DeviceOpt = _DEFAULTS.device,
     shard: ShardOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,

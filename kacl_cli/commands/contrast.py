@@ -19,17 +19,17 @@ from kacl_cli.cli import (
     handle_errors,
     out,
 )
+from kacl_cli.models.contrast_spec import POSITIVES
+from kacl_cli.stages.contrast.config import ContrastConfig
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "contrast"
 
 
-class Positives(str, Enum):
-    """Typer turns an Enum into a choice: a bad value is a usage error (exit 2)."""
-
-    radiomics = "radiomics"
-    augment = "augment"
-    none = "none"
+# Typer turns an Enum into a choice (a bad value is a usage error, exit 2); built from the
+# objective's kinds of positives.
+Positives = Enum("Positives", {p: p for p in POSITIVES}, type=str)
+_DEFAULTS = ContrastConfig()
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -63,45 +63,49 @@ def render(result: dict[str, Any]) -> None:
 def command(
     rounds: Annotated[int, typer.Option(
         "--rounds", min=1, help="Total number of contrast rounds wanted (not a count to add): "
-        "rounds already finished are skipped.")] = 3,
+        "rounds already finished are skipped.")] = _DEFAULTS.rounds,
     from_round: Annotated[int | None, typer.Option(
         "--from-round", min=1, help="Restart at this round (needs checkpoint round-(K-1)).")]
-    = None,
+    = _DEFAULTS.from_round,
     epochs_per_round: Annotated[int, typer.Option(
-        "--epochs-per-round", min=1, help="Training epochs of each round.")] = 2,
+        "--epochs-per-round", min=1, help="Training epochs of each round.")]
+    = _DEFAULTS.epochs_per_round,
     temperature: Annotated[float, typer.Option(
-        "--temperature", help="NT-Xent temperature (in-range values: 0.05-0.5).")] = 0.1,
+        "--temperature", help="NT-Xent temperature (in-range values: 0.05-0.5).")]
+    = _DEFAULTS.temperature,
     lam: Annotated[float, typer.Option(
         "--lambda", help="Weight of the contrastive term: total = cls + lambda * NT-Xent.")]
-    = 0.1,
+    = _DEFAULTS.lam,
     proj_dim: Annotated[int, typer.Option(
-        "--proj-dim", min=2, help="Projection dimensions of both heads.")] = 128,
+        "--proj-dim", min=2, help="Projection dimensions of both heads.")] = _DEFAULTS.proj_dim,
     box_supervision: Annotated[float, typer.Option(
         "--box-supervision", min=0.0, max=1.0,
         help="Fraction of box-annotated images (by patient) whose GT boxes train as ROIs; "
-        "they leave every evaluation. 0 = no boxes.")] = 0.0,
+        "they leave every evaluation. 0 = no boxes.")] = _DEFAULTS.box_supervision,
     fold: Annotated[int, typer.Option(
-        "--fold", min=0, max=4, help="Which of the 5 patient folds is held out.")] = 0,
+        "--fold", min=0, max=4, help="Which of the 5 patient folds is held out.")] = _DEFAULTS.fold,
     positives: Annotated[Positives, typer.Option(
         "--positives", help="radiomics (the method) | augment (SimCLR ablation) | none "
-        "(classification only).")] = Positives.radiomics,
+        "(classification only).")] = Positives(_DEFAULTS.positives),
     feedback: Annotated[bool, typer.Option(
         "--feedback/--no-feedback",
-        help="--no-feedback: every round uses round 0's CAM boxes and radiomics.")] = True,
+        help="--no-feedback: every round uses round 0's CAM boxes and radiomics.")]
+    = _DEFAULTS.feedback,
     radiomics_backend: Annotated[RadiomicsBackend, typer.Option(
         "--radiomics-backend", help="fast (default: pyradiomics' values, compiled and "
         "batched) | pyradiomics (the reference, ~70x slower).")]
-    = RadiomicsBackend.fast,
+    = RadiomicsBackend(_DEFAULTS.radiomics_backend),
     backbone_lr_scale: Annotated[float, typer.Option(
         "--backbone-lr-scale", help="Image network learning rate = this x --lr (the new "
-        "heads use --lr).")] = 1.0,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 32,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate of each round.")] = 2e-4,
-    device: DeviceOpt = "auto",
+        "heads use --lr).")] = _DEFAULTS.backbone_lr_scale,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = _DEFAULTS.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate of each round.")]
+    = _DEFAULTS.lr,
+    device: DeviceOpt = _DEFAULTS.device,
     workers: Annotated[int | None, typer.Option(
         help="DataLoader workers and radiomics processes (default: cores, at most 8).")]
     = None,
-    seed: int = 0,
+    seed: int = _DEFAULTS.seed,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
@@ -114,7 +118,7 @@ def command(
 
     Example: kacl contrast --rounds 3 --epochs-per-round 2 --radiomics-backend fast
     """
-    from kacl_cli.stages.contrast.stage import ContrastConfig, run_contrast
+    from kacl_cli.stages.contrast.stage import run_contrast
     from kacl_cli.stages.pretrain import default_workers
 
     cfg = ContrastConfig(

@@ -9,6 +9,8 @@ import typer
 from rich.table import Table
 
 from kacl_cli.cli import DeviceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
+from kacl_cli.findings import POSITIVE_PROBABILITY
+from kacl_cli.stages.cam.config import CamConfig
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "predict"
@@ -52,10 +54,12 @@ def command(
     checkpoint: Annotated[Path | None, typer.Option(
         "--checkpoint", help="A checkpoint directory instead of the workspace's.")] = None,
     threshold: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Probability at or above which a finding is positive.")] = 0.5,
+        min=0.0, max=1.0, help="Probability at or above which a finding is positive.")]
+    = POSITIVE_PROBABILITY,
     cam_threshold: Annotated[float, typer.Option(
         "--cam-threshold", min=0.01, max=1.0,
-        help="Box = heaviest region above this fraction of the map's peak.")] = 0.5,
+        help="Box = heaviest region above this fraction of the map's peak.")]
+    = CamConfig.threshold,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,

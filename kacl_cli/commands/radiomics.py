@@ -20,17 +20,17 @@ from kacl_cli.cli import (
     report,
     shard_note,
 )
+from kacl_cli.stages.radiomics.backends.base import DEFAULT_BACKEND
+from kacl_cli.stages.radiomics.rois import DEFAULT_MIN_PROB, ROI_MODES
+from kacl_cli.stages.rounds import cam_round
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "radiomics"
 
 
-class RoiMode(str, Enum):
-    """Typer turns an Enum into a choice: a bad value is a usage error (exit 2)."""
-
-    cam = "cam"
-    gt = "gt"
-    cam_gt = "cam+gt"
+# Typer turns an Enum into a choice (a bad value is a usage error, exit 2); built from the
+# stage's ROI modes, so the two cannot drift apart.
+RoiMode = Enum("RoiMode", {mode.replace("+", "_"): mode for mode in ROI_MODES}, type=str)
 
 
 @handle_errors
@@ -46,12 +46,12 @@ def command(
             help="cam: Grad-CAM boxes; gt: ground-truth boxes of every image that has them; "
             "cam+gt: GT boxes for box-supervised images, CAM boxes for the rest.",
         ),
-    ] = RoiMode.cam,
+    ] = RoiMode(ROI_MODES[0]),
     backend: Annotated[
         RadiomicsBackend,
         typer.Option("--backend", help="fast (default: pyradiomics' values, compiled and "
                      "batched) | pyradiomics (the reference, ~70x slower)."),
-    ] = RadiomicsBackend.fast,
+    ] = RadiomicsBackend(DEFAULT_BACKEND),
     params: Annotated[
         Path | None,
         typer.Option("--params", help="pyradiomics-format YAML params file (Original only)."),
@@ -63,7 +63,7 @@ def command(
             help="Also compute ROIs of findings with probability >= this (the positive ROI, "
             "the image's most confident boxed finding, is always computed).",
         ),
-    ] = 0.5,
+    ] = DEFAULT_MIN_PROB,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes.")] = 1,
     split: Annotated[
         list[str] | None,
@@ -94,8 +94,7 @@ def command(
 
     ws = Workspace(workspace)
     ws.require()
-    if round_ is None:
-        round_ = _latest_cam_round(ws)
+    round_ = cam_round(ws, round_)
     summary = run_radiomics_stage(
         ws, round_, roi=roi.value, backend=backend.value, params=params, workers=workers,
         split=split, force=force, shard=parse_shard(shard), min_prob=min_prob,
@@ -103,15 +102,6 @@ def command(
     if shard is not None:
         shard_note(NAME, summary, round_)
     report(NAME, summary, as_json, lambda: _render(summary))
-
-
-def _latest_cam_round(ws: Workspace) -> int:
-    from kacl_cli.errors import NotReadyError
-
-    rows = ws.catalog.query("SELECT max(round) FROM cam_boxes")
-    if not rows or rows[0][0] is None:
-        raise NotReadyError("no Grad-CAM boxes in this workspace: run `kacl cam --round 0` first")
-    return int(rows[0][0])
 
 
 def _render(s: dict) -> None:

@@ -41,17 +41,15 @@ Defaults and why (the paper gives none; method.md asks for T in [0.05, 0.5], 64-
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kacl_cli.models.contrast_spec import POSITIVES, ContrastSpec
 from kacl_cli.models.losses import ClassificationObjective, Objective
 from kacl_cli.training import distributed
-
-POSITIVES = ("radiomics", "augment", "none")
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float,
@@ -115,37 +113,6 @@ class RadiomicsEncoder(nn.Module):
         if self.feature_clip > 0:
             x = x.clamp(-self.feature_clip, self.feature_clip)
         return self.net(x)
-
-
-@dataclass(frozen=True)
-class ContrastSpec:
-    """Shape-defining settings of a contrastive objective (saved in the checkpoint meta).
-
-    Two objectives with equal ``weights_key()`` have identically shaped parameters that mean
-    the same thing, so a later round may continue the earlier round's weights.
-    """
-
-    positives: str
-    feature_dim: int
-    proj_dim: int = 128
-    image_hidden: int = 512
-    temperature: float = 0.1
-    lam: float = 0.1
-    n_features: int = 0
-    radiomics_hidden: int = 256
-    radiomics_embed: int = 256
-    feature_clip: float = 5.0
-    settings_hash: str | None = None
-    feature_names_hash: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def weights_key(self) -> dict[str, Any]:
-        d = self.to_dict()
-        for k in ("temperature", "lam", "feature_clip"):  # no effect on the weights' meaning
-            d.pop(k)
-        return d
 
 
 class _ScaledBackbone:

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from kacl_cli.errors import KaclError
-from kacl_cli.findings import FINDINGS
+from kacl_cli.findings import FINDINGS, POSITIVE_PROBABILITY
 from kacl_cli.imageio import read_gray, resize_square
 from kacl_cli.models.checkpoint import load_image_net, preprocess
+from kacl_cli.stages.cam.config import CamConfig
 from kacl_cli.stages.rounds import resolve_round
 
 
@@ -124,8 +125,8 @@ def predict_files(
     device: torch.device,
     *,
     boxes: bool = False,
-    threshold: float = 0.5,
-    cam_threshold: float = 0.5,
+    threshold: float = POSITIVE_PROBABILITY,
+    cam_threshold: float = CamConfig.threshold,
     overlay_dir: Path | None = None,
     batch_size: int = 8,
     on_result: Callable[[ImageResult], None] | None = None,

@@ -33,6 +33,7 @@ from kacl_cli.device import resolve_device
 from kacl_cli.errors import CheckpointError, InputError, NotReadyError
 from kacl_cli.findings import FINDINGS
 from kacl_cli.models.checkpoint import META_FILE, MODEL_FILE, load_image_net, preprocess
+from kacl_cli.stages.cam.config import CamConfig
 from kacl_cli.stages.cam.gradcam import batched_gradcam, maps_to_boxes
 from kacl_cli.stages.rounds import resolve_round
 from kacl_cli.store import cam_key
@@ -40,9 +41,7 @@ from kacl_cli.training.loader import SPLITS, StoreDataset
 from kacl_cli.workspace import StageRun, Workspace, stable_json
 
 STAGE = "cam"
-# Images per committed chunk: a killed run loses at most this much work, and the per-chunk
-# catalog transaction stays well under a second.
-CHUNK = 1024
+_DEFAULTS = CamConfig()
 # Bumped when the maps or the box rule change meaning, so old results are not reused.
 METHOD = "gradcam-gap-linear/v1"
 
@@ -70,18 +69,26 @@ def checkpoint_fingerprint(directory: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def run(ws: Workspace, cfg: CamConfig,
+        shard: tuple[int, int] | str | None = None) -> dict[str, Any]:
+    """The cam stage with a :class:`CamConfig` (see :func:`run_cam_stage`)."""
+    return run_cam_stage(ws, cfg.round, split=cfg.split, batch_size=cfg.batch_size,
+                         threshold=cfg.threshold, device=cfg.device, force=cfg.force,
+                         shard=shard, workers=cfg.workers, chunk_size=cfg.chunk_size)
+
+
 def run_cam_stage(
     ws: Workspace,
     round_: int | None = None,
     *,
     split: str | None = None,
-    batch_size: int = 64,
-    threshold: float = 0.5,
-    device: str = "auto",
+    batch_size: int = _DEFAULTS.batch_size,
+    threshold: float = _DEFAULTS.threshold,
+    device: str = _DEFAULTS.device,
     force: bool = False,
     shard: tuple[int, int] | str | None = None,
-    workers: int = 0,
-    chunk_size: int = CHUNK,
+    workers: int = _DEFAULTS.workers,
+    chunk_size: int = _DEFAULTS.chunk_size,
 ) -> dict[str, Any]:
     """Compute maps and boxes of all findings for the images of ``split`` (None = all).
 

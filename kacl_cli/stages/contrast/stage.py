@@ -27,17 +27,17 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from kacl_cli.errors import InputError, KaclError, NotReadyError
+from kacl_cli.errors import KaclError, NotReadyError
 from kacl_cli.models.checkpoint import OBJECTIVE_PREFIX, load_image_net, read_checkpoint, read_meta
-from kacl_cli.models.contrastive import POSITIVES, ContrastSpec, build_objective
+from kacl_cli.models.contrastive import ContrastSpec, build_objective
 from kacl_cli.models.losses import ClassificationObjective, pos_weight_from_labels
 from kacl_cli.stages.cam.stage import checkpoint_fingerprint, run_cam_stage
+from kacl_cli.stages.contrast.config import ContrastConfig
 from kacl_cli.stages.contrast.supervision import (
     BoxSupervision,
     current_box_supervision,
@@ -56,67 +56,9 @@ from kacl_cli.training.loader import SplitData, StoreDataset, data_fingerprint, 
 from kacl_cli.workspace import Workspace
 
 STAGE = "contrast"
-# Fields of ContrastConfig that say how to run, not what to compute: kept out of the hash.
-EXECUTION_FIELDS = ("rounds", "from_round", "force", "device", "workers", "cam_batch_size")
 # Training settings a contrast round inherits from the checkpoint it starts from.
 INHERITED = ("loss", "focal_alpha", "focal_gamma", "weight_decay", "augment", "warmup_fraction",
              "grad_clip")
-
-
-@dataclass
-class ContrastConfig:
-    """Resolved settings of ``kacl contrast`` (defaults and reasons: docs/contrast.md)."""
-
-    rounds: int = 3
-    from_round: int | None = None
-    epochs_per_round: int = 2
-    temperature: float = ContrastSpec.temperature  # one home for these defaults: the model's
-    lam: float = ContrastSpec.lam
-    proj_dim: int = ContrastSpec.proj_dim
-    box_supervision: float = 0.0
-    fold: int = 0
-    positives: str = "radiomics"
-    feedback: bool = True
-    radiomics_backend: str = "fast"  # pyradiomics parity (tested), ~70x faster per core
-    backbone_lr_scale: float = 1.0
-    batch_size: int = 32
-    lr: float = 2e-4
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 2
-    cam_batch_size: int = 64
-    force: bool = False
-
-    def hashed(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS}
-
-    def validate(self) -> None:
-        if self.rounds < 1:
-            raise InputError(f"--rounds must be >= 1, got {self.rounds}")
-        if self.from_round is not None and not 1 <= self.from_round:
-            raise InputError(f"--from-round must be >= 1, got {self.from_round}")
-        if self.epochs_per_round < 1:
-            raise InputError(f"--epochs-per-round must be >= 1, got {self.epochs_per_round}")
-        if not 0.0 < self.temperature <= 10.0:
-            raise InputError(f"--temperature must be in (0, 10], got {self.temperature}")
-        if self.lam < 0:
-            raise InputError(f"--lambda must be >= 0, got {self.lam}")
-        if self.proj_dim < 2:
-            raise InputError(f"--proj-dim must be >= 2, got {self.proj_dim}")
-        if self.positives not in POSITIVES:
-            raise InputError(f"--positives must be one of {', '.join(POSITIVES)}, "
-                             f"got {self.positives!r}")
-        if not 0.0 <= self.box_supervision <= 1.0:
-            raise InputError(f"--box-supervision must be in [0, 1], got {self.box_supervision}")
-        if not 0 <= self.fold <= 4:
-            raise InputError(f"--fold must be in 0..4, got {self.fold}")
-        if self.box_supervision > 0 and self.positives != "radiomics":
-            raise InputError("--box-supervision lends GT boxes to the radiomics positives: "
-                             "it needs --positives radiomics")
-        if self.backbone_lr_scale <= 0:
-            raise InputError(f"--backbone-lr-scale must be > 0, got {self.backbone_lr_scale}")
-        if self.lr <= 0 or self.batch_size < 1:
-            raise InputError("--lr must be > 0 and --batch-size >= 1")
 
 
 Note = Callable[[str], None]

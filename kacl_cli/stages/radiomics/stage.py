@@ -32,7 +32,7 @@ from kacl_cli import progress
 from kacl_cli.catalog import insert_columns
 from kacl_cli.errors import InputError, KaclError, NotReadyError
 from kacl_cli.stages.radiomics import settings as settings_mod
-from kacl_cli.stages.radiomics.backends.base import BACKENDS, Backend, get_backend
+from kacl_cli.stages.radiomics.backends.base import BACKENDS, DEFAULT_BACKEND, Backend, get_backend
 from kacl_cli.stages.radiomics.backends.pyrad import single_threaded_sitk
 from kacl_cli.stages.radiomics.rois import (
     DEFAULT_MIN_PROB,
@@ -277,7 +277,7 @@ def run_radiomics_stage(
     round_: int,
     *,
     roi: str = "cam",
-    backend: str = "fast",
+    backend: str = DEFAULT_BACKEND,
     params: Path | str | None = None,
     workers: int = 1,
     split: str | list[str] | None = None,

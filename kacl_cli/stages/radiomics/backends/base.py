@@ -153,6 +153,8 @@ _REGISTRY: dict[str, str] = {
     "fast": "kacl_cli.stages.radiomics.backends.fast.backend:FastBackend",
 }
 BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
+# pyradiomics' values (parity tested), compiled and batched: ~70x faster per core.
+DEFAULT_BACKEND = "fast"
 
 
 def get_backend(name: str) -> Backend:

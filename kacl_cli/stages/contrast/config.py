@@ -1,0 +1,70 @@
+"""The settings of ``kacl contrast`` (:class:`ContrastConfig`), free of torch: the CLI reads its
+option defaults here at start-up (defaults and reasons: docs/contrast.md)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kacl_cli.errors import InputError
+from kacl_cli.models.contrast_spec import POSITIVES, ContrastSpec
+from kacl_cli.stages.cam.config import CamConfig
+from kacl_cli.stages.radiomics.backends.base import DEFAULT_BACKEND
+
+# Fields of ContrastConfig that say how to run, not what to compute: kept out of the hash.
+EXECUTION_FIELDS = ("rounds", "from_round", "force", "device", "workers", "cam_batch_size")
+
+@dataclass
+class ContrastConfig:
+    """Resolved settings of ``kacl contrast`` (defaults and reasons: docs/contrast.md)."""
+
+    rounds: int = 3
+    from_round: int | None = None
+    epochs_per_round: int = 2
+    temperature: float = ContrastSpec.temperature  # one home for these defaults: the model's
+    lam: float = ContrastSpec.lam
+    proj_dim: int = ContrastSpec.proj_dim
+    box_supervision: float = 0.0
+    fold: int = 0
+    positives: str = "radiomics"
+    feedback: bool = True
+    radiomics_backend: str = DEFAULT_BACKEND
+    backbone_lr_scale: float = 1.0
+    batch_size: int = 32
+    lr: float = 2e-4
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    cam_batch_size: int = CamConfig.batch_size
+    force: bool = False
+
+    def hashed(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS}
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise InputError(f"--rounds must be >= 1, got {self.rounds}")
+        if self.from_round is not None and not 1 <= self.from_round:
+            raise InputError(f"--from-round must be >= 1, got {self.from_round}")
+        if self.epochs_per_round < 1:
+            raise InputError(f"--epochs-per-round must be >= 1, got {self.epochs_per_round}")
+        if not 0.0 < self.temperature <= 10.0:
+            raise InputError(f"--temperature must be in (0, 10], got {self.temperature}")
+        if self.lam < 0:
+            raise InputError(f"--lambda must be >= 0, got {self.lam}")
+        if self.proj_dim < 2:
+            raise InputError(f"--proj-dim must be >= 2, got {self.proj_dim}")
+        if self.positives not in POSITIVES:
+            raise InputError(f"--positives must be one of {', '.join(POSITIVES)}, "
+                             f"got {self.positives!r}")
+        if not 0.0 <= self.box_supervision <= 1.0:
+            raise InputError(f"--box-supervision must be in [0, 1], got {self.box_supervision}")
+        if not 0 <= self.fold <= 4:
+            raise InputError(f"--fold must be in 0..4, got {self.fold}")
+        if self.box_supervision > 0 and self.positives != "radiomics":
+            raise InputError("--box-supervision lends GT boxes to the radiomics positives: "
+                             "it needs --positives radiomics")
+        if self.backbone_lr_scale <= 0:
+            raise InputError(f"--backbone-lr-scale must be > 0, got {self.backbone_lr_scale}")
+        if self.lr <= 0 or self.batch_size < 1:
+            raise InputError("--lr must be > 0 and --batch-size >= 1")
