@@ -15,8 +15,9 @@ Semantics (docs/scale-out.md):
   (:func:`gather_eval`): every rank computes the same AUC and keeps the same best epoch.
 - Writes: only rank 0 writes checkpoints, the catalog and the store (``Workspace.writes`` is
   False elsewhere). DuckDB admits one writing process and no readers beside it, so the other
-  ranks do all their catalog reads *before* rank 0 starts writing (:func:`begin_stage`:
-  barrier, rank 0 records the run, the run id is broadcast).
+  ranks do all their catalog reads *before* rank 0 starts writing (``ws.stage_run(...,
+  device=...)`` in :mod:`kacl_cli.runs`: barrier, rank 0 records the run, the run id is
+  broadcast).
 - Backends: NCCL for CUDA tensors (DDP), gloo on the CPU. Host-side coordination (barriers,
   object broadcasts) always runs on a gloo group, so a rank waiting for rank 0's long catalog
   merge blocks in a socket, not a GPU kernel, and the timeout (``KACL_DIST_TIMEOUT_S``,
@@ -419,37 +420,6 @@ def wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module
     setup(ctx, device)
     convert_batchnorm(module, device)
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-# -- stage bookkeeping -----------------------------------------------------------------------
-def begin_stage(ws: Any, device: torch.device | str, stage: str, config: dict[str, Any],
-                fingerprint: str, **kwargs: Any) -> Any:
-    """:meth:`Workspace.begin` for a torchrun job: rank 0 records the run, the others mirror it.
-
-    Every rank must have finished its catalog reads before calling this (it starts with a
-    barrier); afterwards only rank 0 touches the catalog. Returns the same kind of result on
-    every rank: the earlier summary (skip) or a StageRun with rank 0's run id.
-    """
-    ctx = from_env()
-    if not ctx.active:
-        return ws.begin(stage, config, fingerprint, **kwargs)
-    from kacl_cli.workspace import StageRun
-
-    setup(ctx, local_device(device))
-    if not ctx.is_main:
-        ws.writes = False
-    barrier(ctx)
-    payload: Any = None
-    if ctx.is_main:
-        begun = ws.begin(stage, config, fingerprint, **kwargs)
-        payload = begun if isinstance(begun, dict) else (begun.run_id, begun.started)
-    payload = broadcast_object(payload, ctx)
-    if ctx.is_main:
-        return begun
-    if isinstance(payload, dict):
-        return payload
-    run_id, started = payload
-    return StageRun(ws, run_id, stage, kwargs.get("round_"), config, started)
 
 
 def check_world(n_items: int, what: str, ctx: DistContext | None = None) -> None:
