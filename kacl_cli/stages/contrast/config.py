@@ -14,6 +14,7 @@ from kacl_cli.stages.radiomics.backends.base import DEFAULT_BACKEND
 # Fields of ContrastConfig that say how to run, not what to compute: kept out of the hash.
 EXECUTION_FIELDS = ("rounds", "from_round", "force", "device", "workers", "cam_batch_size")
 
+
 @dataclass
 class ContrastConfig:
     """Resolved settings of ``kacl contrast`` (defaults and reasons: docs/contrast.md)."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,6 +35,7 @@ from kacl_cli.errors import KaclError, NotReadyError
 from kacl_cli.models.checkpoint import OBJECTIVE_PREFIX, load_image_net, read_checkpoint, read_meta
 from kacl_cli.models.contrastive import ContrastSpec, build_objective
 from kacl_cli.models.losses import ClassificationObjective, pos_weight_from_labels
+from kacl_cli.progress import Note
 from kacl_cli.stages.cam.stage import checkpoint_fingerprint, run_cam_stage
 from kacl_cli.stages.contrast.config import ContrastConfig
 from kacl_cli.stages.contrast.supervision import (
@@ -59,9 +59,6 @@ STAGE = "contrast"
 # Training settings a contrast round inherits from the checkpoint it starts from.
 INHERITED = ("loss", "focal_alpha", "focal_gamma", "weight_decay", "augment", "warmup_fraction",
              "grad_clip")
-
-
-Note = Callable[[str], None]
 
 
 def plan_rounds(ws: Workspace, cfg: ContrastConfig) -> list[int]:
