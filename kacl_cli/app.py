@@ -5,7 +5,17 @@ from __future__ import annotations
 import typer
 
 from kacl_cli import __version__
-from kacl_cli.commands import cam, contrast, evaluate, merge, predict, prepare, pretrain, radiomics
+from kacl_cli.commands import (
+    cam,
+    contrast,
+    evaluate,
+    import_model,
+    merge,
+    predict,
+    prepare,
+    pretrain,
+    radiomics,
+)
 
 app = typer.Typer(
     name="kacl",
@@ -25,6 +35,7 @@ app = typer.Typer(
 
 for module in (prepare, pretrain, cam, radiomics, contrast, evaluate, predict, merge):
     app.command(name=module.NAME, help=module.command.__doc__)(module.command)
+app.add_typer(import_model.app, name=import_model.NAME)
 
 
 def _version(value: bool) -> None:
