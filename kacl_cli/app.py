@@ -7,6 +7,7 @@ import typer
 from kacl_cli import __version__
 from kacl_cli.commands import (
     cam,
+    config,
     contrast,
     evaluate,
     import_model,
@@ -16,6 +17,7 @@ from kacl_cli.commands import (
     pretrain,
     radiomics,
 )
+from kacl_cli.config_file import EXTRA_OPTIONS, command_class
 
 app = typer.Typer(
     name="kacl",
@@ -34,8 +36,12 @@ app = typer.Typer(
 )
 
 for module in (prepare, pretrain, cam, radiomics, contrast, evaluate, predict, merge):
-    app.command(name=module.NAME, help=module.command.__doc__)(module.command)
+    app.command(name=module.NAME, help=module.command.__doc__,
+                cls=command_class(module.NAME, EXTRA_OPTIONS.get(module.NAME, ())))(
+        module.command)
 app.add_typer(import_model.app, name=import_model.NAME)
+app.command(name=config.NAME, help=config.command.__doc__, context_settings=config.CONTEXT)(
+    config.command)
 
 
 def _version(value: bool) -> None:

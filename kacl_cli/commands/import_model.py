@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from kacl_cli.cli import ForceOpt, JsonOpt, WorkspaceOpt, handle_errors, out, report
+from kacl_cli.config_file import command_class
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "import"
@@ -36,7 +37,7 @@ def _render(summary: dict[str, Any]) -> None:
                   highlight=False)
 
 
-@app.command("xrv")
+@app.command("xrv", cls=command_class("import xrv"))
 @handle_errors
 def xrv(
     source: Annotated[Path, typer.Argument(
