@@ -17,7 +17,8 @@ from kacl_cli.commands import (
     pretrain,
     radiomics,
 )
-from kacl_cli.config_file import EXTRA_OPTIONS, command_class
+from kacl_cli.config_file import command_class
+from kacl_cli.training.tensorboard import tensorboard_option
 
 app = typer.Typer(
     name="kacl",
@@ -35,6 +36,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+# Options added to a command without touching it (the command never sees their values).
+EXTRA_OPTIONS = {pretrain.NAME: (tensorboard_option,), contrast.NAME: (tensorboard_option,)}
 for module in (prepare, pretrain, cam, radiomics, contrast, evaluate, predict, merge):
     app.command(name=module.NAME, help=module.command.__doc__,
                 cls=command_class(module.NAME, EXTRA_OPTIONS.get(module.NAME, ())))(

@@ -102,8 +102,9 @@ def option_keys(param: Any) -> set[str]:
 
 
 def _options(command: Any) -> list[Any]:
+    """Options a file may set: the command's own and added ones (--tensorboard), not --config."""
     return [p for p in command.params
-            if getattr(p, "param_type_name", "") == "option" and p.expose_value]
+            if getattr(p, "param_type_name", "") == "option" and p.name != CONFIG_PARAM]
 
 
 def command_tree(root: Any) -> dict[str, Any]:
@@ -229,7 +230,7 @@ def _apply(ctx: Any, _param: Any, value: Any) -> Any:
 
 
 # -- the command class ---------------------------------------------------------------------
-def _params_of(fn: Callable[..., None]) -> list[Any]:
+def params_of(fn: Callable[..., None]) -> list[Any]:
     """Click parameters of a function's Typer annotations (built by Typer itself)."""
     probe = typer.Typer()
     probe.command()(fn)
@@ -246,15 +247,11 @@ def _config_probe(
 
 
 def config_option() -> Any:
-    (param,) = [p for p in _params_of(_config_probe) if p.name == CONFIG_PARAM]
+    (param,) = [p for p in params_of(_config_probe) if p.name == CONFIG_PARAM]
     param.is_eager = True
     param.expose_value = False
     param.callback = _apply
     return param
-
-
-# Extra options (built like --config) that app.py attaches to some commands, by name.
-EXTRA_OPTIONS: dict[str, list[Callable[[], Any]]] = {}
 
 
 def command_class(name: str, extra: Iterable[Callable[[], Any]] = ()) -> type[TyperCommand]:

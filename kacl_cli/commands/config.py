@@ -115,11 +115,11 @@ def command(
     if cfg_file is not None:
         load_defaults(sub, cfg_file)  # resilient parsing hides errors: check explicitly
     options = [p for p in sub.command.params
-               if getattr(p, "param_type_name", "") == "option" and p.expose_value]
+               if getattr(p, "param_type_name", "") == "option" and p.name != "config"]
     values: dict[str, Any] = {}
     used: set[str] = set()
     for p in options:
-        value = sub.params.get(p.name)
+        value = sub.params.get(p.name, sub.meta.get(f"kacl.{p.name}"))
         for key in option_keys(p):
             if key in recorded:
                 value, _ = recorded[key], used.add(key)
