@@ -10,6 +10,7 @@ from kacl_cli.commands import (
     config,
     contrast,
     evaluate,
+    export,
     import_model,
     merge,
     predict,
@@ -38,7 +39,7 @@ app = typer.Typer(
 
 # Options added to a command without touching it (the command never sees their values).
 EXTRA_OPTIONS = {pretrain.NAME: (tensorboard_option,), contrast.NAME: (tensorboard_option,)}
-for module in (prepare, pretrain, cam, radiomics, contrast, evaluate, predict, merge):
+for module in (prepare, pretrain, cam, radiomics, contrast, evaluate, predict, merge, export):
     app.command(name=module.NAME, help=module.command.__doc__,
                 cls=command_class(module.NAME, EXTRA_OPTIONS.get(module.NAME, ())))(
         module.command)
