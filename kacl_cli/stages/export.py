@@ -13,8 +13,11 @@ command ends with one line saying so.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -92,18 +95,25 @@ def sidecar(meta: dict[str, Any], module: ExportModule, model_file: str, frac: f
 
 
 def export_onnx(module: ExportModule, path: Path, size: int) -> None:
-    """Write the ONNX graph with a dynamic batch dimension."""
+    """Write the ONNX graph (torch.export-based exporter), batch dimension dynamic.
+
+    The exporter's own progress lines go to stderr, so ``--json`` keeps stdout clean.
+    """
     try:
-        import onnx  # noqa: F401  (torch's exporter needs it; checked for the one-line error)
+        import onnx  # noqa: F401  (the exporter needs onnx and onnxscript)
+        import onnxscript  # noqa: F401
     except ImportError:
         raise KaclError(MISSING) from None
     example = torch.zeros(2, 1, size, size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        module, (example,), str(path), input_names=[INPUT], output_names=list(OUTPUTS),
-        dynamic_axes={INPUT: {0: "batch"}, OUTPUTS[0]: {0: "batch"}, OUTPUTS[1]: {0: "batch"}},
-        opset_version=OPSET, dynamo=False,
-    )
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, (example,), input_names=[INPUT], output_names=list(OUTPUTS),
+            dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
+            opset_version=OPSET, dynamo=True, verbose=False,
+        )
+        program.save(str(path), external_data=False)
 
 
 def export_round(ws: Workspace, *, round_: int | None = None, checkpoint: Path | None = None,
