@@ -69,9 +69,11 @@ def sidecar(meta: dict[str, Any], module: ExportModule, model_file: str, frac: f
         "input": {
             "name": INPUT, "shape": ["batch", 1, size, size], "dtype": "float32",
             "range": [0.0, 1.0],
-            "how": (f"grey image (DICOM: apply the photometric interpretation, window to the "
-                    f"full range), pad to a square, resize to {size} x {size} "
-                    "(antialiased bilinear), divide by 255"),
+            "how": (f"8-bit grey image (DICOM: MONOCHROME1 inverted, scaled to 0..255), "
+                    f"resized (stretched, no padding) to {size} x {size} with antialiased "
+                    "bilinear, divided by 255. kacl itself resizes in two steps: to "
+                    "store_size (PIL bilinear), then to the input size (torch, antialiased)"),
+            "store_size": int(meta.get("store_size") or size),
         },
         "normalisation": {**meta["normalisation"], "applied_inside_model": True},
         "outputs": {
