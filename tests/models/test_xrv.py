@@ -215,6 +215,10 @@ def test_cli_import_then_skip_then_refuse_other(tmp_path, tiny_workspace, source
     rows = [XRV_TARGETS.index(fd) for fd in FINDINGS]
     with torch.no_grad():
         assert torch.allclose(model(xin), reference_forward(source, xin)[:, rows], atol=1e-5)
+    cam = runner.invoke(app, ["cam", "--round", "0", "--split", "test", "--device", "cpu",
+                              "-w", str(ws.root), "--json"])  # stages use it unchanged
+    assert cam.exit_code == 0, cam.stderr
+    assert ws.catalog.count("cam_boxes", "round = 0") == 2 * len(FINDINGS)
     again = runner.invoke(app, ["import", "xrv", str(f), "-w", str(ws.root)])
     assert again.exit_code == 0 and "done, skipping" in again.stderr
     pt = tmp_path / "other.pt"
