@@ -39,15 +39,19 @@ def test_toml_tool_table_and_nested_command(tmp_path) -> None:
     assert _resolved("cam", "--config", str(f))["cam"]["threshold"] == 0.4
     xrv = _resolved("import", "xrv", "--config", str(f))["import"]["xrv"]
     assert xrv["calibrate"] is True and xrv["workspace"] == "/data/ws"
+    # a command's own --format passes through (the printed file's format is --as)
+    res = runner.invoke(app, ["config", "export", "--format", "onnx", "--as", "toml"])
+    assert res.exit_code == 0 and '[tool.kacl.export]\nround' not in res.stdout
+    assert 'format = "onnx"' in res.stdout
 
 
 def test_printed_config_reproduces_itself(tmp_path) -> None:
     first = runner.invoke(app, ["config", "contrast", "--rounds", "4", "--positives", "augment",
-                                "--no-feedback", "--format", "toml"])
+                                "--no-feedback", "--as", "toml"])
     assert first.exit_code == 0, first.stderr
     f = tmp_path / "c.toml"
     f.write_text(first.stdout)
-    again = runner.invoke(app, ["config", "contrast", "--config", str(f), "--format", "toml"])
+    again = runner.invoke(app, ["config", "contrast", "--config", str(f), "--as", "toml"])
     assert again.exit_code == 0, again.stderr
     strip = [ln for ln in again.stdout.splitlines() if not ln.startswith("#")]
     assert strip == [ln for ln in first.stdout.splitlines() if not ln.startswith("#")]

@@ -80,7 +80,9 @@ def command(
              "--config FILE included.")] = None,
     run: Annotated[str | None, typer.Option(
         "--run", help="Print the config of this finished run (runs.run_id) instead.")] = None,
-    fmt: Annotated[Format, typer.Option("--format", help="yaml | toml")] = Format.yaml,
+    fmt: Annotated[Format, typer.Option(
+        "--as", help="yaml | toml (--as, so that a command's own --format passes through).")]
+    = Format.yaml,
 ) -> None:
     """Print the resolved options of a command (defaults < --config FILE < command line) as a
     config file that reproduces it; or those of a recorded run (--run RUN_ID).
@@ -88,7 +90,7 @@ def command(
     Example: kacl config pretrain --config exp.yaml --epochs 3 > pretrain.yaml
     """
     words = list(command_name or []) + list(ctx.args)
-    tree = command_tree(ctx.find_root().command)
+    tree = {k: v for k, v in command_tree(ctx.find_root().command).items() if k != NAME}
     path, args = None, words
     for n in (2, 1):
         if len(words) >= n and " ".join(words[:n]) in tree:
