@@ -239,7 +239,7 @@ def test_pickled_module_is_refused(tmp_path) -> None:
 
 def test_real_xrv_class() -> None:
     xrv = pytest.importorskip(
-        "torchxrayvision", reason="torchxrayvision not installed (pip install kacl[xrv])")
+        "torchxrayvision", reason="torchxrayvision not installed (pip install 'kacl[xrv]')")
     torch.manual_seed(0)
     net = xrv.models.DenseNet(weights=None, op_threshs=torch.tensor(NIH_OP))
     net.eval()
@@ -253,3 +253,8 @@ def test_real_xrv_class() -> None:
         ours = imp.model(x)
     rows = [list(net.targets).index(f) for f in FINDINGS]
     assert torch.allclose(ours, logits[:, rows], atol=1e-5, rtol=1e-5)
+    # --calibrate decides like xrv's own op_norm output at 0.5
+    with torch.no_grad():
+        normed = net(x)[:, rows]
+        p_cal = torch.sigmoid(convert(state, list(net.targets), calibrate=True).model(x))
+    assert torch.equal(p_cal > 0.5, normed > 0.5)
