@@ -2,10 +2,65 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.markup import escape
 
 from kacl_cli import __version__
-from kacl_cli.commands import cam, contrast, evaluate, merge, predict, prepare, pretrain, radiomics
+from kacl_cli.cli import err
+from kacl_cli.commands import (
+    cam,
+    config,
+    contrast,
+    evaluate,
+    export,
+    import_model,
+    merge,
+    predict,
+    prepare,
+    pretrain,
+    radiomics,
+)
+from kacl_cli.config_file import command_class, params_of
+from kacl_cli.errors import KaclError
+from kacl_cli.training import callbacks, tensorboard
+
+
+def _attach_tensorboard(ctx: Any, _param: Any, value: Any) -> Any:
+    """Option callback: register a logger for this command; closed with the command."""
+    ctx.meta["kacl.tensorboard"] = value
+    if value is None or ctx.resilient_parsing:
+        return value
+    try:
+        writer_class = tensorboard.summary_writer_class()
+    except KaclError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    logger = tensorboard.TensorBoardLogger(Path(value), writer_class)
+    remove = callbacks.register(logger)
+    ctx.call_on_close(lambda: (remove(), logger.close()))
+    return value
+
+
+def _tensorboard_probe(
+    tensorboard: Annotated[Path | None, typer.Option(
+        "--tensorboard", metavar="DIR",
+        help="Write per-epoch losses, val AUC, lr and images/s for TensorBoard under DIR "
+             "(needs kacl[tensorboard]).")] = None,
+) -> None:
+    """Only declares the option, so typer builds it like every other one."""
+
+
+def tensorboard_option() -> Any:
+    """The ``--tensorboard DIR`` click option (pretrain and contrast; the training loop's
+    epoch callbacks feed it, see :mod:`kacl_cli.training.tensorboard`)."""
+    (param,) = [p for p in params_of(_tensorboard_probe) if p.name == "tensorboard"]
+    param.expose_value = False
+    param.callback = _attach_tensorboard
+    return param
+
 
 app = typer.Typer(
     name="kacl",
@@ -23,8 +78,15 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (prepare, pretrain, cam, radiomics, contrast, evaluate, predict, merge):
-    app.command(name=module.NAME, help=module.command.__doc__)(module.command)
+# Options added to a command without touching it (the command never sees their values).
+EXTRA_OPTIONS = {pretrain.NAME: (tensorboard_option,), contrast.NAME: (tensorboard_option,)}
+for module in (prepare, pretrain, cam, radiomics, contrast, evaluate, predict, merge, export):
+    app.command(name=module.NAME, help=module.command.__doc__,
+                cls=command_class(module.NAME, EXTRA_OPTIONS.get(module.NAME, ())))(
+        module.command)
+app.add_typer(import_model.app, name=import_model.NAME)
+app.command(name=config.NAME, help=config.command.__doc__, context_settings=config.CONTEXT)(
+    config.command)
 
 
 def _version(value: bool) -> None:

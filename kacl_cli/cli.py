@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from kacl_cli.errors import KaclError
 from kacl_cli.stages.radiomics.backends.base import BACKENDS
@@ -61,7 +62,7 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except KaclError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted: finished work is kept; re-run the same command to resume")

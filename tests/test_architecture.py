@@ -4,7 +4,8 @@
   is still a dependency; it only hides the cycle from the interpreter). Imports under
   ``if TYPE_CHECKING:`` do not (they never run).
 - Nothing below the CLI layer (stages/, training/, models/, sharding/ and the base modules)
-  imports the CLI layer (kacl_cli.cli, kacl_cli.commands, kacl_cli.app): stages report through
+  imports the CLI layer (kacl_cli.cli, kacl_cli.commands, kacl_cli.app, and config_file, the
+  click default-map hook): stages report through
   a ``note`` callback and return results; commands parse options and render.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import kacl_cli
 
 ROOT = Path(kacl_cli.__file__).parent
-CLI_LAYER = ("kacl_cli.cli", "kacl_cli.commands", "kacl_cli.app")
+CLI_LAYER = ("kacl_cli.cli", "kacl_cli.commands", "kacl_cli.app", "kacl_cli.config_file")
 
 # Cycles that the sharding split (issue 12, branch arch-shard: sharding/parts.py + per-stage
 # hooks in stages/*/parts.py, parallel.py) removes; each is the set of modules of one strongly

@@ -43,7 +43,7 @@ from kacl_cli.errors import KaclError
 from kacl_cli.findings import FINDINGS
 from kacl_cli.models.checkpoint import IMAGE_PREFIX, OBJECTIVE_PREFIX, preprocess, save_checkpoint
 from kacl_cli.models.losses import Objective
-from kacl_cli.training import distributed
+from kacl_cli.training import callbacks, distributed
 from kacl_cli.training.config import TrainConfig
 from kacl_cli.workspace import config_hash
 
@@ -385,6 +385,8 @@ def fit(
                 "images_per_s": float(count) / max(train_s, 1e-9),
             }
             history.append(row)
+            if writes:
+                callbacks.epoch_end(stage, round_, row)  # e.g. --tensorboard
             key = _score(val_auc, val_loss) if val_set is not None and len(val_set) else (
                 -math.inf, float(epoch))
             if best is None or tuple(key) > tuple(best["key"]):
