@@ -114,7 +114,7 @@ def command(
 
     Example: kacl contrast --rounds 3 --epochs-per-round 2 --radiomics-backend fast
     """
-    from kacl_cli.commands.pretrain import default_workers
+    from kacl_cli.parallel import auto_workers
     from kacl_cli.stages.contrast.stage import ContrastConfig, run_contrast
 
     cfg = ContrastConfig(
@@ -123,7 +123,7 @@ def command(
         fold=fold, positives=positives.value, feedback=feedback,
         radiomics_backend=radiomics_backend.value, backbone_lr_scale=backbone_lr_scale,
         batch_size=batch_size, lr=lr, seed=seed, device=device,
-        workers=default_workers() if workers is None else workers, force=force,
+        workers=auto_workers(workers), force=force,
     )
     ws = Workspace(workspace)
     result = run_contrast(ws, cfg, note=lambda text: err.print(text, highlight=False))

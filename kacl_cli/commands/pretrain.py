@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +11,7 @@ from rich.table import Table
 from kacl_cli.cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
 from kacl_cli.cli import skipped as print_skipped
 from kacl_cli.errors import KaclError
+from kacl_cli.parallel import auto_workers
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "pretrain"
@@ -26,11 +26,6 @@ LR_FINETUNE = 5e-4
 def default_lr(init: str) -> float:
     """The peak learning rate for ``--init``: LR_SCRATCH for ``none``, else LR_FINETUNE."""
     return LR_SCRATCH if init == "none" else LR_FINETUNE
-
-
-def default_workers() -> int:
-    """DataLoader workers: one per core up to 8 (HDF5 decoding + augmentation per item)."""
-    return max(0, min(8, (os.cpu_count() or 1)))
 
 
 def init_identity(init: str) -> str:
@@ -191,7 +186,7 @@ def command(
         weight_decay=weight_decay, loss=loss,
         focal_alpha=focal_alpha, focal_gamma=focal_gamma, image_size=image_size or 0,
         augment=augment, seed=seed, device=device,
-        workers=default_workers() if workers is None else workers,
+        workers=auto_workers(workers),
     )
     if loss not in ("focal", "bce"):
         raise typer.BadParameter(f"--loss {loss!r}: expected focal or bce")
