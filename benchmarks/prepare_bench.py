@@ -58,7 +58,7 @@ def raw_rate(paths: list[str], size: int, workers: int) -> float:
         for p, s in jobs:
             load_for_store(p, s)
         return len(jobs) / (time.perf_counter() - t)
-    with ingest.pool(workers) as pool:
+    with ingest.decode_pool(workers) as pool:
         pool.map(abs, range(workers * 4))  # warm: workers forked and idle
         t = time.perf_counter()
         for _ in pool.imap(_load, jobs, chunksize=4):

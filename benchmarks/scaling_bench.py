@@ -39,7 +39,7 @@ import torch
 from kacl_cli.findings import FINDINGS
 from kacl_cli.models.checkpoint import model_meta, save_checkpoint
 from kacl_cli.models.image_net import GRAY_MEAN, GRAY_STD, build_image_net
-from kacl_cli.sharding.merge import attach
+from kacl_cli.sharding.parts import attach
 from kacl_cli.stages.cam import stage as cam_stage
 from kacl_cli.stages.prepare import stage as ingest
 from kacl_cli.stages.radiomics.stage import run_radiomics_stage

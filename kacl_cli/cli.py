@@ -18,7 +18,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from kacl_cli.errors import KaclError
+from kacl_cli.errors import InputError, KaclError
+from kacl_cli.sharding.parts import Shard
 from kacl_cli.stages.radiomics.backends.base import BACKENDS
 from kacl_cli.workspace import Workspace, json_default
 
@@ -37,10 +38,23 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run even if this sta
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto picks CUDA if present).")
 ]
+
+
+def _shard_option(value: str | None) -> Shard | None:
+    """``--shard`` through :meth:`Shard.parse` (the one parser), as a usage error (exit 2)
+    raised while the options are read, before any work."""
+    try:
+        return Shard.parse(value)
+    except InputError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 ShardOpt = Annotated[
-    str | None,
+    Shard | None,
     typer.Option(
-        "--shard", help="i/n: process only shard i of n (0-based); merge with `kacl merge`."
+        "--shard", parser=_shard_option, metavar="I/N",
+        help="i/n: process only shard i of n (0-based; every n-th image by sorted image_id), "
+             "into WS/parts/STAGE[-round-K]/shard-i-of-n; merge with `kacl merge`.",
     ),
 ]
 
@@ -135,16 +149,3 @@ def shard_note(stage: str, summary: dict[str, Any], round_: int | None = None) -
     err.print(f"{stage}: shard {summary['shard']} written to {summary['part']}; when every "
               f"shard has finished: {merge}")
 
-
-def parse_shard(shard: str | None) -> tuple[int, int] | None:
-    """Parse ``i/n`` (0-based shard i of n)."""
-    if shard is None:
-        return None
-    try:
-        i_s, n_s = shard.split("/")
-        i, n = int(i_s), int(n_s)
-    except ValueError:
-        raise typer.BadParameter(f"--shard must look like i/n, got {shard!r}") from None
-    if n < 1 or not 0 <= i < n:
-        raise typer.BadParameter(f"--shard {shard}: need 0 <= i < n")
-    return i, n

@@ -22,12 +22,7 @@ CLI_LAYER = ("kacl_cli.cli", "kacl_cli.commands", "kacl_cli.app", "kacl_cli.conf
 # Cycles that the sharding split (issue 12, branch arch-shard: sharding/parts.py + per-stage
 # hooks in stages/*/parts.py, parallel.py) removes; each is the set of modules of one strongly
 # connected component. Delete an entry when its cycle is gone: the test fails on a stale one.
-ALLOWED_CYCLES: list[frozenset[str]] = [
-    # radiomics stage -> sharding.merge (run_sharded) -> radiomics stage (compute_stats)
-    frozenset({"kacl_cli.sharding.merge", "kacl_cli.stages.radiomics.stage"}),
-    # prepare stage -> phantoms (generation) -> prepare stage (the process pool)
-    frozenset({"kacl_cli.stages.prepare.stage", "kacl_cli.stages.prepare.phantoms"}),
-]
+ALLOWED_CYCLES: list[frozenset[str]] = []  # none: keep it that way
 
 
 def module_name(path: Path) -> str:

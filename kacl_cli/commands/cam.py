@@ -14,7 +14,6 @@ from kacl_cli.cli import (
     WorkspaceOpt,
     handle_errors,
     out,
-    parse_shard,
     report,
     shard_note,
 )
@@ -73,8 +72,7 @@ def command(
 
     ws = Workspace(workspace)
     result = run_cam_stage(ws, round_, split=split, batch_size=batch_size, threshold=threshold,
-                           device=device, force=force, workers=workers,
-                           shard=parse_shard(shard))
+                           device=device, force=force, workers=workers, shard=shard)
     if shard is not None:
         shard_note(NAME, result, result["round"])
 

@@ -118,8 +118,8 @@ def command(
 
     Example: kacl contrast --rounds 3 --epochs-per-round 2 --radiomics-backend fast
     """
+    from kacl_cli.parallel import auto_workers
     from kacl_cli.stages.contrast.stage import run_contrast
-    from kacl_cli.stages.pretrain import default_workers
 
     cfg = ContrastConfig(
         rounds=rounds, from_round=from_round, epochs_per_round=epochs_per_round,
@@ -127,7 +127,7 @@ def command(
         fold=fold, positives=positives.value, feedback=feedback,
         radiomics_backend=radiomics_backend.value, backbone_lr_scale=backbone_lr_scale,
         batch_size=batch_size, lr=lr, seed=seed, device=device,
-        workers=default_workers() if workers is None else workers, force=force,
+        workers=auto_workers(workers), force=force,
     )
     ws = Workspace(workspace)
     result = run_contrast(ws, cfg, note=lambda text: err.print(text, highlight=False))

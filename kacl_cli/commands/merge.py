@@ -8,17 +8,15 @@ from typing import Annotated, Any
 import typer
 
 from kacl_cli.cli import JsonOpt, WorkspaceOpt, emit, handle_errors, out
+from kacl_cli.stages.shardable import NAMES, merge_parts
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "merge"
 
 
-class Stage(str, Enum):
-    """Typer turns an Enum into a choice: a bad value is a usage error (exit 2)."""
-
-    prepare = "prepare"
-    cam = "cam"
-    radiomics = "radiomics"
+# The stages that have part hooks (kacl_cli.stages.shardable), as a choice: Typer turns an
+# Enum into one, so a bad value is a usage error (exit 2).
+Stage = Enum("Stage", {name: name for name in NAMES}, type=str)  # type: ignore[misc]
 
 
 def _render(result: dict[str, Any]) -> None:
@@ -35,7 +33,7 @@ def _render(result: dict[str, Any]) -> None:
 def command(
     stage: Annotated[Stage | None, typer.Option(
         "--stage", help="Only this stage's parts (default: every stage with parts, in the "
-                        "order prepare, cam, radiomics).")] = None,
+                        f"order {', '.join(NAMES)}).")] = None,
     round_: Annotated[int | None, typer.Option(
         "--round", min=0, help="Only the parts of this round (cam, radiomics).")] = None,
     clean: Annotated[bool, typer.Option(
@@ -55,8 +53,6 @@ def command(
 
     Example: kacl merge --stage radiomics --round 0
     """
-    from kacl_cli.sharding.merge import merge
-
     ws = Workspace(workspace)
-    result = merge(ws, stage=stage.value if stage else None, round_=round_, clean=clean)
+    result = merge_parts(ws, stage.value if stage else None, round_, clean=clean)
     emit(result, as_json, lambda: _render(result))

@@ -20,10 +20,10 @@ from kacl_cli.cli import (
     err,
     handle_errors,
     out,
-    parse_shard,
     report,
     shard_note,
 )
+from kacl_cli.parallel import auto_workers
 from kacl_cli.stages.prepare import stage as ingest
 from kacl_cli.stages.prepare.phantoms import DEFAULT_DIFFICULTY
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
@@ -116,24 +116,16 @@ def command(
     if split not in ("official", "random"):
         raise typer.BadParameter(f"--split must be official or random, got {split!r}")
     ws = Workspace(workspace)
-    n_workers = ingest.auto_workers(workers)
-    part = parse_shard(shard)
-
-    def run(target: Workspace, force: bool) -> dict[str, Any]:
-        if synthetic is not None:
-            return ingest.prepare_synthetic(
-                target, synthetic, size, seed, difficulty, enrich=enrich, workers=n_workers,
-                force=force, shard=part, phantom_root=ws.root / "phantoms")
+    n_workers = auto_workers(workers or None)
+    if synthetic is not None:
+        summary = ingest.prepare_synthetic(
+            ws, synthetic, size, seed, difficulty, enrich=enrich, workers=n_workers,
+            force=force, shard=shard)
+    else:
         assert nih_dir is not None
-        return ingest.prepare_nih(target, nih_dir, size=size, limit=limit, workers=n_workers,
-                                  split=split, seed=seed, force=force, shard=part)
-
-    if part is None:
-        summary = run(ws, force)
-    else:  # a part workspace of its own; --force restarts the part (kacl_cli.sharding.merge)
-        from kacl_cli.sharding.merge import Shard, run_part
-
-        summary = run_part(ws, NAME, None, Shard(*part), lambda p: run(p, False), force=force)
+        summary = ingest.prepare_nih(ws, nih_dir, size=size, limit=limit, workers=n_workers,
+                                     split=split, seed=seed, force=force, shard=shard)
+    if shard is not None:
         shard_note(NAME, summary)
     if summary.get("failed") and not summary.get("skipped"):
         err.print(f"prepare: {summary['failed']} image(s) could not be read; the others were "

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from kacl_cli.cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, err, handle_errors, out, report
+from kacl_cli.parallel import auto_workers
 from kacl_cli.stages import pretrain as stage
 from kacl_cli.stages.pretrain import LR_FINETUNE, LR_SCRATCH, PretrainConfig
 from kacl_cli.training.config import TrainConfig
@@ -91,7 +92,7 @@ def command(
         weight_decay=weight_decay, loss=loss,
         focal_alpha=focal_alpha, focal_gamma=focal_gamma, image_size=image_size or 0,
         augment=augment, seed=seed, device=device,
-        workers=stage.default_workers() if workers is None else workers,
+        workers=auto_workers(workers),
     )
     cfg = PretrainConfig(backbone=backbone, init=init, train=train, force=force, resume=resume)
     summary = stage.run(ws, cfg, note=lambda text: err.print(text, highlight=False))

@@ -12,11 +12,11 @@ from kacl_cli.cli import (
     ForceOpt,
     JsonOpt,
     RadiomicsBackend,
+    ShardOpt,
     WorkspaceOpt,
     err,
     handle_errors,
     out,
-    parse_shard,
     report,
     shard_note,
 )
@@ -49,6 +49,7 @@ def command(
     ] = RoiMode(ROI_MODES[0]),
     backend: Annotated[
         RadiomicsBackend,
+    ShardOpt,
         typer.Option("--backend", help="fast (default: pyradiomics' values, compiled and "
                      "batched) | pyradiomics (the reference, ~70x slower)."),
     ] = RadiomicsBackend(DEFAULT_BACKEND),
@@ -69,12 +70,7 @@ def command(
         list[str] | None,
         typer.Option("--split", help="Only images of this split (repeatable): train|val|test."),
     ] = None,
-    shard: Annotated[
-        str | None,
-        typer.Option("--shard", help="i/n: only shard i of n (0-based; every n-th image by "
-                     "sorted image_id), written to WS/parts/radiomics-round-K/shard-i-of-n; "
-                     "fold the parts in with `kacl merge`."),
-    ] = None,
+    shard: ShardOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
@@ -97,7 +93,7 @@ def command(
     round_ = cam_round(ws, round_)
     summary = run_radiomics_stage(
         ws, round_, roi=roi.value, backend=backend.value, params=params, workers=workers,
-        split=split, force=force, shard=parse_shard(shard), min_prob=min_prob,
+        split=split, force=force, shard=shard, min_prob=min_prob,
     )
     if shard is not None:
         shard_note(NAME, summary, round_)

@@ -9,7 +9,6 @@ module's defaults at start-up.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,6 @@ LR_FINETUNE = 5e-4
 def default_lr(init: str) -> float:
     """The peak learning rate for ``--init``: LR_SCRATCH for ``none``, else LR_FINETUNE."""
     return LR_SCRATCH if init == "none" else LR_FINETUNE
-
-
-def default_workers() -> int:
-    """DataLoader workers: one per core up to 8 (HDF5 decoding + augmentation per item)."""
-    return max(0, min(8, (os.cpu_count() or 1)))
 
 
 def init_identity(init: str) -> str:

@@ -71,3 +71,25 @@ def test_bad_options_are_usage_errors(tmp_path: Path) -> None:
     assert kacl("merge", "--stage", "pretrain", "-w", str(tmp_path)).exit_code == 2
     assert kacl(*PREPARE, "--shard", "3/3", "-w", str(tmp_path)).exit_code == 2
     assert kacl(*PREPARE, "--shard", "x", "-w", str(tmp_path)).exit_code == 2
+
+
+def test_stage_choice_is_the_hooks_registry() -> None:
+    from kacl_cli.commands.merge import Stage
+    from kacl_cli.stages.shardable import NAMES, SHARDABLE
+
+    assert [s.value for s in Stage] == list(NAMES) == [h.name for h in SHARDABLE]
+    assert NAMES == ("prepare", "cam", "radiomics")  # merge order: inputs before their users
+    help_text = kacl("merge", "--help").output
+    assert all(name in help_text for name in NAMES)
+
+
+def test_bad_shard_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Every sharded command parses --shard with Shard.parse while reading its options: a bad
+    value is a usage error (exit 2) and nothing is created."""
+    ws = tmp_path / "ws"
+    for command in (PREPARE, ["cam", "--round", "0"], ["radiomics", "--round", "0"]):
+        for bad in ("2/2", "5/2", "1", "a/b"):
+            res = kacl(*command, "--shard", bad, "-w", str(ws))
+            assert res.exit_code == 2, (command, bad, res.output)
+            assert "--shard" in res.output and "Traceback" not in res.output
+    assert not ws.exists()

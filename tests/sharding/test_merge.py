@@ -17,11 +17,12 @@ from kacl_cli.errors import InputError, KaclError
 from kacl_cli.findings import FINDINGS
 from kacl_cli.models.checkpoint import model_meta, save_checkpoint
 from kacl_cli.models.image_net import GRAY_MEAN, GRAY_STD, build_image_net
-from kacl_cli.sharding import merge as shards
-from kacl_cli.sharding.merge import Shard, select
+from kacl_cli.sharding.merge import combine_summaries
+from kacl_cli.sharding.parts import Shard, part_dir, select
 from kacl_cli.stages.cam import stage as cam_stage
 from kacl_cli.stages.prepare import stage as ingest
 from kacl_cli.stages.radiomics.stage import run_radiomics_stage
+from kacl_cli.stages.shardable import merge_parts
 from kacl_cli.workspace import Workspace
 
 torch.set_num_threads(1)
@@ -58,17 +59,22 @@ def test_slices_partition_the_sorted_ids_strided() -> None:
     assert select(list(reversed(ids)), Shard(1, 3)) == parts[1]  # input order is irrelevant
 
 
-def test_shard_parsing() -> None:
-    assert shards.as_shard("2/5") == Shard(2, 5) and shards.as_shard((0, 1)) == Shard(0, 1)
-    assert shards.as_shard(None) is None
-    for bad in ("3/3", "-1/2", "1", "a/b"):
-        with pytest.raises(InputError):
-            shards.as_shard(bad)
+def test_shard_parse_accepts_i_slash_n_only() -> None:
+    assert Shard.parse("2/5") == Shard(2, 5) and Shard.parse(" 0 / 1 ") == Shard(0, 1)
+    assert Shard.parse(None) is None
+    for bad in ("3/3", "5/2", "-1/2", "0/0", "1", "a/b", "1/2/3", "", "/", "1.0/2"):
+        with pytest.raises(InputError, match="--shard"):
+            Shard.parse(bad)
+    with pytest.raises(InputError):
+        Shard(2, 2)  # the dataclass keeps the rule too (torchrun ranks build it directly)
     assert Shard(1, 4).dirname == "shard-1-of-4" and Shard(1, 4).label == "1/4"
+    assert Shard.from_dirname("shard-1-of-4") == Shard(1, 4)
+    for name in ("shard-4-of-4", "shard-1-of-", "xshard-1-of-4", "shard-a-of-4", "cam"):
+        assert Shard.from_dirname(name) is None, name
 
 
 def test_combine_summaries_sums_counts_keeps_settings() -> None:
-    out = shards.combine_summaries([
+    out = combine_summaries([
         {"images": 3, "round": 1, "seconds": 2.0, "reasons": {"a": 1}, "split": "all"},
         {"images": 4, "round": 1, "seconds": 5.0, "reasons": {"a": 2, "b": 1}, "split": "all"},
     ])
@@ -78,8 +84,7 @@ def test_combine_summaries_sums_counts_keeps_settings() -> None:
 
 # -- prepare -------------------------------------------------------------------------------
 def prepare_shard(ws: Workspace, i: int, n: int, count: int = 30) -> dict:
-    return shards.run_part(ws, "prepare", None, Shard(i, n), lambda part: ingest.prepare_synthetic(
-        part, count, 48, seed=3, shard=(i, n), phantom_root=ws.root / "phantoms"))
+    return ingest.prepare_synthetic(ws, count, 48, seed=3, shard=Shard(i, n))
 
 
 def test_prepare_three_shards_merge_to_the_unsharded_rows(tmp_path: Path) -> None:
@@ -89,7 +94,7 @@ def test_prepare_three_shards_merge_to_the_unsharded_rows(tmp_path: Path) -> Non
     sizes = [prepare_shard(many, i, 3)["ingested"] for i in range(3)]
     assert sum(sizes) == 30 and min(sizes) == 10
     assert not many.catalog.path.exists()  # shards never write the workspace itself
-    result = shards.merge(many)
+    result = merge_parts(many)
     assert result["changed"] and result["merged"][0]["rows"] == {"images": 30}
     # rows equal the unsharded run's, image for image (paths differ only by the workspace)
     assert table(one, "images", "source_path") == table(many, "images", "source_path")
@@ -103,7 +108,7 @@ def test_prepare_three_shards_merge_to_the_unsharded_rows(tmp_path: Path) -> Non
     # the merged run stands for the unsharded one: re-running prepare there is skipped
     assert ingest.prepare_synthetic(many, 30, 48, seed=3).get("skipped") is True
     before = snapshot(many)
-    again = shards.merge(many)
+    again = merge_parts(many)
     assert again["changed"] is False and snapshot(many) == before
 
 
@@ -112,7 +117,7 @@ def test_prepare_overlapping_part_is_refused(tmp_path: Path) -> None:
     for i in range(2):
         prepare_shard(ws, i, 2, count=12)
     # shard 1 also claims an image of shard 0, with other labels: an overlap that disagrees
-    p0, p1 = (shards.part_dir(ws, "prepare", None, Shard(i, 2)) / "catalog.duckdb"
+    p0, p1 = (part_dir(ws, "prepare", None, Shard(i, 2)) / "catalog.duckdb"
               for i in range(2))
     with duckdb.connect(str(p1)) as con:
         con.execute(f"ATTACH '{p0}' AS p0 (READ_ONLY)")
@@ -124,7 +129,7 @@ def test_prepare_overlapping_part_is_refused(tmp_path: Path) -> None:
         con.execute("INSERT INTO shard_items SELECT * FROM p0.shard_items WHERE image_id = ?",
                     [victim])
     with pytest.raises(KaclError, match=f"overlapping parts: shards 0/2, 1/2 .*{victim}"):
-        shards.merge(ws)
+        merge_parts(ws)
     assert not ws.catalog.path.exists() and not ws.store.path.exists()
 
 
@@ -140,7 +145,7 @@ def pair(tiny_workspace, tmp_path: Path) -> tuple[Workspace, Workspace]:
 
 def run_cam_shards(ws: Workspace, n: int = 3, only: list[int] | None = None) -> None:
     for i in only if only is not None else range(n):
-        out = cam_stage.run_cam_stage(ws, 0, device="cpu", batch_size=1, shard=(i, n))
+        out = cam_stage.run_cam_stage(ws, 0, device="cpu", batch_size=1, shard=Shard(i, n))
         assert out["shard"] == f"{i}/{n}" and out["images"] == 6
 
 
@@ -150,7 +155,7 @@ def test_cam_and_radiomics_three_shards_merge_to_the_unsharded_rows(pair) -> Non
     cam_stage.run_cam_stage(one, 0, device="cpu", batch_size=1)
     run_cam_shards(many)
     assert many.catalog.count("cam_boxes") == 0  # parts only, until the merge
-    assert shards.merge(many, stage="cam")["changed"]
+    assert merge_parts(many, "cam")["changed"]
     assert table(one, "cam_boxes") == table(many, "cam_boxes")
     assert cam_stage.read_state(one, 0) == cam_stage.read_state(many, 0)
     rows = np.arange(18)
@@ -158,8 +163,8 @@ def test_cam_and_radiomics_three_shards_merge_to_the_unsharded_rows(pair) -> Non
 
     run_radiomics_stage(one, 0, backend="fast")
     for i in range(3):
-        run_radiomics_stage(many, 0, backend="fast", shard=(i, 3))
-    assert shards.merge(many, stage="radiomics", round_=0)["changed"]
+        run_radiomics_stage(many, 0, backend="fast", shard=Shard(i, 3))
+    assert merge_parts(many, "radiomics", 0)["changed"]
     for name in ("rois", "radiomics", "radiomics_features", "radiomics_settings"):
         assert table(one, name) == table(many, name), name
     # z-scoring statistics: recomputed over the merged rows (the sum order may differ)
@@ -167,7 +172,7 @@ def test_cam_and_radiomics_three_shards_merge_to_the_unsharded_rows(pair) -> Non
               for w in (one, many))
     assert sa.shape == sb.shape and np.allclose(sa, sb, rtol=1e-9, atol=1e-12)
     before = snapshot(many)
-    assert shards.merge(many)["changed"] is False  # both stages again: nothing changes
+    assert merge_parts(many)["changed"] is False  # both stages again: nothing changes
     assert snapshot(many) == before
 
 
@@ -176,52 +181,52 @@ def test_missing_or_unfinished_shard_is_refused_untouched(pair) -> None:
     run_cam_shards(ws, only=[0, 2])
     before = snapshot(ws)
     with pytest.raises(KaclError, match=r"missing shard\(s\) 1/3 of 3 \(2 of 3 present"):
-        shards.merge(ws)
+        merge_parts(ws)
     run_cam_shards(ws, only=[1])
-    part = Workspace(shards.part_dir(ws, "cam", 0, Shard(1, 3)))
+    part = Workspace(part_dir(ws, "cam", 0, Shard(1, 3)))
     part.catalog.execute("UPDATE runs SET status = 'running'")
     with pytest.raises(KaclError, match="shard 1/3 has not finished"):
-        shards.merge(ws)
-    cam_stage.run_cam_stage(ws, 0, device="cpu", batch_size=1, shard="0/2")
+        merge_parts(ws)
+    cam_stage.run_cam_stage(ws, 0, device="cpu", batch_size=1, shard=Shard(0, 2))
     with pytest.raises(KaclError, match="different shard counts"):
-        shards.merge(ws)
+        merge_parts(ws)
     assert snapshot(ws) == before and not ws.store.has_cams(0)
     with pytest.raises(KaclError, match="nothing to merge"):
-        shards.merge(ws, stage="radiomics")
+        merge_parts(ws, "radiomics")
 
 
 def test_overlapping_or_stale_cam_parts_are_refused(pair) -> None:
     _, ws = pair
     run_cam_shards(ws)
-    parts = [Workspace(shards.part_dir(ws, "cam", 0, Shard(i, 3))) for i in range(3)]
+    parts = [Workspace(part_dir(ws, "cam", 0, Shard(i, 3))) for i in range(3)]
     other = parts[0].catalog.query("SELECT image_id FROM images LIMIT 1")[0][0]
     with parts[1].catalog.connect() as con:  # shard 1 claims a box of shard 0's image ...
         con.execute(f"ATTACH '{parts[0].catalog.path}' AS p0 (READ_ONLY)")
         con.execute("INSERT INTO cam_boxes SELECT * FROM p0.cam_boxes WHERE image_id = ?",
                     [other])
     # ... with identical content: a harmless duplicate, merged once
-    result = shards.merge(ws)
+    result = merge_parts(ws)
     assert result["merged"][0]["rows"]["cam_boxes"] == 18 * len(FINDINGS)
     assert ws.catalog.count("cam_boxes") == 18 * len(FINDINGS)
     parts[1].catalog.execute("UPDATE cam_boxes SET probability = probability / 2 "
                              "WHERE image_id = ?", [other])
     before = snapshot(ws)
     with pytest.raises(KaclError, match=f"overlapping parts: shards 0/3, 1/3 .*{other}"):
-        shards.merge(ws)
+        merge_parts(ws)
     assert snapshot(ws) == before
     # the workspace gains an image after the shards ran: their slices no longer fit
     parts[1].catalog.execute("DELETE FROM cam_boxes WHERE image_id = ?", [other])
     ws.catalog.execute("INSERT INTO images SELECT * REPLACE ('00000000_001.png' AS image_id, "
                        "99 AS row) FROM images WHERE row = 0")
     with pytest.raises(KaclError, match="cut from another image set"):
-        shards.merge(ws)
+        merge_parts(ws)
 
 
 def test_radiomics_shard_needs_merged_cam(pair) -> None:
     _, ws = pair
     run_cam_shards(ws)
     with pytest.raises(KaclError, match="merge --stage cam --round 0"):
-        run_radiomics_stage(ws, 0, backend="fast", shard=(0, 3))
+        run_radiomics_stage(ws, 0, backend="fast", shard=Shard(0, 3))
 
 
 def test_example_scripts_are_bash_n_clean() -> None:
@@ -236,3 +241,18 @@ def test_example_scripts_are_bash_n_clean() -> None:
     assert "#SBATCH --array=0-" in slurm and "--shard \"$SLURM_ARRAY_TASK_ID/$N\"" in slurm
     assert "merge --stage radiomics" in slurm
     assert "afterok" in slurm  # the merge job waits for the whole array
+
+
+def test_discover_knows_only_the_registered_stages(tmp_path: Path) -> None:
+    from kacl_cli.sharding.merge import discover
+    from kacl_cli.stages.shardable import CAM, SHARDABLE
+
+    ws = Workspace(tmp_path / "ws")
+    for name in ("radiomics-round-1", "cam-round-0", "prepare", "pretrain", "cam-round-x",
+                 "camera-round-0"):
+        (ws.parts / name / "shard-0-of-1").mkdir(parents=True)
+    found = [(h.name, r, d.name) for h, r, d in discover(ws, SHARDABLE)]
+    assert found == [("prepare", None, "prepare"), ("cam", 0, "cam-round-0"),
+                     ("radiomics", 1, "radiomics-round-1")]
+    assert [d.name for _, _, d in discover(ws, [CAM], round_=0)] == ["cam-round-0"]
+    assert discover(ws, [CAM], round_=1) == []

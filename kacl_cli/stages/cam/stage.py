@@ -15,6 +15,7 @@ same round or another threshold are dropped instead of being "resumed".
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -33,8 +34,11 @@ from kacl_cli.device import resolve_device
 from kacl_cli.errors import CheckpointError, InputError, NotReadyError
 from kacl_cli.findings import FINDINGS
 from kacl_cli.models.checkpoint import META_FILE, MODEL_FILE, load_image_net, preprocess
+from kacl_cli.sharding.merge import run_sharded
+from kacl_cli.sharding.parts import Shard, ddp_sharding
 from kacl_cli.stages.cam.config import CamConfig
 from kacl_cli.stages.cam.gradcam import batched_gradcam, maps_to_boxes
+from kacl_cli.stages.cam.parts import HOOKS, state_key
 from kacl_cli.stages.rounds import resolve_round
 from kacl_cli.store import cam_key
 from kacl_cli.training.loader import SPLITS, StoreDataset
@@ -69,8 +73,7 @@ def checkpoint_fingerprint(directory: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def run(ws: Workspace, cfg: CamConfig,
-        shard: tuple[int, int] | str | None = None) -> dict[str, Any]:
+def run(ws: Workspace, cfg: CamConfig, shard: Shard | None = None) -> dict[str, Any]:
     """The cam stage with a :class:`CamConfig` (see :func:`run_cam_stage`)."""
     return run_cam_stage(ws, cfg.round, split=cfg.split, batch_size=cfg.batch_size,
                          threshold=cfg.threshold, device=cfg.device, force=cfg.force,
@@ -86,31 +89,36 @@ def run_cam_stage(
     threshold: float = _DEFAULTS.threshold,
     device: str = _DEFAULTS.device,
     force: bool = False,
-    shard: tuple[int, int] | str | None = None,
+    shard: Shard | None = None,
     workers: int = _DEFAULTS.workers,
     chunk_size: int = _DEFAULTS.chunk_size,
 ) -> dict[str, Any]:
     """Compute maps and boxes of all findings for the images of ``split`` (None = all).
 
     Returns the run summary (with ``skipped: True`` when an identical run had finished).
-    With ``shard=(i, n)`` (or under torchrun: rank r of N = shard r/N, merged by rank 0) the
-    shard's images are processed into a part (see :mod:`kacl_cli.sharding.merge`).
+    With ``shard`` (or under torchrun: rank r of N = shard r/N, merged by rank 0) the
+    shard's images are processed into a part (see :mod:`kacl_cli.stages.cam.parts`).
     """
-    from kacl_cli.sharding import merge as shards
-
     if not 0.0 < threshold <= 1.0:
         raise InputError(f"--threshold {threshold}: must be a fraction of the peak in (0, 1]")
     if batch_size < 1 or chunk_size < 1 or workers < 0:
         raise InputError("--batch-size must be >= 1 and --workers >= 0")
     ws.require()
-    split_name, splits = resolve_splits(split)
+    resolve_splits(split)
     round_ = resolve_round(ws, round_)
-    if shard is not None or shards.ddp_sharding():
-        return shards.run_sharded(
-            ws, STAGE, round_, shard, lambda part: run_cam_stage(
-                part, round_, split=split, batch_size=batch_size, threshold=threshold,
-                device=device, force=force, workers=workers, chunk_size=chunk_size),
-            device=device, force=force)
+    whole = functools.partial(_run_whole, round_=round_, split=split, batch_size=batch_size,
+                              threshold=threshold, device=device, force=force,
+                              workers=workers, chunk_size=chunk_size)
+    if shard is not None or ddp_sharding():
+        return run_sharded(ws, HOOKS, round_, shard, whole, device=device, force=force)
+    return whole(ws)
+
+
+def _run_whole(ws: Workspace, *, round_: int, split: str | None, batch_size: int,
+               threshold: float, device: str, force: bool, workers: int, chunk_size: int
+               ) -> dict[str, Any]:
+    """The stage on ``ws`` (the workspace, or a shard's part), never sharded again."""
+    split_name, splits = resolve_splits(split)
     ckpt = ws.checkpoint_dir(round_)
     images = _images(ws, splits)
     if not len(images["image_id"]):
@@ -142,13 +150,9 @@ def _images(ws: Workspace, splits: list[str]) -> dict[str, np.ndarray]:
     )
 
 
-def _state_key(round_: int) -> str:
-    return f"cam:round-{round_}"
-
-
 def _rows_intact(ws: Workspace, round_: int, state: str, image_ids: np.ndarray) -> bool:
     """Whether every requested image has all its rows, made under ``state``, plus maps."""
-    old = ws.catalog.query("SELECT value FROM meta WHERE key = ?", [_state_key(round_)])
+    old = ws.catalog.query("SELECT value FROM meta WHERE key = ?", [state_key(round_)])
     if not old or old[0][0] != state or not ws.store.has_cams(round_):
         return False
     with ws.catalog.connect(read_only=True) as con:
@@ -164,7 +168,7 @@ def _prepare_rows(
     ws: Workspace, round_: int, state: str, image_ids: np.ndarray, force: bool
 ) -> set[str]:
     """Drop stale rows/maps of this round; return the requested images already done."""
-    key = _state_key(round_)
+    key = state_key(round_)
     old = ws.catalog.query("SELECT value FROM meta WHERE key = ?", [key])
     with ws.catalog.connect() as con:
         if not old or old[0][0] != state:
@@ -325,7 +329,7 @@ def _stored_map_size(ws: Workspace, round_: int) -> list[int] | None:
 
 def read_state(ws: Workspace, round_: int) -> dict[str, Any] | None:
     """Checkpoint hash, threshold and method the round's stored maps/boxes were made with."""
-    rows = ws.catalog.query("SELECT value FROM meta WHERE key = ?", [_state_key(round_)])
+    rows = ws.catalog.query("SELECT value FROM meta WHERE key = ?", [state_key(round_)])
     return json.loads(rows[0][0]) if rows else None
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -465,9 +464,3 @@ def decode_job(job: tuple[int, str, int]) -> Decoded:
     except Exception as exc:  # a decoder bug on one odd file must not kill the whole ingest
         return Decoded(index, None, 0, 0, f"{path}: cannot decode ({type(exc).__name__}: {exc})")
     return Decoded(index, pixels, w, h, None)
-
-
-def worker_init() -> None:
-    """Pool workers leave Ctrl-C to the main process, which stops the pool and reports once
-    (instead of every worker printing a KeyboardInterrupt traceback)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -677,11 +677,9 @@ def write_release(
     jobs = [(sp, size, difficulty, str(root / "images" / sp.image_id)) for sp in specs]
     boxes: list[dict] = []
     if workers > 1 and len(jobs) > 1:
-        from kacl_cli.stages.prepare.stage import (
-            pool,  # the same fast, fork-free pool as prepare's decoding
-        )
+        from kacl_cli.parallel import process_pool  # the fast, fork-free pool of prepare
 
-        with pool(workers, ("kacl_cli.stages.prepare.phantoms",)) as p:
+        with process_pool(workers, preload=("kacl_cli.stages.prepare.phantoms",)) as p:
             for b in p.imap(_render_to_png, jobs, chunksize=4):
                 boxes.append(b)
                 if progress:

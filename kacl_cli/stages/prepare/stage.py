@@ -20,9 +20,9 @@ not an image) is an ``errors`` row with the reason; everything else is still ing
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import threading
@@ -36,29 +36,21 @@ import numpy as np
 from kacl_cli.catalog import insert_rows
 from kacl_cli.errors import InputError, KaclError
 from kacl_cli.findings import FINDINGS
+from kacl_cli.parallel import process_pool
 from kacl_cli.progress import bar
-from kacl_cli.sharding.merge import file_lock
+from kacl_cli.sharding.parts import Shard, file_lock, run_part
 from kacl_cli.stages.prepare import nih, phantoms
 from kacl_cli.stages.prepare.nih import Decoded, decode_job
+from kacl_cli.stages.prepare.parts import HOOKS, take_items
 from kacl_cli.workspace import StageRun, Workspace, config_hash, stable_json
 
 STAGE = "prepare"
 DATASET_KEY = "prepare_dataset"  # meta row: what the workspace's images are (see _claim)
 DEFAULT_CHUNK = 256  # images per commit: fewer commits cost less CPU beside the decoders
 VAL_FRACTION = 0.1
-MAX_AUTO_WORKERS = 8
 
 ChunkHook = Callable[[int, str], None]
 """Test hook: called with (chunk index, "stored" | "committed") after each step of a chunk."""
-
-
-def auto_workers(workers: int) -> int:
-    """``0`` = one worker per usable CPU core (the affinity mask a batch scheduler grants, not
-    the machine's count), capped: past ~8 decoders the single writer becomes the limit."""
-    if workers > 0:
-        return workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(MAX_AUTO_WORKERS, cores or 1))
 
 
 # -- decoding ------------------------------------------------------------------------------
@@ -78,7 +70,7 @@ class Decoders:
 
     def _start(self) -> None:
         try:
-            self._pool = pool(self.workers)
+            self._pool = decode_pool(self.workers)
         except BaseException as exc:  # re-raised in the main thread by get()
             self._error = exc
 
@@ -104,7 +96,7 @@ class Decoders:
 
 def _decoded_stream(jobs: list[tuple[int, str, int]], decoders: Decoders | None
                     ) -> Iterator[Decoded]:
-    """Decoded images in job order: in-process, or through ``decoders`` (see :func:`pool`).
+    """Decoded images in job order: in-process, or through ``decoders`` (see :func:`decode_pool`).
 
     ``Pool.imap`` would queue all 112k jobs at once and buffer every result the main process
     has not consumed yet; a semaphore around the job feed bounds what is in flight (memory
@@ -134,21 +126,10 @@ def _decoded_stream(jobs: list[tuple[int, str, int]], decoders: Decoders | None
         stop.set()  # unblock the feeder so the pool can shut down
 
 
-def pool(workers: int, preload: tuple[str, ...] = ("kacl_cli.stages.prepare.nih",)):
-    """A process pool that starts fast and safely.
-
-    Not ``fork``: the parent holds DuckDB/HDF5/tqdm threads, and forking those is how pools
-    deadlock. Not plain ``spawn`` either: it re-imports the ``kacl`` entry script (the whole CLI,
-    torch included) in every worker, seconds each. A forkserver that preloads only the light
-    decode module gives both.
-    """
-    methods = mp.get_all_start_methods()
-    if "forkserver" in methods:
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(list(preload))
-    else:  # pragma: no cover - Windows
-        ctx = mp.get_context("spawn")
-    return ctx.Pool(workers, initializer=nih.worker_init)
+def decode_pool(workers: int) -> Any:
+    """The decoders' process pool (:func:`kacl_cli.parallel.process_pool`), preloading only
+    the light decode module."""
+    return process_pool(workers, preload=("kacl_cli.stages.prepare.nih",))
 
 
 # -- workspace bookkeeping -----------------------------------------------------------------
@@ -232,12 +213,13 @@ def ingest_release(
     decoders: Decoders | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     on_chunk: ChunkHook | None = None,
-    shard: tuple[int, int] | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, Any]:
     """Ingest the images of ``release`` present on disk into ``ws`` (resumable; see module).
 
     ``decoders``: a started worker pool, or None to decode in this process.
-    ``shard=(i, n)``: only shard i's images (``kacl_cli.sharding.merge``; ``ws`` is then its part).
+    ``shard``: only that shard's images (:mod:`kacl_cli.stages.prepare.parts`; ``ws`` is then
+    its part).
     """
     t0 = time.perf_counter()
     if split == "official" and not release.has_official_split:
@@ -256,9 +238,7 @@ def ingest_release(
         over_limit = len(present) - limit
         present = present[:limit]
     if shard is not None:  # one slice of what an unsharded run ingests; splits stay global
-        from kacl_cli.sharding.merge import take_prepare_items
-
-        present = take_prepare_items(ws, present, shard)
+        present = take_items(ws, present, shard)
 
     with ws.catalog.connect(read_only=True) as con:
         done = {r[0] for r in con.execute("SELECT image_id FROM images").fetchall()}
@@ -390,12 +370,29 @@ def prepare_nih(
     force: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     on_chunk: ChunkHook | None = None,
-    shard: tuple[int, int] | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, Any]:
-    """``kacl prepare --nih-dir``: returns the summary (``skipped: True`` when already done)."""
+    """``kacl prepare --nih-dir``: returns the summary (``skipped: True`` when already done).
+
+    With ``shard``, only that shard's images, into a part of its own (``--force`` restarts
+    the part); ``kacl merge`` folds the parts in (:mod:`kacl_cli.stages.prepare.parts`).
+    """
     _check_size(size)
     if limit is not None and limit < 1:
         raise InputError("--limit must be at least 1")
+    whole = functools.partial(_nih_whole, nih_dir=nih_dir, size=size, limit=limit,
+                              workers=workers, split=split, seed=seed, chunk_size=chunk_size,
+                              on_chunk=on_chunk, shard=shard)
+    if shard is not None:
+        return run_part(ws, HOOKS, None, shard, functools.partial(whole, force=False),
+                        force=force)
+    return whole(ws, force=force)
+
+
+def _nih_whole(ws: Workspace, *, nih_dir: Path, size: int, limit: int | None, workers: int,
+               split: str, seed: int, force: bool, chunk_size: int,
+               on_chunk: ChunkHook | None, shard: Shard | None) -> dict[str, Any]:
+    """``prepare --nih-dir`` on ``ws`` (the workspace, or a shard's part)."""
     root = Path(nih_dir).resolve()
     inputs = nih.survey(root)
     config = {"source": "nih", "nih_dir": str(root), "size": size, "split": split,
@@ -430,14 +427,16 @@ def prepare_synthetic(
     force: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     on_chunk: ChunkHook | None = None,
-    shard: tuple[int, int] | None = None,
+    shard: Shard | None = None,
     phantom_root: Path | None = None,
 ) -> dict[str, Any]:
-    """``kacl prepare --synthetic N``: phantoms written as an NIH folder under ``WS/phantoms``,
-    then ingested by the very same code as real data. Returns the summary.
+    """``kacl prepare --synthetic N``: phantoms written as an NIH folder under ``WS/phantoms``
+    (or ``phantom_root``), then ingested by the very same code as real data. Returns the
+    summary.
 
-    Shards (``ws`` = a part) share one phantom folder (``phantom_root``, the workspace's): the
-    first to arrive generates it under a file lock, the others wait and reuse it.
+    With ``shard``, only that shard's images, into a part of its own (``--force`` restarts
+    the part). Shards share the workspace's phantom folder: the first to arrive generates it
+    under a file lock, the others wait and reuse it.
     """
     _check_size(size)
     if n < 1:
@@ -446,10 +445,24 @@ def prepare_synthetic(
         raise InputError(f"--difficulty must be in [0, 1], got {difficulty}")
     if not 0.0 <= enrich <= 1.0:
         raise InputError(f"--enrich must be in [0, 1], got {enrich}")
+    whole = functools.partial(_synthetic_whole, n=n, size=size, seed=seed,
+                              difficulty=difficulty, enrich=enrich, workers=workers,
+                              chunk_size=chunk_size, on_chunk=on_chunk, shard=shard,
+                              root=phantom_root or ws.root / "phantoms")
+    if shard is not None:
+        return run_part(ws, HOOKS, None, shard, functools.partial(whole, force=False),
+                        force=force)
+    return whole(ws, force=force)
+
+
+def _synthetic_whole(ws: Workspace, *, n: int, size: int, seed: int, difficulty: float,
+                     enrich: float, workers: int, force: bool, chunk_size: int,
+                     on_chunk: ChunkHook | None, shard: Shard | None, root: Path
+                     ) -> dict[str, Any]:
+    """``prepare --synthetic`` on ``ws`` (the workspace, or a shard's part)."""
     config = {"source": "synthetic", "n": n, "size": size, "seed": seed,
               "difficulty": difficulty, "enrich": enrich,
               "generator": phantoms.GENERATOR_VERSION, "val_fraction": VAL_FRACTION}
-    root = phantom_root or ws.root / "phantoms"
 
     def work(run: StageRun) -> dict[str, Any]:
         expect = {k: config[k] for k in ("n", "size", "seed", "difficulty", "enrich",

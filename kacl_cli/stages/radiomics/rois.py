@@ -89,7 +89,7 @@ def first_in_findings_order(findings: list[str]) -> str:
 
 
 def select_images(ws: Workspace, split: list[str] | None = None) -> dict[str, ImageInfo]:
-    """The images a run works on: all, or those of some splits (shards: kacl_cli.sharding.merge)."""
+    """The images a run works on: all, or those of some splits (shards: kacl_cli.sharding.parts)."""
     sql = ("SELECT image_id, row, split, orig_width, orig_height, spacing_x, spacing_y "
            "FROM images")
     params: list = []

@@ -17,9 +17,9 @@ and return plain arrays; only the main process writes to the catalog (DuckDB: on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import multiprocessing as mp
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,9 +31,13 @@ import numpy as np
 from kacl_cli import progress
 from kacl_cli.catalog import insert_columns
 from kacl_cli.errors import InputError, KaclError, NotReadyError
+from kacl_cli.parallel import process_pool
+from kacl_cli.sharding.merge import run_sharded
+from kacl_cli.sharding.parts import Shard, ddp_sharding
 from kacl_cli.stages.radiomics import settings as settings_mod
 from kacl_cli.stages.radiomics.backends.base import BACKENDS, DEFAULT_BACKEND, Backend, get_backend
 from kacl_cli.stages.radiomics.backends.pyrad import single_threaded_sitk
+from kacl_cli.stages.radiomics.parts import HOOKS
 from kacl_cli.stages.radiomics.rois import (
     DEFAULT_MIN_PROB,
     ROI_MODES,
@@ -41,11 +45,11 @@ from kacl_cli.stages.radiomics.rois import (
     build_rois,
     select_images,
 )
+from kacl_cli.stages.radiomics.stats import compute_stats
 from kacl_cli.store import ImageReader
 from kacl_cli.workspace import StageRun, Workspace, stable_json
 
 STAGE = "radiomics"
-TRAIN_SPLIT = "train"
 
 
 # -- worker side ----------------------------------------------------------------------------
@@ -216,8 +220,9 @@ def _compute(ws: Workspace, run: StageRun, round_: int, todo: list[Roi], backend
                 _WORKER["reader"].close()
                 _WORKER.clear()
         else:
-            ctx = mp.get_context("spawn")  # no inherited h5py/duckdb handles or locks
-            with ctx.Pool(min(workers, len(tasks)), _init_worker, init_args) as pool:
+            # no inherited h5py/duckdb handles or locks (see kacl_cli.parallel)
+            with process_pool(min(workers, len(tasks)), _init_worker, init_args,
+                              preload=(__name__,)) as pool:
                 for result in pool.imap_unordered(_extract_chunk, tasks):
                     consume(result)
     return {"failed": failed, "nonfinite": nonfinite, "reasons": dict(reasons)}
@@ -226,49 +231,6 @@ def _compute(ws: Workspace, run: StageRun, round_: int, todo: list[Roi], backend
 def _reason_kind(reason: str) -> str:
     """Group reasons for the summary ("ROI thinner than 2 px (1x5)" -> "ROI thinner than 2 px")."""
     return reason.split(" (")[0].split(":")[0]
-
-
-# -- statistics -----------------------------------------------------------------------------
-def compute_stats(ws: Workspace, round_: int, shash: str, n_features: int) -> int:
-    """Per-feature mean/std over finite values of the TRAINING split's positive ROIs.
-
-    Only training images: validation and test features are z-scored with statistics they
-    did not contribute to. std 0 (a constant feature) becomes 1 so z-scoring never divides by
-    zero. Returns the number of training rows used (0 = no statistics written).
-    """
-    data = ws.catalog.query(
-        "SELECT r.features FROM radiomics r JOIN rois o USING (round, image_id, finding) "
-        "JOIN images i USING (image_id) WHERE r.round = ? AND r.settings_hash = ? "
-        "AND o.is_positive AND i.split = ? AND r.features IS NOT NULL",
-        [round_, shash, TRAIN_SPLIT],
-    )
-    with ws.catalog.connect() as con:
-        con.execute("BEGIN TRANSACTION")
-        con.execute("DELETE FROM radiomics_stats WHERE round = ? AND settings_hash = ?",
-                    [round_, shash])
-        if data:
-            x = np.asarray([d[0] for d in data], dtype=np.float64).reshape(len(data), n_features)
-            mean, std, n = finite_stats(x)
-            insert_columns(con, "radiomics_stats", {
-                "round": [round_] * n_features, "settings_hash": [shash] * n_features,
-                "feature_index": list(range(n_features)), "mean": mean.tolist(),
-                "std": std.tolist(), "n": n.tolist(),
-            })
-        con.execute("COMMIT")
-    return len(data)
-
-
-def finite_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Column mean/std over finite entries; a column with no spread (or no data) gets std 1."""
-    finite = np.isfinite(x)
-    n = finite.sum(axis=0)
-    xs = np.where(finite, x, 0.0)
-    mean = np.divide(xs.sum(axis=0), n, out=np.zeros(x.shape[1]), where=n > 0)
-    var = np.divide((np.where(finite, x - mean, 0.0) ** 2).sum(axis=0), n,
-                    out=np.zeros(x.shape[1]), where=n > 0)
-    std = np.sqrt(var)
-    std = np.where((std > 0) & np.isfinite(std), std, 1.0)
-    return mean, std, n
 
 
 # -- the stage ------------------------------------------------------------------------------
@@ -282,19 +244,17 @@ def run_radiomics_stage(
     workers: int = 1,
     split: str | list[str] | None = None,
     force: bool = False,
-    shard: tuple[int, int] | None = None,
+    shard: Shard | None = None,
     min_prob: float = DEFAULT_MIN_PROB,
     chunk: int | None = None,  # ROIs per task; None: the backend's ``rois_per_task``
 ) -> dict[str, Any]:
     """Compute the round's radiomics; returns the summary (``skipped: True`` if already done).
 
-    ``shard=(i, n)`` computes shard i's images (sorted image_id, positions i, i+n, ...) into
-    a part of its own, folded in by ``kacl merge`` (which also recomputes the statistics);
+    ``shard`` computes that shard's images (sorted image_id, positions i, i+n, ...) into a
+    part of its own, folded in by ``kacl merge`` (which also recomputes the statistics);
     under torchrun rank r of N runs shard r/N and rank 0 merges
-    (see :mod:`kacl_cli.sharding.merge`).
+    (see :mod:`kacl_cli.stages.radiomics.parts`).
     """
-    from kacl_cli.sharding import merge as shards
-
     ws.require()
     if roi not in ROI_MODES:
         raise InputError(f"--roi must be one of {', '.join(ROI_MODES)}, got {roi!r}")
@@ -305,12 +265,18 @@ def run_radiomics_stage(
     if not 0.0 <= min_prob <= 1.0:
         raise InputError(f"--min-prob must be in [0, 1], got {min_prob}")
     splits = [split] if isinstance(split, str) else (list(split) if split else None)
-    if shard is not None or shards.ddp_sharding():
-        return shards.run_sharded(
-            ws, STAGE, round_, shard, lambda part: run_radiomics_stage(
-                part, round_, roi=roi, backend=backend, params=params, workers=workers,
-                split=split, force=force, min_prob=min_prob, chunk=chunk),
-            force=force)
+    whole = functools.partial(_run_whole, round_=round_, roi=roi, backend=backend,
+                              params=params, workers=workers, splits=splits, force=force,
+                              min_prob=min_prob, chunk=chunk)
+    if shard is not None or ddp_sharding():
+        return run_sharded(ws, HOOKS, round_, shard, whole, force=force)
+    return whole(ws)
+
+
+def _run_whole(ws: Workspace, *, round_: int, roi: str, backend: str,
+               params: Path | str | None, workers: int, splits: list[str] | None,
+               force: bool, min_prob: float, chunk: int | None) -> dict[str, Any]:
+    """The stage on ``ws`` (the workspace, or a shard's part), never sharded again."""
     settings = settings_mod.load_settings(params)
     impl = get_backend(backend)  # fail early when a backend is unavailable
     names = impl.feature_names(settings)

@@ -15,6 +15,7 @@ from kacl_cli.errors import CheckpointError, InputError, NotReadyError
 from kacl_cli.findings import FINDINGS
 from kacl_cli.models.checkpoint import load_image_net, model_meta, preprocess, save_checkpoint
 from kacl_cli.models.image_net import GRAY_MEAN, GRAY_STD, build_image_net
+from kacl_cli.sharding.parts import Shard
 from kacl_cli.stages.cam import stage as cam_stage
 from kacl_cli.stages.cam.gradcam import batched_gradcam, map_to_box
 from kacl_cli.workspace import Workspace
@@ -191,7 +192,7 @@ def test_missing_and_foreign_checkpoints_and_bad_options(tiny_workspace) -> None
     with pytest.raises(InputError):
         cam_stage.run_cam_stage(ws, 0, threshold=0.0)
     with pytest.raises(CheckpointError, match="vocabulary"):  # a shard refuses it too
-        cam_stage.run_cam_stage(ws, 0, shard=(0, 2), device="cpu")
+        cam_stage.run_cam_stage(ws, 0, shard=Shard(0, 2), device="cpu")
     assert ws.catalog.count("cam_boxes") == 0
 
 

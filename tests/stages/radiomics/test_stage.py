@@ -15,11 +15,8 @@ from kacl_cli.imageio import load_for_store
 from kacl_cli.stages.radiomics import settings as S
 from kacl_cli.stages.radiomics import stage as stage_mod
 from kacl_cli.stages.radiomics.backends.pyrad import PyradiomicsBackend
-from kacl_cli.stages.radiomics.stage import (
-    finite_stats,
-    load_positive_features,
-    run_radiomics_stage,
-)
+from kacl_cli.stages.radiomics.stage import load_positive_features, run_radiomics_stage
+from kacl_cli.stages.radiomics.stats import finite_stats
 from kacl_cli.workspace import Workspace
 
 
