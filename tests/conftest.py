@@ -113,6 +113,12 @@ def fakes() -> ModuleType:
 
 
 @pytest.fixture(scope="session")
+def square() -> ModuleType:
+    """``tests/square_model.py``: a hand-set net whose Grad-CAM maps light a known square."""
+    return _test_module("square_model")
+
+
+@pytest.fixture(scope="session")
 def pretrained_base(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     """Phantoms + a 1-epoch tiny pretrain (``tests/contrast_workspace.py``), built once per
     session; tests take a copy (:func:`pretrained_ws`) and never change this one."""
