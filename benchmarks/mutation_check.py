@@ -17,10 +17,10 @@ the mutation's ``-k`` keyword expression over ``tests/`` is run instead.
 Not part of ``make test``: it is a tool, run when tests or the code they cover change.
 
 Usage:
-    python -m benchmarks.mutation_check                 # all mutations, a table, exit 1 if any survive
-    python -m benchmarks.mutation_check --only lambda   # those whose name contains "lambda"
-    python -m benchmarks.mutation_check --list          # the list, without running anything
-    python -m benchmarks.mutation_check --no-baseline   # skip the unmutated sanity run
+    python -m benchmarks.mutation_check                # all; a table; exit 1 if any survives
+    python -m benchmarks.mutation_check --only lambda  # those whose name contains "lambda"
+    python -m benchmarks.mutation_check --list         # the list, without running anything
+    python -m benchmarks.mutation_check --no-baseline  # skip the unmutated sanity run
 """
 
 from __future__ import annotations
@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         repo = copy_repo(Path(tmp))
         if not args.no_baseline:
             # A failure here would make every "caught" below meaningless.
-            nodes = sorted({t for m in chosen for t in m.tests if (repo / t.split("::")[0]).exists()})
+            nodes = sorted({t for m in chosen for t in m.tests
+                            if (repo / t.split("::")[0]).exists()})
             t0 = time.perf_counter()
             env = {**os.environ, "PYTHONPATH": str(repo), "KACL_NO_PROGRESS": "1"}
             proc = subprocess.run(pytest_cmd(repo, nodes), cwd=repo, env=env, text=True,
