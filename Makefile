@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 WS     ?= demo-workspace
 STAMP  := $(VENV)/.kacl-installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench mutate lint clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ test: install
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all
+
+# Plants a fixed list of small bugs in a temporary copy and checks the covering tests catch
+# each (benchmarks/mutation_check.py). A tool, not a test: not part of `make test`.
+mutate: install
+	$(BIN)/python -m benchmarks.mutation_check
 
 lint: install
 	$(BIN)/ruff check kacl_cli tests benchmarks

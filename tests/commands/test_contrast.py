@@ -160,3 +160,32 @@ def test_cli_defaults_are_the_models_defaults() -> None:
                            ("proj_dim", "proj_dim")):
         assert params[cli_name].default == getattr(ContrastConfig, attr)
         assert getattr(ContrastConfig, attr) == getattr(ContrastSpec, attr)
+
+
+def test_lambda_temperature_and_proj_dim_reach_the_objective_and_meta(ws, monkeypatch) -> None:
+    from kacl_cli.stages.contrast import stage as contrast_stage
+
+    built = []
+    real_build = contrast_stage.build_objective
+
+    def spy(classification, spec, **kw):
+        built.append(spec)
+        return real_build(classification, spec, **kw)
+
+    monkeypatch.setattr(contrast_stage, "build_objective", spy)
+    res = _contrast(ws, "--rounds", "1", "--lambda", "0.3", "--temperature", "0.2",
+                    "--proj-dim", "16", "--json")
+    assert res.exit_code == 0, res.stderr
+    (spec,) = built
+    assert (spec.lam, spec.temperature, spec.proj_dim) == (0.3, 0.2, 16)
+    tensors, meta = read_checkpoint(ws.checkpoint_dir(1))
+    assert meta["objective"]["lam"] == 0.3 and meta["objective"]["temperature"] == 0.2
+    assert meta["objective"]["proj_dim"] == 16
+    assert tensors["objective.image_proj.net.2.weight"].shape[0] == 16
+    assert tensors["objective.radiomics_proj.net.2.weight"].shape[0] == 16
+    # the epoch's means are linear in the steps': train loss = cls + lambda * contrastive
+    total, cls, con = ws.catalog.query(
+        "SELECT train_loss, cls_loss, contrastive_loss FROM epochs WHERE round = 1")[0]
+    assert con > 0.1
+    assert total == pytest.approx(cls + 0.3 * con, rel=1e-4)
+    assert total != pytest.approx(cls + con, rel=1e-2)

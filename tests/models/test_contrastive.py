@@ -94,11 +94,18 @@ def _spec(positives: str = "radiomics", **kw) -> ContrastSpec:
 def test_gradient_flows_into_both_encoders() -> None:
     torch.manual_seed(0)
     model = build_image_net("tiny")
-    obj = ContrastiveObjective(ClassificationObjective("focal"), _spec(lam=1.0))
-    total, parts = obj(model, _batch())
+    obj = ContrastiveObjective(ClassificationObjective("focal"), _spec(lam=0.3,
+                                                                      temperature=0.2))
+    batch = _batch()
+    total, parts = obj(model, batch)
     assert set(parts) == {"cls", "contrastive"}
-    assert float(parts["contrastive"]) > 0
-    assert torch.allclose(total, parts["cls"] + parts["contrastive"])
+    # both parts from their own definitions: the focal loss and NT-Xent at T = 0.2
+    logits, z_img, z_rad = obj.embed(model, batch)
+    assert torch.allclose(parts["cls"], obj.classification_loss(logits, batch["labels"]))
+    assert torch.allclose(parts["contrastive"], nt_xent(z_img, z_rad, 0.2), atol=1e-6)
+    assert not torch.allclose(parts["contrastive"], nt_xent(z_img, z_rad, 0.1), atol=1e-4)
+    assert torch.allclose(total, parts["cls"] + 0.3 * parts["contrastive"])
+    assert not torch.allclose(total, parts["cls"] + parts["contrastive"])  # lambda is used
     total.backward()
     groups = {
         "image backbone": model.features.parameters(),
@@ -145,11 +152,21 @@ def test_validation_batches_without_radiomics() -> None:
 def test_augment_objective_two_views() -> None:
     torch.manual_seed(0)
     model = build_image_net("tiny")
-    obj = AugmentObjective(ClassificationObjective("focal"), _spec("augment", lam=1.0))
+    obj = AugmentObjective(ClassificationObjective("focal"),
+                           _spec("augment", lam=0.3, temperature=0.2))
     batch = _batch()
     batch["image2"] = batch["image"] + 0.1 * torch.randn_like(batch["image"])
     total, parts = obj(model, batch)
-    assert float(parts["contrastive"]) > 0
+    # NT-Xent between the two views' projections at T = 0.2, weighted by lambda = 0.3
+    model.eval()
+    with torch.no_grad():
+        _, pooled, _ = model.forward_all(torch.cat([batch["image"], batch["image2"]]))
+        z = obj.image_proj(pooled)
+        _, eval_parts = obj(model, batch)
+    model.train()
+    assert torch.allclose(eval_parts["contrastive"], nt_xent(z[:6], z[6:], 0.2), atol=1e-5)
+    assert torch.allclose(total, parts["cls"] + 0.3 * parts["contrastive"])
+    assert not torch.allclose(total, parts["cls"] + parts["contrastive"])  # lambda is used
     total.backward()
     assert any(p.grad.abs().sum() > 0 for p in obj.image_proj.parameters())
     assert any(p.grad.abs().sum() > 0 for p in model.features.parameters())

@@ -137,6 +137,7 @@ class _ProjObjective(ClassificationObjective):
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(64, 4)
+        self.seen: list[tuple[int, float, float]] = []  # (batch size, cls, agree) per step
 
     def forward(self, model, batch):
         assert batch["image2"].dtype == torch.float32
@@ -145,6 +146,8 @@ class _ProjObjective(ClassificationObjective):
         _, pooled2, _ = model.forward_all(batch["image2"])
         agree = (self.proj(pooled) - self.proj(pooled2)).pow(2).mean()
         cls = self.classification_loss(logits, batch["labels"])
+        if self.training:
+            self.seen.append((len(batch["labels"]), float(cls.detach()), float(agree.detach())))
         return cls + agree, {"cls": cls.detach(), "contrastive": agree.detach()}
 
 
@@ -157,8 +160,17 @@ def test_objective_parameters_are_trained_and_saved(tiny_workspace) -> None:
     tensors, _ = read_checkpoint(ws.checkpoint_dir(0))
     assert not torch.equal(tensors["objective.proj.weight"], before)
     assert torch.equal(tensors["objective.proj.weight"], objective.proj.weight.detach())
-    (contrastive,) = ws.catalog.query("SELECT contrastive_loss FROM epochs")[0]
-    assert contrastive is not None and contrastive >= 0
+    # the epochs row holds the image-weighted means of the steps' parts, and their sum
+    train_loss, cls_loss, contrastive = ws.catalog.query(
+        "SELECT train_loss, cls_loss, contrastive_loss FROM epochs")[0]
+    sizes = np.array([s[0] for s in objective.seen], dtype=float)
+    assert len(sizes) >= 2
+    want_cls = float(np.average([s[1] for s in objective.seen], weights=sizes))
+    want_con = float(np.average([s[2] for s in objective.seen], weights=sizes))
+    assert want_con > 0
+    assert contrastive == pytest.approx(want_con, rel=1e-5)
+    assert cls_loss == pytest.approx(want_cls, rel=1e-5)
+    assert train_loss == pytest.approx(want_cls + want_con, rel=1e-5)
 
 
 class _NanObjective(Objective):

@@ -209,6 +209,15 @@ def test_threshold_is_a_fraction_of_the_peak() -> None:
     assert map_to_box(m, 0.25).box == (3.0, 3.0, 4.0, 3.0)  # 0.4 >= 0.35 joins
 
 
+def test_threshold_includes_values_equal_to_the_cut() -> None:
+    # the region is every pixel >= frac * peak: 1.0 == 0.5 * 2.0 exactly, so it joins
+    m = np.zeros((5, 6))
+    m[2, 1] = 2.0
+    m[2, 2:4] = 1.0
+    m[3, 1] = 0.999
+    assert map_to_box(m, 0.5).box == (1.0, 2.0, 3.0, 1.0)
+
+
 def test_largest_mass_wins_not_largest_area_nor_the_peak() -> None:
     m = np.zeros((12, 12))
     m[8:10, 8:10] = 4.0  # 4 px, mass 16, holds the peak; threshold 0.5 * 4 = 2

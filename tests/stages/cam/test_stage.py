@@ -144,9 +144,16 @@ def test_split_subset_then_all_reuses_the_done_images(ws: Workspace) -> None:
                             "(image_id)") == [("test",)]
     everything = cam_stage.run_cam_stage(ws, 0, split="all", device="cpu")
     assert everything["computed"] == 12 - n_test and everything["reused"] == n_test
-    # evaluate's call after a full run: nothing to compute, probabilities all there
+    # the identical test-split run finished and its rows are intact: skipped outright
+    rows = cam_rows(ws)
     again = cam_stage.run_cam_stage(ws, 0, split="test", device="cpu")
-    assert again.get("skipped") or again["computed"] == 0
+    assert again["skipped"] is True and cam_rows(ws) == rows
+    # a split never run on its own: a new run, but every image is reused, none recomputed
+    val = cam_stage.run_cam_stage(ws, 0, split="val", device="cpu")
+    n_val = ws.catalog.count("images", "split = 'val'")
+    assert not val.get("skipped") and n_val > 0
+    assert (val["computed"], val["reused"], val["images"]) == (0, n_val, n_val)
+    assert cam_rows(ws) == rows
 
 
 def test_other_threshold_or_retrained_checkpoint_replaces_the_rows(ws: Workspace) -> None:

@@ -113,14 +113,19 @@ def test_objective_continues_only_when_compatible() -> None:
 
 # -- rounds on a real (tiny) workspace -----------------------------------------------------
 def test_ablation_positives_augment_and_none(ws) -> None:
-    res = run_contrast(ws, _cfg(rounds=1, positives="augment"), note=quiet)
+    res = run_contrast(ws, _cfg(rounds=1, positives="augment", lam=0.3), note=quiet)
     assert res["trained"] == [1]
     assert _stages(ws) == [("contrast", 1)]  # no cam, no radiomics
     tensors, meta = read_checkpoint(ws.checkpoint_dir(1))
     assert meta["objective"]["positives"] == "augment"
     assert any(k.startswith("objective.image_proj.") for k in tensors)
     assert not any(k.startswith("objective.radiomics_encoder.") for k in tensors)
-    assert res["rounds"][0]["contrastive_loss"] > 0
+    # the summary is the epoch's row, and the augment objective weights its term by lambda
+    total, cls, con = ws.catalog.query(
+        "SELECT train_loss, cls_loss, contrastive_loss FROM epochs WHERE round = 1")[0]
+    assert res["rounds"][0]["contrastive_loss"] == pytest.approx(con) and con > 0.1
+    assert meta["objective"]["lam"] == 0.3
+    assert total == pytest.approx(cls + 0.3 * con, rel=1e-4)
 
     res = run_contrast(ws, _cfg(rounds=2, positives="none"), note=quiet)
     assert res["trained"] == [2]

@@ -195,6 +195,7 @@ def sample_ws(nih_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     return ws, summary
 
 
+@pytest.mark.nih
 def test_real_sample_ingest_counts(sample_ws: tuple, nih_sample: Path) -> None:
     ws, s = sample_ws
     n_rows = sum(1 for _ in open(nih_sample / "Data_Entry_2017_v2020.csv")) - 1
@@ -206,6 +207,7 @@ def test_real_sample_ingest_counts(sample_ws: tuple, nih_sample: Path) -> None:
     assert s["train"] + s["val"] + s["test"] == 95 and min(s["train"], s["val"], s["test"]) > 0
 
 
+@pytest.mark.nih
 def test_real_sample_labels_boxes_and_splits_match_files(sample_ws: tuple,
                                                          nih_sample: Path) -> None:
     ws, _ = sample_ws
@@ -230,6 +232,7 @@ def test_real_sample_labels_boxes_and_splits_match_files(sample_ws: tuple,
         "HAVING count(DISTINCT split) > 1)")[0][0] == 0
 
 
+@pytest.mark.nih
 def test_real_sample_geometry_and_rgba_pixels(sample_ws: tuple, nih_sample: Path) -> None:
     ws, _ = sample_ws
     rgba = [p for p in sorted((nih_sample / "images").glob("*.png"))
@@ -262,6 +265,7 @@ def small_copy(nih_sample: Path, root: Path, n_images: int = 6) -> tuple[list[Pa
     return good, [ln.split(",", 1)[0] for ln in keep[1:]]
 
 
+@pytest.mark.nih
 def test_corrupt_and_empty_files_become_error_rows(nih_sample: Path, tmp_path: Path) -> None:
     root = tmp_path / "nih"
     good, listed = small_copy(nih_sample, root)
@@ -283,6 +287,7 @@ def test_corrupt_and_empty_files_become_error_rows(nih_sample: Path, tmp_path: P
         ingest.prepare_nih(Workspace(tmp_path / "ws2"), root, size=32)
 
 
+@pytest.mark.nih
 def test_limit_takes_first_present_rows_in_csv_order(nih_sample: Path, tmp_path: Path) -> None:
     good, listed = small_copy(nih_sample, tmp_path / "nih")
     ws = Workspace(tmp_path / "ws")

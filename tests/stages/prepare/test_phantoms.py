@@ -20,6 +20,7 @@ def stats() -> dict:
     return phantoms.load_stats()
 
 
+@pytest.mark.nih
 def test_packaged_stats_come_from_the_real_label_files(nih_sample: Path, stats: dict) -> None:
     fresh = phantoms.compute_stats(nih_sample / "Data_Entry_2017_v2020.csv",
                                    nih_sample / "BBox_List_2017.csv")

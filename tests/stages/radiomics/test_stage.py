@@ -182,6 +182,15 @@ def test_zscore_stats_from_train_split_only(tiny_workspace) -> None:
     train_ids = {r[0] for r in ws.catalog.query("SELECT image_id FROM images WHERE split='train'")}
     z_train = pf.features[[i in train_ids for i in pf.image_ids]]
     np.testing.assert_allclose(z_train.mean(axis=0), 0, atol=1e-4)
+    # each image's row is its raw features z-scored with the train statistics (sign included:
+    # a mean of 0 over train holds for -z too)
+    raw = dict(ws.catalog.query(
+        "SELECT r.image_id, r.features FROM radiomics r JOIN rois o "
+        "USING (round, image_id, finding) WHERE o.is_positive"))
+    for image_id, z in zip(pf.image_ids, pf.features, strict=True):
+        want = (np.asarray(raw[image_id], dtype=np.float64) - train.mean(axis=0)) / np.where(
+            expected_std > 0, expected_std, 1.0)
+        np.testing.assert_allclose(z, want, rtol=1e-4, atol=1e-4)
 
 
 def test_nonfinite_values_are_counted_and_zeroed(tiny_workspace) -> None:
