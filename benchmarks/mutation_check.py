@@ -57,7 +57,7 @@ class Mutation:
         return f"{self.snippet.strip()}  ->  {self.replacement.strip()}"
 
 
-EV = "tests/stages/evaluate/test_stage.py::"
+EV = "tests/stages/evaluate/test_metrics.py::"
 CO = "tests/models/test_contrastive.py::"
 GC = "tests/stages/cam/test_gradcam.py::"
 RS = "tests/stages/radiomics/test_stage.py::"
