@@ -18,6 +18,7 @@ from kacl_cli.cli import (
     report,
     shard_note,
 )
+from kacl_cli.lock import writes_workspace
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "cam"
@@ -30,6 +31,7 @@ def _fraction(value: float) -> float:
 
 
 @handle_errors
+@writes_workspace(NAME)
 def command(
     round_: Annotated[
         int | None,

@@ -19,6 +19,7 @@ from kacl_cli.cli import (
     handle_errors,
     out,
 )
+from kacl_cli.lock import writes_workspace
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "contrast"
@@ -60,6 +61,7 @@ def render(result: dict[str, Any]) -> None:
 
 
 @handle_errors
+@writes_workspace(NAME)
 def command(
     rounds: Annotated[int, typer.Option(
         "--rounds", min=1, help="Total number of contrast rounds wanted (not a count to add): "

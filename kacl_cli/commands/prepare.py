@@ -24,6 +24,7 @@ from kacl_cli.cli import (
     report,
     shard_note,
 )
+from kacl_cli.lock import writes_workspace
 from kacl_cli.stages.prepare import stage as ingest
 from kacl_cli.stages.prepare.phantoms import DEFAULT_DIFFICULTY
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
@@ -67,6 +68,7 @@ def _render(summary: dict[str, Any]) -> None:
 
 
 @handle_errors
+@writes_workspace(NAME, create=True)
 def command(
     nih_dir: Annotated[Path | None, typer.Option(
         "--nih-dir", help="NIH ChestX-ray14 folder: Data_Entry_2017*.csv, BBox_List_2017.csv, "

@@ -12,6 +12,8 @@ from rich.table import Table
 from kacl_cli.cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
 from kacl_cli.cli import skipped as print_skipped
 from kacl_cli.errors import KaclError
+from kacl_cli.lock import writes_workspace
+from kacl_cli.skips import HASH_KEY, checkpoint_hash, checkpoint_is_theirs
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "pretrain"
@@ -94,7 +96,11 @@ def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = 
     begun = distributed.begin_stage(ws, cfg.device, STAGE, config, fingerprint, round_=0,
                                     force=force)
     if isinstance(begun, dict):
-        return {**begun, "skipped": True}
+        if checkpoint_is_theirs(ws, 0, begun):
+            return {**begun, "skipped": True}
+        # The checkpoint on disk is another run's (kacl_cli.skips): train again.
+        begun = distributed.begin_stage(ws, cfg.device, STAGE, config, fingerprint, round_=0,
+                                        force=True)
     run = begun
     try:
         objective = ClassificationObjective(
@@ -114,7 +120,8 @@ def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = 
     except KaclError as exc:
         run.fail(str(exc))
         raise
-    summary = {**summary, "backbone": backbone, "run_id": run.run_id}
+    summary = {**summary, "backbone": backbone, "run_id": run.run_id,
+               HASH_KEY: checkpoint_hash(ws, 0)}
     run.finish(summary)
     return summary
 
@@ -139,6 +146,7 @@ def _render(summary: dict[str, Any], ws: Workspace) -> None:
 
 
 @handle_errors
+@writes_workspace(NAME)
 def command(
     backbone: Annotated[str, typer.Option(
         help="densenet121 | resnet50 | resnet18 | tiny (a small CNN for tests and demos).")]

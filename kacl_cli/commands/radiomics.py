@@ -20,6 +20,7 @@ from kacl_cli.cli import (
     report,
     shard_note,
 )
+from kacl_cli.lock import writes_workspace
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "radiomics"
@@ -34,6 +35,7 @@ class RoiMode(str, Enum):
 
 
 @handle_errors
+@writes_workspace(NAME)
 def command(
     round_: Annotated[
         int | None,

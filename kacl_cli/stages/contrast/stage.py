@@ -37,6 +37,7 @@ from kacl_cli.errors import InputError, KaclError, NotReadyError
 from kacl_cli.models.checkpoint import OBJECTIVE_PREFIX, load_image_net, read_checkpoint, read_meta
 from kacl_cli.models.contrastive import POSITIVES, ContrastSpec, build_objective
 from kacl_cli.models.losses import ClassificationObjective, pos_weight_from_labels
+from kacl_cli.skips import HASH_KEY, checkpoint_hash, checkpoint_is_theirs
 from kacl_cli.stages.cam.stage import checkpoint_fingerprint, run_cam_stage
 from kacl_cli.stages.contrast.supervision import (
     BoxSupervision,
@@ -252,7 +253,7 @@ def run_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps,
     begun = distributed.begin_stage(ws, cfg.device, STAGE, config, fingerprint, round_=k,
                                     force=cfg.force)
     if isinstance(begun, dict):
-        if k in ws.finished_rounds():
+        if checkpoint_is_theirs(ws, k, begun):
             note(f"contrast round {k}: done, skipping (same config and inputs)")
             return {**begun, "skipped": True}
         begun = distributed.begin_stage(ws, cfg.device, STAGE, config, fingerprint, round_=k,
@@ -265,6 +266,7 @@ def run_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps,
         raise
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["run_id"] = run.run_id
+    summary[HASH_KEY] = checkpoint_hash(ws, k)
     run.finish(summary)
     return summary
 

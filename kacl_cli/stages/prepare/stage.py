@@ -290,14 +290,18 @@ def ingest_release(
             if on_chunk:
                 on_chunk(chunk_index, "stored")
             img_rows, lab_rows, box_rows = [], [], []
+            box_errors: list[tuple[str | None, str]] = []
             for k, (e, d) in enumerate(good):
                 img_rows.append(_image_row(e, d, next_row + k, splits[e.image_id],
                                            str(release.images[e.image_id])))
                 has = set(e.findings)
                 lab_rows.append((e.image_id, *[f in has for f in FINDINGS], not has))
-                for b in release.boxes.get(e.image_id, ()):
-                    box_rows.append((e.image_id, b.finding, b.x, b.y, b.w, b.h))
+                kept, refused = nih.check_boxes(release.boxes.get(e.image_id, ()), d.width,
+                                                d.height, e.findings)
+                box_rows += [(e.image_id, b.finding, b.x, b.y, b.w, b.h) for b in kept]
+                box_errors += [(f"{e.image_id} box {b.finding}", why) for b, why in refused]
             _commit_rows(ws, img_rows, lab_rows, box_rows)
+            run.errors(box_errors)  # the images stay; only their bad boxes are left out
             if on_chunk:
                 on_chunk(chunk_index, "committed")
         run.errors(bad)

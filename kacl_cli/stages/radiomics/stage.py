@@ -327,7 +327,10 @@ def run_radiomics_stage(
     fingerprint = _roi_fingerprint(rois, ws.store.n_rows(), size)
     begun = ws.begin(STAGE, config, fingerprint, round_=round_, force=force)
     if isinstance(begun, dict):
-        return {**begun, "skipped": True}
+        if not _todo(ws, round_, rois, shash, impl.name):
+            return {**begun, "skipped": True}
+        # Rows of other settings replaced that run's (kacl_cli.skips): compute again.
+        begun = ws.begin(STAGE, config, fingerprint, round_=round_, force=True)
     run = begun
     t0 = time.perf_counter()
     try:
