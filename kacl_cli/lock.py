@@ -119,6 +119,9 @@ def workspace_lock(root: Path | str, command: str, shard: str | None = None,
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise fs_error(root, exc, "create workspace") from None
+        created = True
+    else:
+        created = False
     path = lock_path(root, command, shard).resolve()
     held = _HELD.get(path)
     if held is not None:
@@ -169,6 +172,11 @@ def workspace_lock(root: Path | str, command: str, shard: str | None = None,
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+        if created:  # a refused first run leaves no empty workspace behind
+            with contextlib.suppress(OSError):
+                if [p.name for p in root.iterdir()] == [path.name]:
+                    path.unlink()
+                    root.rmdir()
 
 
 def _stderr(text: str) -> None:

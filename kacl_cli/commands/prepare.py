@@ -24,7 +24,7 @@ from kacl_cli.cli import (
     report,
     shard_note,
 )
-from kacl_cli.lock import writes_workspace
+from kacl_cli.lock import workspace_lock
 from kacl_cli.stages.prepare import stage as ingest
 from kacl_cli.stages.prepare.phantoms import DEFAULT_DIFFICULTY
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
@@ -68,7 +68,6 @@ def _render(summary: dict[str, Any]) -> None:
 
 
 @handle_errors
-@writes_workspace(NAME, create=True)
 def command(
     nih_dir: Annotated[Path | None, typer.Option(
         "--nih-dir", help="NIH ChestX-ray14 folder: Data_Entry_2017*.csv, BBox_List_2017.csv, "
@@ -130,13 +129,16 @@ def command(
         return ingest.prepare_nih(target, nih_dir, size=size, limit=limit, workers=n_workers,
                                   split=split, seed=seed, force=force, shard=part)
 
-    if part is None:
-        summary = run(ws, force)
-    else:  # a part workspace of its own; --force restarts the part (kacl_cli.sharding.merge)
-        from kacl_cli.sharding.merge import Shard, run_part
+    # The writer lock (kacl_cli.lock) after the usage checks: a usage error creates nothing.
+    with workspace_lock(ws.root, NAME, shard, create=True):
+        if part is None:
+            summary = run(ws, force)
+        else:  # a part workspace of its own; --force restarts the part (sharding.merge)
+            from kacl_cli.sharding.merge import Shard, run_part
 
-        summary = run_part(ws, NAME, None, Shard(*part), lambda p: run(p, False), force=force)
-        shard_note(NAME, summary)
+            summary = run_part(ws, NAME, None, Shard(*part), lambda p: run(p, False),
+                               force=force)
+            shard_note(NAME, summary)
     if summary.get("failed") and not summary.get("skipped"):
         err.print(f"prepare: {summary['failed']} image(s) could not be read; the others were "
                   "ingested (reasons: SELECT * FROM errors WHERE stage = 'prepare')")

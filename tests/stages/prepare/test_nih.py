@@ -103,7 +103,6 @@ def test_bbox_file_header_quirks_and_infiltrate_alias(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("row", "message"), [
     ("x.png,Mass,1,2,3\n", "expected 6 columns"),
-    ("x.png,Mass,1,2,0,4\n", "no area"),
     ("x.png,Tumour,1,2,3,4\n", "unknown finding"),
     ("x.png,Mass,1,two,3,4\n", "box y"),
 ])
