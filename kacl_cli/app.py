@@ -6,6 +6,7 @@ import typer
 
 from kacl_cli import __version__
 from kacl_cli.commands import cam, contrast, evaluate, merge, predict, prepare, pretrain, radiomics
+from kacl_cli.usage import OneLineErrorGroup
 
 app = typer.Typer(
     name="kacl",
@@ -20,6 +21,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineErrorGroup,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

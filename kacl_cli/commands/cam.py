@@ -19,6 +19,7 @@ from kacl_cli.cli import (
     shard_note,
 )
 from kacl_cli.lock import writes_workspace
+from kacl_cli.options import check_choice
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "cam"
@@ -70,10 +71,12 @@ def command(
     """
     from kacl_cli.stages.cam.stage import run_cam_stage  # torch import only when the command runs
 
+    check_choice("--split", split, ("train", "val", "test", "all"))
+    part = parse_shard(shard)
     ws = Workspace(workspace)
     result = run_cam_stage(ws, round_, split=split, batch_size=batch_size, threshold=threshold,
                            device=device, force=force, workers=workers,
-                           shard=parse_shard(shard))
+                           shard=part)
     if shard is not None:
         shard_note(NAME, result, result["round"])
 

@@ -20,6 +20,7 @@ from kacl_cli.cli import (
     out,
 )
 from kacl_cli.lock import writes_workspace
+from kacl_cli.options import check_number
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "contrast"
@@ -119,6 +120,11 @@ def command(
     from kacl_cli.commands.pretrain import default_workers
     from kacl_cli.stages.contrast.stage import ContrastConfig, run_contrast
 
+    check_number("--temperature", temperature, lo=0.0, lo_open=True, hi=100.0)
+    check_number("--lambda", lam, lo=0.0, hi=1e6)
+    check_number("--lr", lr, lo=0.0, lo_open=True, hi=10.0)
+    check_number("--backbone-lr-scale", backbone_lr_scale, lo=0.0, hi=1e6)
+    check_number("--box-supervision", box_supervision, lo=0.0, hi=1.0)
     cfg = ContrastConfig(
         rounds=rounds, from_round=from_round, epochs_per_round=epochs_per_round,
         temperature=temperature, lam=lam, proj_dim=proj_dim, box_supervision=box_supervision,

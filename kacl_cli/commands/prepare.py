@@ -6,6 +6,7 @@ error, resume) are documented there and in docs/data.md.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,7 +25,9 @@ from kacl_cli.cli import (
     report,
     shard_note,
 )
+from kacl_cli.imageio import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 from kacl_cli.lock import workspace_lock
+from kacl_cli.options import check_number
 from kacl_cli.stages.prepare import stage as ingest
 from kacl_cli.stages.prepare.phantoms import DEFAULT_DIFFICULTY
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
@@ -92,6 +95,11 @@ def command(
     enrich: Annotated[float, typer.Option(
         "--enrich", help="Phantoms only: fraction of images drawn to contain a uniformly chosen "
                          "finding (0 = the real prevalence).")] = 0.0,
+    max_pixels: Annotated[int, typer.Option(
+        "--max-pixels", envvar="KACL_MAX_PIXELS", min=1,
+        help="Refuse images with more pixels than this, read from the file's header before "
+             "decoding (default 50,000,000: over 3x the largest chest radiographs).")]
+    = DEFAULT_MAX_PIXELS,
     shard: ShardOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -116,9 +124,18 @@ def command(
         raise typer.BadParameter("give exactly one of --nih-dir DIR or --synthetic N")
     if split not in ("official", "random"):
         raise typer.BadParameter(f"--split must be official or random, got {split!r}")
+    check_number("--difficulty", difficulty, lo=0.0, hi=1.0)
+    os.environ[MAX_PIXELS_ENV] = str(max_pixels)  # inherited by the decoder processes
+    check_number("--enrich", enrich, lo=0.0, hi=1.0)
+    check_number("--size", size, lo=16, hi=4096)
+    if synthetic is not None:
+        check_number("--synthetic", synthetic, lo=1, hi=10_000_000)
     ws = Workspace(workspace)
     n_workers = ingest.auto_workers(workers)
     part = parse_shard(shard)
+    if part is not None and synthetic is not None and part[0] >= synthetic:
+        raise typer.BadParameter(f"--shard {shard}: shard {part[0]} of {synthetic} images "
+                                 "would be empty (n at most the number of images)")
 
     def run(target: Workspace, force: bool) -> dict[str, Any]:
         if synthetic is not None:

@@ -13,6 +13,7 @@ from kacl_cli.cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, emit, err, 
 from kacl_cli.cli import skipped as print_skipped
 from kacl_cli.errors import KaclError
 from kacl_cli.lock import writes_workspace
+from kacl_cli.options import check_choice, check_number
 from kacl_cli.skips import HASH_KEY, checkpoint_hash, checkpoint_is_theirs
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
@@ -188,9 +189,19 @@ def command(
 
     Example: kacl pretrain --backbone densenet121 --epochs 10 --device cuda
     """
+    from kacl_cli.models.image_net import BACKBONES
     from kacl_cli.training.distributed import from_env
     from kacl_cli.training.fit import TrainConfig
 
+    # Usage checks before any work (issue 15): exit 2, one line, no run row.
+    check_choice("--backbone", backbone, list(BACKBONES))
+    check_choice("--loss", loss, ("focal", "bce"))
+    check_number("--lr", lr, lo=0.0, lo_open=True, hi=10.0)
+    check_number("--weight-decay", weight_decay, lo=0.0, hi=10.0)
+    check_number("--focal-alpha", focal_alpha, lo=0.0, hi=1.0)
+    check_number("--focal-gamma", focal_gamma, lo=0.0, hi=100.0)
+    check_number("--image-size", image_size, lo=0, hi=4096)
+    check_number("--workers", workers, lo=0, hi=256)
     # Under torchrun only rank 0 writes the catalog and checkpoints.
     main_rank = from_env().is_main
     ws = Workspace(workspace, writes=main_rank)
@@ -201,8 +212,6 @@ def command(
         augment=augment, seed=seed, device=device,
         workers=default_workers() if workers is None else workers,
     )
-    if loss not in ("focal", "bce"):
-        raise typer.BadParameter(f"--loss {loss!r}: expected focal or bce")
     summary = run_pretrain(ws, backbone=backbone, init=init, cfg=cfg, force=force, resume=resume)
     if not main_rank:
         return  # rank 0 reports for the whole torchrun job

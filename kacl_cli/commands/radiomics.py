@@ -21,6 +21,7 @@ from kacl_cli.cli import (
     shard_note,
 )
 from kacl_cli.lock import writes_workspace
+from kacl_cli.options import check_number
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "radiomics"
@@ -94,13 +95,18 @@ def command(
     """
     from kacl_cli.stages.radiomics.stage import run_radiomics_stage
 
+    part = parse_shard(shard)  # usage errors first (exit 2), before any workspace check
+    check_number("--min-prob", min_prob, lo=0.0, hi=1.0)
+    check_number("--workers", workers, lo=1, hi=1024)
+    if round_ is not None:
+        check_number("--round", round_, lo=0)
     ws = Workspace(workspace)
     ws.require()
     if round_ is None:
         round_ = _latest_cam_round(ws)
     summary = run_radiomics_stage(
         ws, round_, roi=roi.value, backend=backend.value, params=params, workers=workers,
-        split=split, force=force, shard=parse_shard(shard), min_prob=min_prob,
+        split=split, force=force, shard=part, min_prob=min_prob,
     )
     if shard is not None:
         shard_note(NAME, summary, round_)

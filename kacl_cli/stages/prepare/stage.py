@@ -20,6 +20,7 @@ not an image) is an ``errors`` row with the reason; everything else is still ing
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import multiprocessing as mp
@@ -286,7 +287,13 @@ def ingest_release(
         good = [(e, d) for e, d in buf if d.pixels is not None]
         bad = [(e.image_id, d.reason or "unreadable") for e, d in buf if d.pixels is None]
         if good:
-            ws.store.write_images(next_row, np.stack([d.pixels for _, d in good]), size)
+            try:
+                ws.store.write_images(next_row, np.stack([d.pixels for _, d in good]), size)
+            except OSError as exc:
+                if not _disk_full(exc):
+                    raise
+                raise KaclError(f"disk full while writing {ws.store.path.name} ({next_row} "
+                                "images committed; free space and re-run to resume)") from None
             if on_chunk:
                 on_chunk(chunk_index, "stored")
             img_rows, lab_rows, box_rows = [], [], []
@@ -346,6 +353,11 @@ def ingest_release(
         "seconds": round(seconds, 2),
         "images_per_s": round(ingested / seconds, 1) if seconds > 0 else None,
     }
+
+
+def _disk_full(exc: OSError) -> bool:
+    """ENOSPC, also where h5py only names it in the message (its errno is often None)."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
 
 
 def _image_row(e: nih.Entry, d: Decoded, row: int, split: str, path: str) -> tuple:
