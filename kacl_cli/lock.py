@@ -163,8 +163,13 @@ def workspace_lock(root: Path | str, command: str, shard: str | None = None,
         os.close(fd)
         raise
     _HELD[path] = [fd, 1]
+    since = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     try:
         yield
+    except BaseException as exc:
+        if shard is None:
+            close_orphan_runs(root, since, exc)
+        raise
     finally:
         del _HELD[path]
         with contextlib.suppress(OSError):
@@ -177,6 +182,33 @@ def workspace_lock(root: Path | str, command: str, shard: str | None = None,
                 if [p.name for p in root.iterdir()] == [path.name]:
                     path.unlink()
                     root.rmdir()
+
+
+def close_orphan_runs(root: Path, since: dt.datetime, exc: BaseException) -> None:
+    """Close the runs this process left ``running`` when its command ends in an exception.
+
+    Holding the writer lock, every ``running`` row started since it was taken is this
+    process's own; a stage that failed on something other than a KaclError (a torch error,
+    a full disk) would otherwise leave it ``running`` for ever.
+    """
+    catalog = root / "catalog.duckdb"
+    if not catalog.exists() or (type(exc).__name__ == "Exit"
+                                and getattr(exc, "exit_code", 1) == 0):
+        return
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    reason = json.dumps({"reason": f"{type(exc).__name__}: {exc}"[:500]})
+    with contextlib.suppress(Exception):
+        import duckdb
+
+        con = duckdb.connect(str(catalog))
+        try:
+            con.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, "
+                "summary_json = coalesce(summary_json, ?) "
+                "WHERE status = 'running' AND started_at >= ?",
+                [status, dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), reason, since])
+        finally:
+            con.close()
 
 
 def _stderr(text: str) -> None:

@@ -364,6 +364,11 @@ def run_radiomics_stage(
         "seconds": round(seconds, 3),
         "rois_per_s": round(len(todo) / seconds, 2) if seconds > 0 and todo else 0.0,
     }
+    if todo and done["failed"] == len(rois):  # nothing usable came out (issue 15)
+        reasons = ", ".join(f"{k}: {v}" for k, v in done["reasons"].items())
+        why = f"every one of the {len(rois)} ROIs failed ({reasons})"
+        run.fail(why)
+        raise KaclError(f"radiomics round {round_}: {why}")
     run.finish(summary)
     return summary
 
