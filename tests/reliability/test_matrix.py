@@ -8,15 +8,12 @@ with cam and radiomics rows ("full"), and an NIH-layout phantom folder with its 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
 import sys
 from pathlib import Path
 
-import duckdb
-import h5py
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -26,15 +23,22 @@ from kacl_cli.app import app
 HERE = Path(__file__).resolve().parent
 
 
-def _kinds():
-    spec = importlib.util.spec_from_file_location("reliability_kinds", HERE / "kinds.py")
+def _load(name: str, file: str):
+    """Import a helper beside this file (pytest's importlib mode adds no folder to sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, HERE / file)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["reliability_kinds"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
+def _kinds():
+    return _load("reliability_kinds", "kinds.py")
+
+
 kinds = _kinds()
+rows = _load("reliability_rows", "rows.py")
+snapshot, running_runs, error_reasons = rows.snapshot, rows.running_runs, rows.error_reasons
 runner = CliRunner()
 N_RELEASE = 12
 
@@ -73,64 +77,6 @@ def release(tmp_path_factory) -> tuple[Path, Path]:
                 "-w", str(clean)])
     assert r.exit_code == 0, r.stderr
     return folder, clean
-
-
-# -- what "unchanged" means --------------------------------------------------------------------
-SNAPSHOT = {
-    "images": "SELECT * EXCLUDE (row, source_path) FROM images ORDER BY image_id",
-    "labels": "SELECT * FROM labels ORDER BY image_id",
-    "gt_boxes": "SELECT * FROM gt_boxes ORDER BY ALL",
-    "cam_boxes": "SELECT * FROM cam_boxes ORDER BY ALL",
-    "rois": "SELECT * FROM rois ORDER BY ALL",
-    "radiomics": "SELECT round, image_id, finding, settings_hash, features::VARCHAR, reason "
-                 "FROM radiomics ORDER BY ALL",
-    "metrics": "SELECT count(*) FROM metrics",
-}
-
-
-def snapshot(ws: Path) -> dict[str, object]:
-    """The rows that bad input must not touch, plus the store's pixels per image and the
-    checkpoint bytes."""
-    out: dict[str, object] = {}
-    if not (ws / "catalog.duckdb").exists():
-        return out
-    con = duckdb.connect(str(ws / "catalog.duckdb"), read_only=True)
-    try:
-        for table, sql in SNAPSHOT.items():
-            out[table] = con.execute(sql).fetchall()
-        rows = dict(con.execute("SELECT image_id, row FROM images").fetchall())
-    finally:
-        con.close()
-    images = np.zeros((0, 1, 1), np.uint8)
-    if (ws / "store.h5").exists():
-        with h5py.File(ws / "store.h5", "r") as f:
-            if "images" in f:
-                images = f["images"][...]
-    out["pixels"] = {i: hashlib.sha256(images[r].tobytes()).hexdigest() for i, r in rows.items()}
-    ckpt = ws / "checkpoints" / "round-0" / "model.safetensors"
-    if ckpt.exists():
-        out["checkpoint"] = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    return out
-
-
-def running_runs(ws: Path) -> list[tuple]:
-    if not (ws / "catalog.duckdb").is_file():
-        return []
-    con = duckdb.connect(str(ws / "catalog.duckdb"), read_only=True)
-    try:
-        return con.execute("SELECT run_id, stage FROM runs WHERE status = 'running'").fetchall()
-    finally:
-        con.close()
-
-
-def error_reasons(ws: Path) -> list[str]:
-    if not (ws / "catalog.duckdb").is_file():
-        return []
-    con = duckdb.connect(str(ws / "catalog.duckdb"), read_only=True)
-    try:
-        return [r[0] for r in con.execute("SELECT reason FROM errors").fetchall()]
-    finally:
-        con.close()
 
 
 def same_good_rows(clean: dict, got: dict, bad_ids: set[str]) -> None:
