@@ -45,21 +45,26 @@ def _finish(args: list[str], ws: Path) -> None:
     assert p.returncode == 0, err
 
 
-def _start(stage: str, base: Path, dest: Path) -> Path:
+def _inputs(stage: str, base: Path, dest: Path) -> Path | None:
+    """The workspace the stage starts from (None: prepare starts from nothing)."""
     if stage == "prepare":
-        return dest
+        return None
     shutil.copytree(base, dest)
     for before in NEEDS[stage]:
         _finish(STAGES[before], dest)
     return dest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(stage, pretrained_base, tmp_path) -> None:
     rng = random.Random(f"kill-{stage}")
-    clean = _start(stage, pretrained_base.root, tmp_path / "clean")
+    start = _inputs(stage, pretrained_base.root, tmp_path / "start")
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    if start is not None:
+        shutil.copytree(start, clean)
+        shutil.copytree(start, killed)
     _finish(STAGES[stage], clean)
-    killed = _start(stage, pretrained_base.root, tmp_path / "killed")
     p = _run(STAGES[stage], killed)
     lock = killed / ".kacl.lock"
     deadline = time.monotonic() + 120

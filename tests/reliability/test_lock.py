@@ -25,6 +25,7 @@ def _kacl(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_writers_exactly_one_works(pretrained_ws) -> None:
     root = pretrained_ws.root
     args = ("pretrain", "--backbone", "tiny", "--epochs", "3", "--batch-size", "8",
