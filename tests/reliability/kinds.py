@@ -178,6 +178,37 @@ def fill_disk(env: Env) -> list[str]:
     return prepare_nih(env)
 
 
+def read_only_lock(env: Env, args: list[str]) -> list[str]:
+    """The workspace's file system is read-only (root ignores chmod, so the OS call fails)."""
+    import kacl_cli.lock as lock
+
+    real = lock.os.open
+
+    def refuse(path, flags, *a):
+        if str(path).endswith(lock.LOCK_NAME):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, flags, *a)
+
+    env.monkeypatch.setattr(lock.os, "open", refuse)  # type: ignore[attr-defined]
+    return args
+
+
+def read_only_catalog(env: Env) -> list[str]:
+    """DuckDB cannot open the catalog for writing: a read-only file system, not a busy one."""
+    import types
+
+    import duckdb
+
+    import kacl_cli.catalog as catalog
+
+    def connect(path, read_only=False):
+        raise duckdb.IOException(f'IO Error: Cannot open file "{path}": Read-only file system')
+
+    fake = types.SimpleNamespace(connect=connect, IOException=duckdb.IOException)
+    env.monkeypatch.setattr(catalog, "duckdb", fake)  # type: ignore[attr-defined]
+    return prepare_nih(env)
+
+
 def dollar_id(env: Env) -> list[str]:
     """Rename a test image with a GT box to an id holding matplotlib math."""
     import duckdb
@@ -317,5 +348,8 @@ KINDS: list[Kind] = [
     K("prepare-no-source", "release", lambda e: ["prepare", "-w", str(e.ws)], 2, "exactly one", holds=True),
     K("prepare-nih-dir-missing", "release", lambda e: ["prepare", "--nih-dir", str(e.tmp / "none"), "-w", str(e.ws)], 1, "no such directory", holds=True),
     K("prepare-workspace-is-file", "release", lambda e: [*prepare_nih(e)[:-1], str(write(e.tmp / "wsfile", "x"))], 1, "is a file"),
+    K("prepare-read-only-catalog", "release", read_only_catalog, 1, "Read-only file system"),
+    K("pretrain-read-only-workspace", "full", lambda e: read_only_lock(e, w(e, "pretrain", "--backbone", "tiny")), 1, "read-only file system"),
+    K("cam-read-only-workspace", "full", lambda e: read_only_lock(e, w(e, "cam", "--device", "cpu")), 1, "read-only file system"),
     K("prepare-disk-full", "release", fill_disk, 1, "disk full while writing store.h5 (0 images committed"),
 ]

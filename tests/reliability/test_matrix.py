@@ -117,6 +117,7 @@ def test_bad_input(kind, full, release, tmp_path, monkeypatch) -> None:
         assert kind.says in r.stderr, r.stderr
     elif kind.code == 0:
         assert not any("error" in ln for ln in lines), r.stderr
+    assert "another kacl process" not in r.stderr  # no kind here is a busy workspace
     assert running_runs(ws) == []
     if kind.logged:
         assert any(kind.logged in reason for reason in error_reasons(ws)), error_reasons(ws)
