@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from kacl_cli import __version__
-from kacl_cli.cli import err
+from kacl_cli.cli import err, one_line
 from kacl_cli.commands import (
     cam,
     config,
@@ -26,6 +26,7 @@ from kacl_cli.commands import (
 from kacl_cli.config_file import command_class, params_of
 from kacl_cli.errors import KaclError
 from kacl_cli.training import callbacks, tensorboard
+from kacl_cli.usage import OneLineErrorGroup
 
 
 def _attach_tensorboard(ctx: Any, _param: Any, value: Any) -> Any:
@@ -36,7 +37,7 @@ def _attach_tensorboard(ctx: Any, _param: Any, value: Any) -> Any:
     try:
         writer_class = tensorboard.summary_writer_class()
     except KaclError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(one_line(str(exc)))}", highlight=False, markup=True)
         raise typer.Exit(1) from None
     logger = tensorboard.TensorBoardLogger(Path(value), writer_class)
     remove = callbacks.register(logger)
@@ -75,6 +76,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineErrorGroup,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

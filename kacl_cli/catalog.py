@@ -187,11 +187,16 @@ def _connect_with_retry(
         try:
             return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+            text = str(exc)
+            # A lock conflict names another process; a read-only or full file system does
+            # not (its message also says "lock" at times, so check that first).
+            fs_problem = any(w in text for w in ("Read-only", "Permission denied",
+                                                 "No space left"))
+            if fs_problem or "lock" not in text.lower() or time.monotonic() > deadline:
+                hint = "" if fs_problem or "lock" not in text.lower() else (
+                    " (is another kacl process writing to this workspace?)")
                 raise KaclError(
-                    f"cannot open catalog {path}: {str(exc).splitlines()[0]} "
-                    "(is another kacl process writing to this workspace?)"
-                ) from None
+                    f"cannot open catalog {path}: {text.splitlines()[0]}{hint}") from None
             time.sleep(0.2)
 
 

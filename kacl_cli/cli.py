@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -17,14 +18,18 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer._click.exceptions import ClickException  # Typer >= 0.26 vendors Click
 
 from kacl_cli.errors import InputError, KaclError
 from kacl_cli.sharding.parts import Shard
 from kacl_cli.stages.radiomics.backends.base import BACKENDS
 from kacl_cli.workspace import Workspace, json_default
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# Markup off by default: file names, CSV text and image ids reach these consoles, and
+# "scan[b]2.png" or "x[/]y.png" must print as they are (issue 15). The few styled strings
+# pass markup=True and escape() what they interpolate.
+out = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
 
 WorkspaceOpt = Annotated[
     Path,
@@ -76,13 +81,48 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except KaclError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True)
+            err.print(f"[bold red]error:[/] {escape(one_line(str(exc)))}", highlight=False,
+                      markup=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted: finished work is kept; re-run the same command to resume")
             raise typer.Exit(130) from None
+        except (ClickException, typer.Exit, typer.Abort):
+            raise  # usage errors and exits: Click's (kacl_cli.usage renders them)
+        except OSError as exc:  # the file system's answer, about a path the user gave
+            err.print(f"[bold red]error:[/] {escape(one_line(os_error_line(exc)))}",
+                      highlight=False, markup=True)
+            raise typer.Exit(1) from None
+        except Exception as exc:
+            # Last resort: still one line (KACL_DEBUG=1 shows the traceback). A run this
+            # process left `running` is closed by the writer lock (kacl_cli.lock).
+            if os.environ.get("KACL_DEBUG"):
+                raise
+            text = f"internal error: {type(exc).__name__}: {exc} (KACL_DEBUG=1 shows where)"
+            err.print(f"[bold red]error:[/] {escape(one_line(text))}", highlight=False,
+                      markup=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError as a sentence: what failed on which path, without suggesting a cause
+    (a read-only or full disk is not another process)."""
+    import errno
+
+    path = exc.filename or ""
+    why = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+           errno.ENOSPC: "disk full", errno.ENOTDIR: "a path component is a file, not a "
+           "directory", errno.EISDIR: "is a directory", errno.EEXIST: "already exists",
+           errno.ENOENT: "no such file or directory"}.get(exc.errno or -1,
+                                                          exc.strerror or str(exc))
+    return f"{path}: {why}" if path else why
+
+
+def one_line(text: str) -> str:
+    """A message as one line: a user's value with a newline must not split the error line."""
+    return " ".join(text.split("\n")) if "\n" in text else text
 
 
 def workspace(path: Path) -> Workspace:

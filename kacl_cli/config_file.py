@@ -221,9 +221,9 @@ def _apply(ctx: Any, _param: Any, value: Any) -> Any:
             return value
         from rich.markup import escape
 
-        from kacl_cli.cli import err
+        from kacl_cli.cli import err, one_line
 
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(one_line(str(exc)))}", highlight=False, markup=True)
         raise typer.Exit(exc.exit_code) from None
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value

@@ -17,6 +17,7 @@ Choices (documented in the README):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,28 @@ from PIL import Image, UnidentifiedImageError
 from kacl_cli.errors import InputError
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+
+# Pixel cap, checked from the header before any pixel is decoded (a 214 KB 16-bit PNG of
+# 10000 x 10000 took predict to 4.2 GB). 50 MP is over 3x the largest chest radiographs
+# (~4300 x 3500); --max-pixels (prepare, predict) or KACL_MAX_PIXELS changes it. An
+# environment variable, so prepare's decoder processes see the same cap.
+DEFAULT_MAX_PIXELS = 50_000_000
+MAX_PIXELS_ENV = "KACL_MAX_PIXELS"
+
+
+def max_pixels() -> int:
+    """The pixel cap in force (:data:`DEFAULT_MAX_PIXELS` unless KACL_MAX_PIXELS is set)."""
+    try:
+        return int(os.environ.get(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS))
+    except ValueError:
+        return DEFAULT_MAX_PIXELS
+
+
+def _check_pixels(path: Path, width: int, height: int, frames: int = 1) -> None:
+    cap = max_pixels()
+    if width * height * max(frames, 1) > cap:
+        raise InputError(f"{path}: {width} x {height} pixels is over the pixel cap of {cap} "
+                         "(--max-pixels / KACL_MAX_PIXELS)")
 
 
 @dataclass
@@ -68,16 +91,26 @@ def _read_dicom(path: Path) -> np.ndarray:
     except ImportError as exc:  # pragma: no cover - pydicom is a dependency
         raise InputError(f"{path}: DICOM support needs pydicom ({exc})") from None
     try:
+        head = pydicom.dcmread(str(path), stop_before_pixels=True)
+        _check_pixels(path, int(getattr(head, "Columns", 0) or 0),
+                      int(getattr(head, "Rows", 0) or 0),
+                      int(getattr(head, "NumberOfFrames", 1) or 1))
         ds = pydicom.dcmread(str(path))
         arr = ds.pixel_array
+    except InputError:
+        raise
     except Exception as exc:  # pydicom raises many types for broken files
         raise InputError(f"{path}: unreadable DICOM ({type(exc).__name__}: {exc})") from None
     if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
         arr = arr[0]  # multi-frame: first frame
     if arr.ndim == 3:
         arr = arr.mean(axis=-1)
-    arr = apply_modality_lut(arr, ds)
-    arr = apply_voi_lut(arr, ds, index=0)
+    try:
+        arr = apply_modality_lut(arr, ds)
+        arr = apply_voi_lut(arr, ds, index=0)
+    except Exception as exc:  # e.g. WindowWidth 0, a malformed LUT
+        raise InputError(f"{path}: unusable DICOM window/LUT ({type(exc).__name__}: "
+                         f"{exc})") from None
     arr = np.asarray(arr, dtype=np.float64)
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         arr = arr.max() - arr
@@ -87,6 +120,7 @@ def _read_dicom(path: Path) -> np.ndarray:
 def _read_pil(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
+            _check_pixels(path, *im.size)  # from the header: nothing decoded yet
             im.load()
             mode = im.mode
             if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -96,7 +130,9 @@ def _read_pil(path: Path) -> np.ndarray:
                     im = im.convert("RGBA")
                 return np.asarray(im.convert("L"))
             return np.asarray(im.convert("L"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError(f"{path}: unreadable image ({exc})") from None
 
 

@@ -17,6 +17,8 @@ from kacl_cli.cli import (
     report,
     shard_note,
 )
+from kacl_cli.lock import writes_workspace
+from kacl_cli.options import check_choice
 from kacl_cli.stages.cam.config import CamConfig
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
@@ -31,6 +33,7 @@ def _fraction(value: float) -> float:
 
 
 @handle_errors
+@writes_workspace(NAME)
 def command(
     round_: Annotated[
         int | None,
@@ -70,6 +73,7 @@ def command(
     """
     from kacl_cli.stages.cam.stage import run_cam_stage  # torch import only when the command runs
 
+    check_choice("--split", split, ("train", "val", "test", "all"))
     ws = Workspace(workspace)
     result = run_cam_stage(ws, round_, split=split, batch_size=batch_size, threshold=threshold,
                            device=device, force=force, workers=workers, shard=shard)

@@ -19,7 +19,9 @@ from kacl_cli.cli import (
     handle_errors,
     out,
 )
+from kacl_cli.lock import writes_workspace
 from kacl_cli.models.contrast_spec import POSITIVES
+from kacl_cli.options import check_number
 from kacl_cli.stages.contrast.config import ContrastConfig
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
@@ -60,6 +62,7 @@ def render(result: dict[str, Any]) -> None:
 
 
 @handle_errors
+@writes_workspace(NAME)
 def command(
     rounds: Annotated[int, typer.Option(
         "--rounds", min=1, help="Total number of contrast rounds wanted (not a count to add): "
@@ -121,6 +124,11 @@ def command(
     from kacl_cli.parallel import auto_workers
     from kacl_cli.stages.contrast.stage import run_contrast
 
+    check_number("--temperature", temperature, lo=0.0, lo_open=True, hi=100.0)
+    check_number("--lambda", lam, lo=0.0, hi=1e6)
+    check_number("--lr", lr, lo=0.0, lo_open=True, hi=10.0)
+    check_number("--backbone-lr-scale", backbone_lr_scale, lo=0.0, hi=1e6)
+    check_number("--box-supervision", box_supervision, lo=0.0, hi=1.0)
     cfg = ContrastConfig(
         rounds=rounds, from_round=from_round, epochs_per_round=epochs_per_round,
         temperature=temperature, lam=lam, proj_dim=proj_dim, box_supervision=box_supervision,

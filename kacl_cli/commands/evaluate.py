@@ -74,7 +74,7 @@ def render_round(doc: dict[str, Any]) -> None:
         out.print(f"note: {note}", highlight=False)
     h = doc["headline"]
     out.print(f"round {doc['round']}: mean AUC [bold]{_fmt(h['mean_auc'])}[/], mean localization "
-              f"accuracy T(IoU) 0.1-0.7 [bold]{_fmt(h['mean_loc_acc'])}[/]")
+              f"accuracy T(IoU) 0.1-0.7 [bold]{_fmt(h['mean_loc_acc'])}[/]", markup=True)
     out.print(f"report: {doc.get('report')}", highlight=False)
 
 
@@ -128,6 +128,8 @@ def command(
     from kacl_cli.stages.evaluate import stage
     from kacl_cli.stages.evaluate.report import write_summary_report
 
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise typer.BadParameter(f"--out {out_dir}: is a file, not a folder")
     ws = Workspace(workspace)
     ws.require()
     rounds, is_all = parse_rounds(ws, round_spec, split)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from kacl_cli.cli import JsonOpt, WorkspaceOpt, emit, handle_errors, out
+from kacl_cli.lock import writes_workspace
 from kacl_cli.stages.shardable import NAMES, merge_parts
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
@@ -30,6 +31,7 @@ def _render(result: dict[str, Any]) -> None:
 
 
 @handle_errors
+@writes_workspace(NAME)
 def command(
     stage: Annotated[Stage | None, typer.Option(
         "--stage", help="Only this stage's parts (default: every stage with parts, in the "

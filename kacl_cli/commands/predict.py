@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from kacl_cli.cli import DeviceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
+from kacl_cli.cli import DeviceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, one_line, out
 from kacl_cli.findings import POSITIVE_PROBABILITY
+from kacl_cli.imageio import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
+from kacl_cli.options import check_number
 from kacl_cli.stages.cam.config import CamConfig
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
@@ -61,6 +65,11 @@ def command(
         help="Box = heaviest region above this fraction of the map's peak.")]
     = CamConfig.threshold,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    max_pixels: Annotated[int, typer.Option(
+        "--max-pixels", envvar="KACL_MAX_PIXELS", min=1,
+        help="Refuse images with more pixels than this, read from the file's header before "
+             "decoding (default 50,000,000: over 3x the largest chest radiographs).")]
+    = DEFAULT_MAX_PIXELS,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
@@ -75,6 +84,11 @@ def command(
     from kacl_cli.device import resolve_device
     from kacl_cli.stages.predict import load_for_predict, predict_files, resolve_checkpoint
 
+    check_number("--threshold", threshold, lo=0.0, hi=1.0)
+    if overlay is not None and overlay.exists() and not overlay.is_dir():
+        raise typer.BadParameter(f"--overlay {overlay}: is a file, not a folder")
+    os.environ[MAX_PIXELS_ENV] = str(max_pixels)
+    check_number("--cam-threshold", cam_threshold, lo=0.01, hi=1.0)
     if round_ is not None and checkpoint is not None:
         raise typer.BadParameter("give --round or --checkpoint, not both")
     ws = Workspace(workspace)
@@ -84,7 +98,8 @@ def command(
 
     def report(res: Any) -> None:
         if res.error is not None:
-            err.print(f"[bold red]error:[/] {res.error}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(one_line(res.error))}", highlight=False,
+                      markup=True)
 
     results = predict_files(images, model, meta, dev, boxes=boxes, threshold=threshold,
                             cam_threshold=cam_threshold, overlay_dir=overlay,

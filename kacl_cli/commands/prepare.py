@@ -6,6 +6,7 @@ error, resume) are documented there and in docs/data.md.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +24,9 @@ from kacl_cli.cli import (
     report,
     shard_note,
 )
+from kacl_cli.imageio import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
+from kacl_cli.lock import workspace_lock
+from kacl_cli.options import check_number
 from kacl_cli.parallel import auto_workers
 from kacl_cli.stages.prepare import stage as ingest
 from kacl_cli.stages.prepare.phantoms import DEFAULT_DIFFICULTY
@@ -91,6 +95,11 @@ def command(
     enrich: Annotated[float, typer.Option(
         "--enrich", help="Phantoms only: fraction of images drawn to contain a uniformly chosen "
                          "finding (0 = the real prevalence).")] = 0.0,
+    max_pixels: Annotated[int, typer.Option(
+        "--max-pixels", envvar="KACL_MAX_PIXELS", min=1,
+        help="Refuse images with more pixels than this, read from the file's header before "
+             "decoding (default 50,000,000: over 3x the largest chest radiographs).")]
+    = DEFAULT_MAX_PIXELS,
     shard: ShardOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -115,16 +124,28 @@ def command(
         raise typer.BadParameter("give exactly one of --nih-dir DIR or --synthetic N")
     if split not in ("official", "random"):
         raise typer.BadParameter(f"--split must be official or random, got {split!r}")
+    check_number("--difficulty", difficulty, lo=0.0, hi=1.0)
+    os.environ[MAX_PIXELS_ENV] = str(max_pixels)  # inherited by the decoder processes
+    check_number("--enrich", enrich, lo=0.0, hi=1.0)
+    check_number("--size", size, lo=16, hi=4096)
+    if synthetic is not None:
+        check_number("--synthetic", synthetic, lo=1, hi=10_000_000)
     ws = Workspace(workspace)
     n_workers = auto_workers(workers or None)
-    if synthetic is not None:
-        summary = ingest.prepare_synthetic(
-            ws, synthetic, size, seed, difficulty, enrich=enrich, workers=n_workers,
-            force=force, shard=shard)
-    else:
-        assert nih_dir is not None
-        summary = ingest.prepare_nih(ws, nih_dir, size=size, limit=limit, workers=n_workers,
-                                     split=split, seed=seed, force=force, shard=shard)
+    if shard is not None and synthetic is not None and shard.index >= synthetic:
+        raise typer.BadParameter(f"--shard {shard}: shard {shard.index} of {synthetic} images "
+                                 "would be empty (n at most the number of images)")
+    # The writer lock (kacl_cli.lock) after the usage checks: a usage error creates nothing.
+    with workspace_lock(ws.root, NAME, None if shard is None else shard.label, create=True):
+        if synthetic is not None:
+            summary = ingest.prepare_synthetic(
+                ws, synthetic, size, seed, difficulty, enrich=enrich, workers=n_workers,
+                force=force, shard=shard)
+        else:
+            assert nih_dir is not None
+            summary = ingest.prepare_nih(ws, nih_dir, size=size, limit=limit,
+                                         workers=n_workers, split=split, seed=seed,
+                                         force=force, shard=shard)
     if shard is not None:
         shard_note(NAME, summary)
     if summary.get("failed") and not summary.get("skipped"):

@@ -8,6 +8,8 @@ import typer
 from rich.table import Table
 
 from kacl_cli.cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, err, handle_errors, out, report
+from kacl_cli.lock import writes_workspace
+from kacl_cli.options import check_choice, check_number
 from kacl_cli.parallel import auto_workers
 from kacl_cli.stages import pretrain as stage
 from kacl_cli.stages.pretrain import LR_FINETUNE, LR_SCRATCH, PretrainConfig
@@ -36,6 +38,7 @@ def _render(summary: dict[str, Any], ws: Workspace) -> None:
 
 
 @handle_errors
+@writes_workspace(NAME)
 def command(
     backbone: Annotated[str, typer.Option(
         help="densenet121 | resnet50 | resnet18 | tiny (a small CNN for tests and demos).")]
@@ -79,10 +82,18 @@ def command(
 
     Example: kacl pretrain --backbone densenet121 --epochs 10 --device cuda
     """
+    from kacl_cli.models.image_net import BACKBONES
     from kacl_cli.training.distributed import from_env
 
-    if loss not in stage.LOSSES:
-        raise typer.BadParameter(f"--loss {loss!r}: expected {' or '.join(stage.LOSSES)}")
+    # Usage checks before any work (issue 15): exit 2, one line, no run row.
+    check_choice("--backbone", backbone, list(BACKBONES))
+    check_choice("--loss", loss, list(stage.LOSSES))
+    check_number("--lr", lr, lo=0.0, lo_open=True, hi=10.0)
+    check_number("--weight-decay", weight_decay, lo=0.0, hi=10.0)
+    check_number("--focal-alpha", focal_alpha, lo=0.0, hi=1.0)
+    check_number("--focal-gamma", focal_gamma, lo=0.0, hi=100.0)
+    check_number("--image-size", image_size, lo=0, hi=4096)
+    check_number("--workers", workers, lo=0, hi=256)
     # Under torchrun only rank 0 writes the catalog and checkpoints.
     main_rank = from_env().is_main
     ws = Workspace(workspace, writes=main_rank)

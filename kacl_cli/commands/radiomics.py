@@ -20,6 +20,8 @@ from kacl_cli.cli import (
     report,
     shard_note,
 )
+from kacl_cli.lock import writes_workspace
+from kacl_cli.options import check_number
 from kacl_cli.stages.radiomics.backends.base import DEFAULT_BACKEND
 from kacl_cli.stages.radiomics.rois import DEFAULT_MIN_PROB, ROI_MODES
 from kacl_cli.stages.rounds import cam_round
@@ -34,6 +36,7 @@ RoiMode = Enum("RoiMode", {mode.replace("+", "_"): mode for mode in ROI_MODES}, 
 
 
 @handle_errors
+@writes_workspace(NAME)
 def command(
     round_: Annotated[
         int | None,
@@ -88,6 +91,10 @@ def command(
     """
     from kacl_cli.stages.radiomics.stage import run_radiomics_stage
 
+    check_number("--min-prob", min_prob, lo=0.0, hi=1.0)
+    check_number("--workers", workers, lo=1, hi=1024)
+    if round_ is not None:
+        check_number("--round", round_, lo=0)
     ws = Workspace(workspace)
     ws.require()
     round_ = cam_round(ws, round_)

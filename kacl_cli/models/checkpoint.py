@@ -12,6 +12,7 @@ training objective, e.g. contrast's radiomics encoder; ignored by inference).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -118,11 +119,40 @@ def check_meta(meta: dict[str, Any], source: str) -> None:
             f"{source}: trained on another vocabulary ({len(findings or [])} findings, "
             f"expected kacl's {len(FINDINGS)} in FINDINGS order)"
         )
-    if int(meta.get("in_chans", 1)) != 1:
-        raise CheckpointError(f"{source}: expects {meta.get('in_chans')} input channels, not 1")
+    in_chans = meta.get("in_chans", 1)
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int):
+        raise CheckpointError(f"{source}: meta.json in_chans {in_chans!r} is not a whole number")
+    if in_chans != 1:
+        raise CheckpointError(f"{source}: expects {in_chans} input channels, not 1")
     for key in ("backbone", "image_size", "normalisation"):
         if key not in meta:
             raise CheckpointError(f"{source}: meta.json lacks {key!r}")
+    check_meta_values(meta, source)
+
+
+def _whole(value: Any, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
+        value)
+
+
+def check_meta_values(meta: dict[str, Any], source: str) -> None:
+    """Refuse crafted meta.json values (issue 15) with one line instead of a torch error."""
+    if not isinstance(meta.get("backbone"), str):
+        raise CheckpointError(f"{source}: meta.json backbone {meta.get('backbone')!r} is not "
+                              "a name")
+    for key in ("image_size", "store_size"):
+        if key in meta and meta[key] is not None and not _whole(meta[key], 8, 8192):
+            raise CheckpointError(f"{source}: meta.json {key} {meta[key]!r} is not a size in "
+                                  "8..8192 px")
+    norm = meta.get("normalisation")
+    if not (isinstance(norm, dict) and _finite(norm.get("mean")) and _finite(norm.get("std"))
+            and norm["std"] > 0):
+        raise CheckpointError(f"{source}: meta.json normalisation {norm!r} is not "
+                              "{'mean': number, 'std': positive number}")
 
 
 def image_net_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -152,6 +152,9 @@ def predict_files(
             except KaclError as exc:
                 res.error = str(exc)
                 continue
+            except Exception as exc:  # any per-file failure is that file's, not the batch's
+                res.error = f"{p}: unreadable ({type(exc).__name__}: {exc})"
+                continue
             res.width, res.height = dec.width, dec.height
             decoded.append((res, dec.pixels))
         if decoded:

@@ -15,6 +15,8 @@ from typing import Any
 
 from kacl_cli.errors import KaclError
 from kacl_cli.progress import Note, note_stderr
+from kacl_cli.runs import config_hash
+from kacl_cli.skips import HASH_KEY, checkpoint_hash, checkpoint_is_theirs
 from kacl_cli.training.config import TrainConfig
 from kacl_cli.workspace import Workspace
 
@@ -110,7 +112,11 @@ def run(ws: Workspace, cfg: PretrainConfig, note: Note = note_stderr) -> dict[st
     fingerprint = data_fingerprint(ws)
     # Under torchrun: every rank has read its inputs; rank 0 records the run, the others
     # mirror it, and only rank 0 touches the catalog from here on.
-    with ws.stage_run(STAGE, config, fingerprint, round_=ROUND, force=cfg.force,
+    # "done" is only worth skipping while round-0 on disk is the checkpoint that run wrote
+    # (kacl_cli.skips): a later pretrain with other settings may have replaced it.
+    previous = ws.find_done(STAGE, ROUND, config_hash(config), fingerprint)
+    stale = previous is not None and not checkpoint_is_theirs(ws, ROUND, previous)
+    with ws.stage_run(STAGE, config, fingerprint, round_=ROUND, force=cfg.force or stale,
                       device=train_cfg.device) as run_:
         if run_.skipped:
             return run_.result()
@@ -130,5 +136,6 @@ def run(ws: Workspace, cfg: PretrainConfig, note: Note = note_stderr) -> dict[st
         summary = fit(ws=ws, run=run_, stage=STAGE, round_=ROUND, model=model,
                       objective=objective, train_set=train_set, val_set=val_set, cfg=train_cfg,
                       meta=meta, resume=cfg.resume)
-        run_.summary = {**summary, "backbone": backbone, "run_id": run_.run_id}
+        run_.summary = {**summary, "backbone": backbone, "run_id": run_.run_id,
+                        HASH_KEY: checkpoint_hash(ws, ROUND)}
     return run_.result()

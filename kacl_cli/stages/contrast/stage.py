@@ -36,6 +36,8 @@ from kacl_cli.models.checkpoint import OBJECTIVE_PREFIX, load_image_net, read_ch
 from kacl_cli.models.contrastive import ContrastSpec, build_objective
 from kacl_cli.models.losses import ClassificationObjective, pos_weight_from_labels
 from kacl_cli.progress import Note
+from kacl_cli.runs import config_hash
+from kacl_cli.skips import HASH_KEY, checkpoint_hash, checkpoint_is_theirs
 from kacl_cli.stages.cam.stage import checkpoint_fingerprint, run_cam_stage
 from kacl_cli.stages.contrast.config import ContrastConfig
 from kacl_cli.stages.contrast.supervision import (
@@ -191,14 +193,19 @@ def run_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps,
     have_ckpt = k in ws.finished_rounds()
     # Under torchrun: every rank has read its inputs; rank 0 records the run, the others
     # mirror it (runs.stage_run with a device), so only rank 0 ever writes the catalog.
-    with ws.stage_run(STAGE, config, fingerprint, round_=k, force=cfg.force or not have_ckpt,
-                      device=cfg.device) as run:
+    # "done" is only worth skipping while round-k on disk is the checkpoint that run wrote
+    # (kacl_cli.skips); otherwise it trains again.
+    previous = ws.find_done(STAGE, k, config_hash(config), fingerprint)
+    stale = previous is not None and not checkpoint_is_theirs(ws, k, previous)
+    with ws.stage_run(STAGE, config, fingerprint, round_=k,
+                      force=cfg.force or not have_ckpt or stale, device=cfg.device) as run:
         if run.skipped:
             note(f"contrast round {k}: done, skipping (same config and inputs)")
             return run.result()
         summary = _train_round(ws, k, cfg, steps, run, ctx, note)
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         summary["run_id"] = run.run_id
+        summary[HASH_KEY] = checkpoint_hash(ws, k)
         run.summary = summary
     return run.result()
 

@@ -245,7 +245,7 @@ def overlay_figure(ws: Workspace, data: EvalData, iou: np.ndarray,
         prob = data.probs[img_i, j]
         score = f"IoU {fmt(iou[p], 3)}" if np.isfinite(iou[p]) else "no predicted box"
         ax.set_title(f"{f}\n{data.image_ids[img_i]}  {score}  p {fmt(prob, 2)}",
-                     fontsize=7)
+                     fontsize=7, parse_math=False)  # an image id may hold "$...$"
         ax.set_xlim(0, size)
         ax.set_ylim(size, 0)
         ax.axis("off")

@@ -87,9 +87,11 @@ def ensure_cams(ws: Workspace, round_: int, split: str, device: str = "auto",
     note(f"evaluate: cam_boxes of round {round_} on split {split!r} "
          f"{'are older than the checkpoint' if covered == total else 'missing'}; "
          f"running the cam stage")
+    from kacl_cli.lock import workspace_lock
     from kacl_cli.stages.cam.stage import run_cam_stage
 
-    run_cam_stage(ws, round_, split=split, device=device)
+    with workspace_lock(ws.root, "evaluate"):  # a writer now (kacl_cli.lock)
+        run_cam_stage(ws, round_, split=split, device=device)
 
 
 def fingerprint(ws: Workspace, round_: int, split: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -114,6 +115,64 @@ def _int(value: str, path: Path, line: int, what: str, *, allow_empty: bool) -> 
     return int(f)
 
 
+# Plausible ranges of the label file's numbers, checked at parse time (a 12-digit age used to
+# fail in the database insert, mid-run; a negative width gave a negative pixel spacing).
+RANGES: dict[str, tuple[float, float]] = {
+    "Follow-up #": (0, 100_000),
+    "Patient Age": (0, 150),
+    "OriginalImage Width": (1, 100_000),
+    "OriginalImage Height": (1, 100_000),
+    "pixel spacing x": (1e-4, 10.0),  # mm per pixel; NIH's are ~0.14-0.17
+    "pixel spacing y": (1e-4, 10.0),
+}
+
+
+def _ranged(value: float | None, path: Path, line: int, what: str) -> float | None:
+    """``value`` when it is empty or inside :data:`RANGES`; else a one-line refusal."""
+    if value is None:
+        return None
+    lo, hi = RANGES[what]
+    if not lo <= value <= hi:
+        raise _err(path, line, f"{what} {value:g} is out of range ({lo:g}..{hi:g})")
+    return value
+
+
+def check_boxes(boxes: Iterable[Box], width: int, height: int,
+                findings: Iterable[str]) -> tuple[list[Box], list[tuple[Box, str]]]:
+    """Split an image's GT boxes into usable ones and (box, reason) for the errors table.
+
+    Refused: non-finite or non-positive values, a box not overlapping the decoded image (a
+    box that only sticks out is kept: the NIH list has a few), an exact duplicate, and a box
+    of a finding the image is not labelled with (it would be an evaluation pair the
+    classifier is not asked about).
+    """
+    labelled = set(findings)
+    good: list[Box] = []
+    bad: list[tuple[Box, str]] = []
+    seen: set[tuple[str, float, float, float, float]] = set()
+    for b in boxes:
+        values = (b.x, b.y, b.w, b.h)
+        key = (b.finding, *values)
+        if not all(math.isfinite(v) for v in values):
+            bad.append((b, "box has a non-finite value"))
+        elif b.w <= 0 or b.h <= 0:
+            bad.append((b, f"box has no area (w={b.w:g}, h={b.h:g})"))
+        elif b.x >= width or b.y >= height or b.x + b.w <= 0 or b.y + b.h <= 0:
+            bad.append((b, f"box ({b.x:g}, {b.y:g}, {b.w:g}, {b.h:g}) lies outside the "
+                           f"{width} x {height} image"))
+        elif b.w > 2 * width or b.h > 2 * height:
+            bad.append((b, f"box {b.w:g} x {b.h:g} is far larger than the {width} x {height} "
+                           "image"))
+        elif b.finding not in labelled:
+            bad.append((b, f"box of {b.finding}, but the image is not labelled {b.finding}"))
+        elif key in seen:
+            bad.append((b, "duplicate box"))
+        else:
+            seen.add(key)
+            good.append(b)
+    return good, bad
+
+
 def _float(value: str, path: Path, line: int, what: str, *, allow_empty: bool) -> float | None:
     try:
         f = float(value)
@@ -126,6 +185,14 @@ def _float(value: str, path: Path, line: int, what: str, *, allow_empty: bool) -
     if f != f or f in (float("inf"), float("-inf")):
         raise _err(path, line, f"{what} {value!r} is not finite")
     return f
+
+
+def _number(value: str, path: Path, line: int, what: str) -> float:
+    """A float that may be non-finite (refused later, per box); text is refused now."""
+    try:
+        return float(value)
+    except ValueError:
+        raise _err(path, line, f"{what} {value!r} is not a number") from None
 
 
 def _rows(path: Path) -> Iterable[tuple[int, list[str]]]:
@@ -222,15 +289,16 @@ def read_data_entry(path: Path) -> list[Entry]:
         entries.append(Entry(
             image_id,
             findings,
-            _int(row[2], path, line, "Follow-up #", allow_empty=True),
+            _int(row[2], path, line, "Follow-up #", allow_empty=True),  # type: ignore[arg-type]
             patient,
-            _int(row[4], path, line, "Patient Age", allow_empty=True),
+            _ranged(_int(row[4], path, line, "Patient Age", allow_empty=True), path, line,
+                    "Patient Age"),
             row[5].strip() or None,
             row[6].strip() or None,
-            _int(row[7], path, line, "OriginalImage Width", allow_empty=True),
-            _int(row[8], path, line, "OriginalImage Height", allow_empty=True),
-            _float(row[9], path, line, "pixel spacing x", allow_empty=True),
-            _float(row[10], path, line, "pixel spacing y", allow_empty=True),
+            *(_ranged(_int(row[k], path, line, what, allow_empty=True), path, line, what)
+              for k, what in ((7, "OriginalImage Width"), (8, "OriginalImage Height"))),
+            *(_ranged(_float(row[k], path, line, what, allow_empty=True), path, line, what)
+              for k, what in ((9, "pixel spacing x"), (10, "pixel spacing y"))),
             line,
         ))
     return entries
@@ -249,12 +317,13 @@ def read_bbox_list(path: Path) -> dict[str, list[Box]]:
             finding = normalise_finding(row[1])
         except KeyError:
             raise _err(path, line, f"unknown finding {row[1].strip()!r}") from None
+        # Numbers only here; whether the box is usable (finite, positive, inside the image,
+        # labelled, not a duplicate) is :func:`check_boxes`' job once the image is decoded:
+        # a bad box is an errors row, not a refusal of the whole list.
         x, y, w, h = (
-            _float(v, path, line, name, allow_empty=False)
+            _number(v, path, line, name)
             for v, name in zip(row[2:6], ("box x", "box y", "box w", "box h"), strict=True)
         )
-        if w <= 0 or h <= 0:  # type: ignore[operator]
-            raise _err(path, line, f"box has no area (w={w}, h={h})")
         boxes.setdefault(image_id, []).append(Box(finding, x, y, w, h))  # type: ignore[arg-type]
     return boxes
 

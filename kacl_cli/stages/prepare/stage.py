@@ -20,6 +20,7 @@ not an image) is an ``errors`` row with the reason; everything else is still ing
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -266,18 +267,28 @@ def ingest_release(
         good = [(e, d) for e, d in buf if d.pixels is not None]
         bad = [(e.image_id, d.reason or "unreadable") for e, d in buf if d.pixels is None]
         if good:
-            ws.store.write_images(next_row, np.stack([d.pixels for _, d in good]), size)
+            try:
+                ws.store.write_images(next_row, np.stack([d.pixels for _, d in good]), size)
+            except OSError as exc:
+                if not _disk_full(exc):
+                    raise
+                raise KaclError(f"disk full while writing {ws.store.path.name} ({next_row} "
+                                "images committed; free space and re-run to resume)") from None
             if on_chunk:
                 on_chunk(chunk_index, "stored")
             img_rows, lab_rows, box_rows = [], [], []
+            box_errors: list[tuple[str | None, str]] = []
             for k, (e, d) in enumerate(good):
                 img_rows.append(_image_row(e, d, next_row + k, splits[e.image_id],
                                            str(release.images[e.image_id])))
                 has = set(e.findings)
                 lab_rows.append((e.image_id, *[f in has for f in FINDINGS], not has))
-                for b in release.boxes.get(e.image_id, ()):
-                    box_rows.append((e.image_id, b.finding, b.x, b.y, b.w, b.h))
+                kept, refused = nih.check_boxes(release.boxes.get(e.image_id, ()), d.width,
+                                                d.height, e.findings)
+                box_rows += [(e.image_id, b.finding, b.x, b.y, b.w, b.h) for b in kept]
+                box_errors += [(f"{e.image_id} box {b.finding}", why) for b, why in refused]
             _commit_rows(ws, img_rows, lab_rows, box_rows)
+            run.errors(box_errors)  # the images stay; only their bad boxes are left out
             if on_chunk:
                 on_chunk(chunk_index, "committed")
         run.errors(bad)
@@ -322,6 +333,11 @@ def ingest_release(
         "seconds": round(seconds, 2),
         "images_per_s": round(ingested / seconds, 1) if seconds > 0 else None,
     }
+
+
+def _disk_full(exc: OSError) -> bool:
+    """ENOSPC, also where h5py only names it in the message (its errno is often None)."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
 
 
 def _image_row(e: nih.Entry, d: Decoded, row: int, split: str, path: str) -> tuple:

@@ -16,6 +16,7 @@ class; names are pyradiomics' keys (``original_glcm_Contrast``).
 from __future__ import annotations
 
 import copy
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -128,12 +129,35 @@ def _check_setting(spec: Any, where: str) -> dict[str, Any]:
     unknown = [k for k in spec if known and k not in known]
     if unknown:
         raise InputError(f"{where}: unknown pyradiomics setting(s) {', '.join(map(str, unknown))}")
+    _check_bins(spec, where)
     if spec.get("force2D"):
         raise InputError(
             f"{where}: force2D is refused: kacl's images are already 2D, and force2D on a 2D "
             "image restricts texture to neighbours along one axis (see docs/radiomics.md)"
         )
     return dict(spec)
+
+
+# Bins over the 8-bit store's 0..255 range: beyond this, texture matrices (bins^2 per
+# angle and ROI) reach gigabytes (binWidth 0.0001 asked numpy for 58.7 TiB). pyradiomics'
+# default binWidth 25 gives 11 bins.
+MAX_BINS = 1024
+INTENSITY_RANGE = 256.0
+
+
+def _check_bins(spec: dict[str, Any], where: str) -> None:
+    """Refuse a binWidth/binCount that is not a positive number or gives absurd bin counts."""
+    for key in ("binWidth", "binCount"):
+        if key not in spec:
+            continue
+        v = spec[key]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+                or v <= 0:
+            raise InputError(f"{where}: {key} must be a positive number, got {v!r}")
+        bins = INTENSITY_RANGE / v if key == "binWidth" else v
+        if bins > MAX_BINS:
+            raise InputError(f"{where}: {key} {v:g} gives {bins:.0f} gray-level bins over the "
+                             f"8-bit range; at most {MAX_BINS} are allowed")
 
 
 def _check_kacl(spec: Any, where: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from kacl_cli import progress
 from kacl_cli.catalog import insert_columns
 from kacl_cli.errors import InputError, KaclError, NotReadyError
 from kacl_cli.parallel import process_pool
+from kacl_cli.runs import config_hash
 from kacl_cli.sharding.merge import run_sharded
 from kacl_cli.sharding.parts import Shard, ddp_sharding
 from kacl_cli.stages.radiomics import settings as settings_mod
@@ -291,7 +292,11 @@ def _run_whole(ws: Workspace, *, round_: int, roi: str, backend: str,
     config = {"round": round_, "roi": roi, "backend": backend, "settings_hash": shash,
               "min_prob": min_prob, "split": splits}
     fingerprint = _roi_fingerprint(rois, ws.store.n_rows(), size)
-    with ws.stage_run(STAGE, config, fingerprint, round_=round_, force=force) as run:
+    # "done" is only worth skipping while every ROI still has its row with these settings:
+    # a run with other settings since then replaced them (kacl_cli.skips).
+    previous = ws.find_done(STAGE, round_, config_hash(config), fingerprint)
+    stale = previous is not None and bool(_todo(ws, round_, rois, shash, impl.name))
+    with ws.stage_run(STAGE, config, fingerprint, round_=round_, force=force or stale) as run:
         if run.skipped:
             return run.result()
         t0 = time.perf_counter()
@@ -322,6 +327,10 @@ def _run_whole(ws: Workspace, *, round_: int, roi: str, backend: str,
             "seconds": round(seconds, 3),
             "rois_per_s": round(len(todo) / seconds, 2) if seconds > 0 and todo else 0.0,
         }
+        if todo and done["failed"] == len(rois):  # nothing usable came out (issue 15)
+            reasons = ", ".join(f"{k}: {v}" for k, v in done["reasons"].items())
+            raise KaclError(f"radiomics round {round_}: every one of the {len(rois)} ROIs "
+                            f"failed ({reasons})")
         run.summary = summary
     return run.result()
 

@@ -122,7 +122,7 @@ def _naive_bootstrap(labels: np.ndarray, probs: np.ndarray, n_boot: int, seed: i
 
 
 def test_bootstrap_cis_equal_a_naive_resampling_reference() -> None:
-    from kacl_cli.stages.evaluate.stage import EvalData
+    from kacl_cli.stages.evaluate.data import EvalData
 
     rng = np.random.default_rng(11)
     n, n_boot, seed = 40, 150, 5

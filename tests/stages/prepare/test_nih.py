@@ -103,7 +103,6 @@ def test_bbox_file_header_quirks_and_infiltrate_alias(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("row", "message"), [
     ("x.png,Mass,1,2,3\n", "expected 6 columns"),
-    ("x.png,Mass,1,2,0,4\n", "no area"),
     ("x.png,Tumour,1,2,3,4\n", "unknown finding"),
     ("x.png,Mass,1,two,3,4\n", "box y"),
 ])
@@ -296,3 +295,20 @@ def test_limit_takes_first_present_rows_in_csv_order(nih_sample: Path, tmp_path:
     present = [i for i in listed if i in {p.name for p in good}]
     assert [r[0] for r in ws.catalog.query("SELECT image_id FROM images ORDER BY row")] == (
         present[:4])
+
+
+def test_check_boxes_keeps_good_boxes_and_says_why_for_the_others() -> None:
+    """Issue 15: outside, non-finite, non-positive, duplicate and unlabelled boxes are left out
+    with a reason (an ``errors`` row at ingest); the sound ones are kept."""
+    b = nih.Box
+    good = b("Mass", 10, 10, 20, 20)
+    boxes = [good, b("Mass", 5000, 5000, 10, 10), b("Mass", -500, -500, 10, 10),
+             b("Mass", 1, 1, 1e300, 1e300), b("Mass", float("nan"), 1, 2, 2),
+             b("Mass", 1, 1, 0, 4), b("Mass", 10, 10, 20, 20), b("Nodule", 1, 1, 5, 5)]
+    kept, refused = nih.check_boxes(boxes, 100, 100, ("Mass",))
+    assert kept == [good]
+    reasons = [why for _, why in refused]
+    assert len(reasons) == 7
+    for word in ("outside", "outside", "far larger", "non-finite", "no area", "duplicate",
+                 "not labelled"):
+        assert any(word in r for r in reasons), word
