@@ -17,7 +17,8 @@ from pathlib import Path
 import kacl_cli
 
 ROOT = Path(kacl_cli.__file__).parent
-CLI_LAYER = ("kacl_cli.cli", "kacl_cli.commands", "kacl_cli.app", "kacl_cli.config_file")
+CLI_LAYER = ("kacl_cli.cli", "kacl_cli.commands", "kacl_cli.app", "kacl_cli.config_file",
+             "kacl_cli.usage")
 
 # Cycles that the sharding split (issue 12, branch arch-shard: sharding/parts.py + per-stage
 # hooks in stages/*/parts.py, parallel.py) removes; each is the set of modules of one strongly
