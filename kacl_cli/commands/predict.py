@@ -53,9 +53,10 @@ def command(
         "--checkpoint", help="A checkpoint directory instead of the workspace's.")] = None,
     threshold: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Probability at or above which a finding is positive.")] = 0.5,
-    cam_threshold: Annotated[float, typer.Option(
+    cam_threshold: Annotated[float | None, typer.Option(
         "--cam-threshold", min=0.01, max=1.0,
-        help="Box = heaviest region above this fraction of the map's peak.")] = 0.5,
+        help="Box = the peak's region above this fraction of the map's peak (default: the "
+             "checkpoint's fitted per-finding rules, box_rules.json; else 0.5).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -69,7 +70,12 @@ def command(
     Example: kacl predict chest.png scan.dcm --boxes --overlay overlays/
     """
     from kacl_cli.device import resolve_device
-    from kacl_cli.stages.predict import load_for_predict, predict_files, resolve_checkpoint
+    from kacl_cli.stages.predict import (
+        load_for_predict,
+        load_predict_rules,
+        predict_files,
+        resolve_checkpoint,
+    )
 
     if round_ is not None and checkpoint is not None:
         raise typer.BadParameter("give --round or --checkpoint, not both")
@@ -77,13 +83,14 @@ def command(
     ckpt = resolve_checkpoint(ws, round_, checkpoint)
     dev = resolve_device(device)
     model, meta = load_for_predict(ckpt, dev)
+    rules = load_predict_rules(ckpt, cam_threshold)
 
     def report(res: Any) -> None:
         if res.error is not None:
             err.print(f"[bold red]error:[/] {res.error}", highlight=False)
 
     results = predict_files(images, model, meta, dev, boxes=boxes, threshold=threshold,
-                            cam_threshold=cam_threshold, overlay_dir=overlay,
+                            rules=rules, overlay_dir=overlay,
                             batch_size=batch_size, on_result=report)
     doc = {
         "checkpoint": str(ckpt),
@@ -91,6 +98,7 @@ def command(
         "backbone": meta.get("backbone"),
         "threshold": threshold,
         "cam_threshold": cam_threshold,
+        "box_rules": rules.source,
         "images": [r.to_dict() for r in results],
         "n_failed": sum(r.error is not None for r in results),
     }
