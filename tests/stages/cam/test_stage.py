@@ -16,7 +16,7 @@ from kacl_cli.findings import FINDINGS
 from kacl_cli.models.checkpoint import load_image_net, model_meta, preprocess, save_checkpoint
 from kacl_cli.models.image_net import GRAY_MEAN, GRAY_STD, build_image_net
 from kacl_cli.stages.cam import stage as cam_stage
-from kacl_cli.stages.cam.box_rules import uniform
+from kacl_cli.stages.cam.box_rules import FittedRules
 from kacl_cli.stages.cam.gradcam import batched_gradcam
 from kacl_cli.stages.cam.localize import BoxRule, localize
 from kacl_cli.workspace import Workspace
@@ -176,8 +176,8 @@ def test_other_threshold_or_retrained_checkpoint_replaces_the_rows(ws: Workspace
     new_p = {(r[0], r[1]): r[2] for r in cam_rows(ws)}
     assert any(abs(new_p[k] - before[k][0]) > 1e-4 for k in before)
     assert json.loads(ws.catalog.query(
-        "SELECT value FROM meta WHERE key = 'cam:round-0'")[0][0])["box_rules"] == uniform(
-            BoxRule(0.5, "peak"), "").digest()
+        "SELECT value FROM meta WHERE key = 'cam:round-0'")[0][0])["box_rules"] == FittedRules(
+            {f: BoxRule(**r) for f, r in retrained["box_rules"].items()}, "").digest()
 
 
 def test_missing_and_foreign_checkpoints_and_bad_options(tiny_workspace) -> None:
