@@ -345,8 +345,8 @@ checkpoint round-{doc['round']}). Definitions: docs/evaluation.md.</p>
 <h2>Localization</h2>
 <p>{loc['n_pairs']} ground-truth boxes on {loc['n_images']} images; each box is one
 (image, finding) pair scored against the predicted box of that finding, whatever its
-probability. {loc['n_excluded_images']} box-annotated image(s) ({loc['n_excluded_pairs']} boxes)
-excluded because their boxes supervised training.</p>
+probability. {loc['n_excluded_images']} image(s) of box-supervision patients
+({loc['n_excluded_pairs']} boxes) excluded because their boxes supervised training.</p>
 <h3>T(IoU)</h3>
 <div class="side">{loc_table(doc, 'iou')}{baseline_loc_table('iou')}</div>
 <h3>T(IoBB) (intersection over the predicted box's area)</h3>

@@ -411,9 +411,9 @@ def compute_metrics(data: EvalData, n_boot: int = 1000, seed: int = 0) -> dict[s
                      + ", ".join(no_pairs))
     if data.n_excluded_images:
         notes.append(
-            f"{data.n_excluded_images} box-annotated image(s) ({data.n_excluded_pairs} boxes) "
-            "excluded from AUC and localization: their boxes supervised training "
-            "(box_supervision: every image of the chosen patients)"
+            f"{data.n_excluded_images} image(s) ({data.n_excluded_pairs} boxes) of box-"
+            "supervision patients excluded from AUC and localization: their boxes supervised "
+            "training (box_supervision: every image of the chosen patients)"
         )
     if data.n_fit_pairs:
         notes.append(f"{data.n_fit_pairs} ground-truth box(es) of split {data.split!r} not "
