@@ -177,6 +177,13 @@ class Catalog:
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
             )
 
+    def ensure_tables(self, *names: str) -> None:
+        """Create the schema's missing tables when any of ``names`` is absent: catalogs made
+        before a table was added (e.g. box_rules) gain it without a re-prepare."""
+        have = {r[0] for r in self.query("SELECT table_name FROM duckdb_tables()")}
+        if not set(names) <= have:
+            self.init()
+
     def query(self, sql: str, params: list | None = None) -> list[tuple]:
         """Run a read-only query and return all rows."""
         with self.connect(read_only=True) as con:

@@ -120,6 +120,7 @@ def run_cam_stage(
     if batch_size < 1 or chunk_size < 1 or workers < 0:
         raise InputError("--batch-size must be >= 1 and --workers >= 0")
     ws.require()
+    ws.catalog.ensure_tables("box_rules", "box_rule_images", "cam_boxes_ranked")
     split_name, splits = resolve_splits(split)
     round_ = resolve_round(ws, round_)
     ckpt = ws.checkpoint_dir(round_)

@@ -235,6 +235,7 @@ def _canonical(names: np.ndarray) -> np.ndarray:
 def load_eval_data(ws: Workspace, round_: int, split: str) -> EvalData:
     """Read labels, cam_boxes of the round and GT boxes of one split from the catalog."""
     cat = ws.catalog
+    cat.ensure_tables("box_rules", "box_rule_images")
     img = cat.query_df(
         f"SELECT i.image_id, i.row, i.orig_width, i.orig_height, {label_columns_sql()} "
         "FROM images i JOIN labels l USING (image_id) WHERE i.split = ? "
