@@ -156,12 +156,16 @@ def fit_for_checkpoint(ws, gt: dict[str, np.ndarray], infer, image_size: int) ->
 
 
 def write_rules(ws, round_: int, ckpt: Path, fitted: FittedRules) -> None:
-    """Sidecar file next to the checkpoint + catalog tables (one transaction)."""
+    """Catalog tables (one transaction), then the sidecar file next to the checkpoint: the
+    file is what marks the fit done, so a failure leaves nothing to be reused."""
+    if ws.writes:
+        _write_catalog(ws, round_, fitted)
     tmp = ckpt / f".{RULES_FILE}.tmp"
     tmp.write_text(json.dumps(fitted.to_json(), indent=2))
     tmp.replace(ckpt / RULES_FILE)
-    if not ws.writes:
-        return
+
+
+def _write_catalog(ws, round_: int, fitted: FittedRules) -> None:
     with ws.catalog.connect() as con:
         con.execute("BEGIN TRANSACTION")
         con.execute("DELETE FROM box_rules WHERE round = ?", [round_])

@@ -371,7 +371,9 @@ def box_rules_for(
         old = br.read_rules_file(ckpt, ckpt_hash)
     except CheckpointError:
         old = None  # another checkpoint's rules: refit below
-    if old is not None and old.fit_set == digest:
+    if old is not None and old.fit_set == digest and ws.catalog.query(
+            "SELECT count(*) FROM box_rules WHERE round = ? AND checkpoint = ?",
+            [round_, ckpt_hash])[0][0]:
         return old
     dev = resolve_device(device)
     model, meta = load_image_net(ckpt, dev)
