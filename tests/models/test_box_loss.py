@@ -44,3 +44,26 @@ def test_unsupervised_pairs_are_ignored_and_gradients_reach_the_head_and_feature
     loss.backward()
     assert math.isfinite(loss.item()) and weight.grad.abs().sum() > 0
     assert fmap.grad[0].abs().sum() == 0 and fmap.grad[1].abs().sum() > 0
+
+
+def test_classification_objective_adds_the_box_term_only_when_asked() -> None:
+    from kacl_cli.models.image_net import build_image_net
+    from kacl_cli.models.losses import ClassificationObjective
+
+    torch.manual_seed(0)
+    model = build_image_net("tiny", n_classes=14).eval()
+    box = torch.full((2, 14, 4), float("nan"))
+    box[0, 4] = torch.tensor([0.0, 0.0, 16.0, 16.0])  # Mass of image 0: top-left quarter
+    batch = {"image": torch.randn(2, 1, 32, 32), "labels": torch.zeros(2, 14), "box": box}
+    plain, parts = ClassificationObjective()(model, batch)
+    assert set(parts) == {"cls"}
+    total, parts = ClassificationObjective(box_loss_weight=0.5)(model, batch)
+    assert set(parts) == {"cls", "box"} and 0.0 <= parts["box"].item() <= 1.0
+    assert total.item() == pytest.approx(plain.item() + 0.5 * parts["box"].item(), rel=1e-5)
+    plain.backward()
+    g_plain = model.head.weight.grad.clone()
+    model.zero_grad()
+    total.backward()
+    # the box term changes the supervised finding's head row, and only rows with a box
+    diff = (model.head.weight.grad - g_plain).abs().sum(dim=1)
+    assert diff[4] > 0 and diff[torch.arange(14) != 4].max() < 1e-6
