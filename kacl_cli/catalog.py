@@ -125,6 +125,24 @@ CREATE TABLE IF NOT EXISTS radiomics_stats (
 CREATE TABLE IF NOT EXISTS box_supervision (
     image_id VARCHAR PRIMARY KEY, fold INTEGER, fraction DOUBLE, run_id VARCHAR
 );
+-- per-finding box rules (threshold fraction of the peak, component rule) of a round's
+-- checkpoint, fitted in `cam` on GT boxes evaluation does not score (or the 0.5/peak fallback)
+CREATE TABLE IF NOT EXISTS box_rules (
+    round INTEGER NOT NULL, checkpoint VARCHAR, finding VARCHAR NOT NULL,
+    frac DOUBLE NOT NULL, component VARCHAR NOT NULL, fit_mean_iou DOUBLE, n_pairs INTEGER,
+    source VARCHAR NOT NULL,
+    PRIMARY KEY (round, finding)
+);
+-- the images whose GT boxes the round's box rules were fitted on (left out of localization)
+CREATE TABLE IF NOT EXISTS box_rule_images (
+    round INTEGER NOT NULL, image_id VARCHAR NOT NULL, PRIMARY KEY (round, image_id)
+);
+-- boxes 2..K of `cam --max-boxes K` (rank 1 is the cam_boxes row), ranked by mass
+CREATE TABLE IF NOT EXISTS cam_boxes_ranked (
+    round INTEGER NOT NULL, image_id VARCHAR NOT NULL, finding VARCHAR NOT NULL,
+    rank INTEGER NOT NULL, x DOUBLE, y DOUBLE, w DOUBLE, h DOUBLE, mass DOUBLE,
+    PRIMARY KEY (round, image_id, finding, rank)
+);
 -- evaluation results, long format: one row per (round, split, metric, finding, threshold)
 CREATE TABLE IF NOT EXISTS metrics (
     round INTEGER NOT NULL, split VARCHAR NOT NULL, metric VARCHAR NOT NULL,
@@ -158,6 +176,13 @@ class Catalog:
             con.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
             )
+
+    def ensure_tables(self, *names: str) -> None:
+        """Create the schema's missing tables when any of ``names`` is absent: catalogs made
+        before a table was added (e.g. box_rules) gain it without a re-prepare."""
+        have = {r[0] for r in self.query("SELECT table_name FROM duckdb_tables()")}
+        if not set(names) <= have:
+            self.init()
 
     def query(self, sql: str, params: list | None = None) -> list[tuple]:
         """Run a read-only query and return all rows."""

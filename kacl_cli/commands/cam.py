@@ -26,8 +26,8 @@ NAME = "cam"
 _DEFAULTS = CamConfig()
 
 
-def _fraction(value: float) -> float:
-    if not 0.0 < value <= 1.0:
+def _fraction(value: float | None) -> float | None:
+    if value is not None and not 0.0 < value <= 1.0:
         raise typer.BadParameter(f"{value} is not in (0, 1]")
     return value
 
@@ -44,10 +44,17 @@ def command(
         str, typer.Option("--split", help="train | val | test | all")
     ] = "all",
     threshold: Annotated[
-        float,
+        float | None,
         typer.Option("--threshold", callback=_fraction,
-                     help="Box region: map values >= this fraction of the map's peak, in (0, 1]."),
+                     help="Box region: map values >= this fraction of the map's peak, in (0, 1], "
+                          "for every finding (default: per-finding rules fitted on GT boxes "
+                          "evaluation does not score; 0.5 when there are none)."),
     ] = _DEFAULTS.threshold,
+    max_boxes: Annotated[
+        int, typer.Option("--max-boxes", min=1,
+                          help="Boxes per (image, finding): components ranked by mass; box 1 "
+                               "in cam_boxes, boxes 2..K in cam_boxes_ranked.")
+    ] = _DEFAULTS.max_boxes,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
     = _DEFAULTS.batch_size,
     workers: Annotated[
@@ -76,7 +83,8 @@ def command(
     check_choice("--split", split, ("train", "val", "test", "all"))
     ws = Workspace(workspace)
     result = run_cam_stage(ws, round_, split=split, batch_size=batch_size, threshold=threshold,
-                           device=device, force=force, workers=workers, shard=shard)
+                           device=device, force=force, workers=workers, shard=shard,
+                           max_boxes=max_boxes)
     if shard is not None:
         shard_note(NAME, result, result["round"])
 
@@ -89,6 +97,7 @@ def command(
             f"{result['seconds']:.1f} s" + (f", {rate:.1f} images/s" if rate else ""),
             highlight=False,
         )
+        out.print(f"  box rules: {result.get('box_rule_source')}", highlight=False)
         for reason, n in result.get("no_box_reasons", {}).items():
             out.print(f"  {n} x {reason}", highlight=False)
 

@@ -60,9 +60,10 @@ def command(
     threshold: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Probability at or above which a finding is positive.")]
     = POSITIVE_PROBABILITY,
-    cam_threshold: Annotated[float, typer.Option(
+    cam_threshold: Annotated[float | None, typer.Option(
         "--cam-threshold", min=0.01, max=1.0,
-        help="Box = heaviest region above this fraction of the map's peak.")]
+        help="Box = the peak's region above this fraction of the map's peak (default: the "
+             "checkpoint's fitted per-finding rules, box_rules.json; else 0.5).")]
     = CamConfig.threshold,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     max_pixels: Annotated[int, typer.Option(
@@ -82,7 +83,12 @@ def command(
     Example: kacl predict chest.png scan.dcm --boxes --overlay overlays/
     """
     from kacl_cli.device import resolve_device
-    from kacl_cli.stages.predict import load_for_predict, predict_files, resolve_checkpoint
+    from kacl_cli.stages.predict import (
+        load_for_predict,
+        load_predict_rules,
+        predict_files,
+        resolve_checkpoint,
+    )
 
     check_number("--threshold", threshold, lo=0.0, hi=1.0)
     if overlay is not None and overlay.exists() and not overlay.is_dir():
@@ -95,6 +101,7 @@ def command(
     ckpt = resolve_checkpoint(ws, round_, checkpoint)
     dev = resolve_device(device)
     model, meta = load_for_predict(ckpt, dev)
+    rules = load_predict_rules(ckpt, cam_threshold)
 
     def report(res: Any) -> None:
         if res.error is not None:
@@ -102,7 +109,7 @@ def command(
                       markup=True)
 
     results = predict_files(images, model, meta, dev, boxes=boxes, threshold=threshold,
-                            cam_threshold=cam_threshold, overlay_dir=overlay,
+                            rules=rules, overlay_dir=overlay,
                             batch_size=batch_size, on_result=report)
     doc = {
         "checkpoint": str(ckpt),
@@ -110,6 +117,7 @@ def command(
         "backbone": meta.get("backbone"),
         "threshold": threshold,
         "cam_threshold": cam_threshold,
+        "box_rules": rules.source,
         "images": [r.to_dict() for r in results],
         "n_failed": sum(r.error is not None for r in results),
     }

@@ -25,7 +25,17 @@ from torch import nn
 from kacl_cli.errors import CheckpointError, KaclError
 from kacl_cli.models.checkpoint_files import MODEL_FILE
 
-BACKBONES = ("densenet121", "resnet50", "resnet18", "tiny")
+BACKBONES = ("densenet121", "resnet50", "resnet18", "densenet121-s16", "resnet50-s16", "tiny")
+# Stride-16 variants (finer Grad-CAM maps: 14 x 14 at 224 px, 32 x 32 at 512) keep the
+# parameters, and so the state-dict keys and ImageNet weights, of their stride-32 base:
+# resnet50-s16 dilates layer4 instead of striding it (torchvision's
+# replace_stride_with_dilation); densenet121-s16 drops the average pool of the last transition.
+S16_BASE = {"densenet121-s16": "densenet121", "resnet50-s16": "resnet50"}
+
+
+def base_backbone(backbone: str) -> str:
+    """The stride-32 architecture a backbone's weights belong to."""
+    return S16_BASE.get(backbone, backbone)
 
 # ImageNet statistics averaged over RGB: the right normalisation for a gray image fed to
 # folded ImageNet filters, and a sensible fixed one for nets trained from scratch.
@@ -91,16 +101,20 @@ def _make(backbone: str, n_classes: int) -> ImageNet:
     if backbone == "tiny":
         feats, dim = _tiny_features()
         return ImageNet(backbone, feats, dim, n_classes)
-    if backbone == "densenet121":
+    if base_backbone(backbone) == "densenet121":
         tv = torchvision.models.densenet121(weights=None)
         body = tv.features
+        if backbone == "densenet121-s16":
+            body.transition3.pool = nn.Identity()
         body.conv0 = _gray_conv(body.conv0)
         # torchvision applies the final ReLU in forward(), outside `features`; make it a module
         # (not in-place) so the Grad-CAM target is the activated map.
         body.add_module("relu5", nn.ReLU())
         return ImageNet(backbone, body, tv.classifier.in_features, n_classes)
-    if backbone in ("resnet18", "resnet50"):
-        tv = getattr(torchvision.models, backbone)(weights=None)
+    if base_backbone(backbone) in ("resnet18", "resnet50"):
+        dilate = [False, False, backbone == "resnet50-s16"]
+        tv = getattr(torchvision.models, base_backbone(backbone))(
+            weights=None, replace_stride_with_dilation=dilate)
         tv.conv1 = _gray_conv(tv.conv1)
         body = nn.Sequential(OrderedDict(
             (name, getattr(tv, name))
@@ -114,15 +128,15 @@ def _make(backbone: str, n_classes: int) -> ImageNet:
 def first_conv_key(backbone: str) -> str:
     """State-dict key of the 1-channel stem convolution's weight."""
     return {"densenet121": "features.conv0.weight", "tiny": "features.conv0.weight"}.get(
-        backbone, "features.conv1.weight"
+        base_backbone(backbone), "features.conv1.weight"
     )
 
 
 def imagenet_weights_path(backbone: str) -> Path:
     """Where torchvision would cache this backbone's ImageNet weights (may not exist)."""
-    if backbone not in _WEIGHTS:
+    if base_backbone(backbone) not in _WEIGHTS:
         raise KaclError(f"--init imagenet: no ImageNet weights exist for backbone {backbone!r}")
-    enum = getattr(torchvision.models, _WEIGHTS[backbone]).IMAGENET1K_V1
+    enum = getattr(torchvision.models, _WEIGHTS[base_backbone(backbone)]).IMAGENET1K_V1
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
 
 
@@ -132,7 +146,7 @@ def _torchvision_to_ours(backbone: str, state: dict[str, torch.Tensor]) -> dict[
     for key, value in state.items():
         if key.startswith(("fc.", "classifier.")):
             continue
-        if backbone == "densenet121":
+        if base_backbone(backbone) == "densenet121":
             m = _DENSENET_KEY.match(key)
             if m:
                 key = m.group(1) + m.group(2)

@@ -82,8 +82,12 @@ class ClassificationObjective(Objective):
         alpha: float = 0.25,
         gamma: float = 2.0,
         pos_weight: torch.Tensor | None = None,
+        box_loss_weight: float = 0.0,
     ):
         super().__init__()
+        # Weight of the CAM-mass-inside-the-box term (models/box_loss.py) on batches that
+        # carry a ``box`` extra (F x 4 per image, network-input pixels, NaN = no box).
+        self.box_loss_weight = float(box_loss_weight)
         if loss not in LOSSES:
             raise KaclError(f"--loss {loss!r}: expected one of {', '.join(LOSSES)}")
         self.loss = loss
@@ -105,6 +109,15 @@ class ClassificationObjective(Objective):
     def forward(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.box_loss_weight > 0 and "box" in batch:
+            from kacl_cli.models.box_loss import box_masks, cam_box_loss, class_maps
+
+            fmap, _pooled, logits = model.forward_all(batch["image"])
+            cls = self.classification_loss(logits, batch["labels"])
+            masks = box_masks(batch["box"], tuple(fmap.shape[-2:]), batch["image"].shape[-1])
+            box = cam_box_loss(class_maps(fmap, model.head.weight), masks)
+            total = cls + self.box_loss_weight * box
+            return total, {"cls": cls.detach(), "box": box.detach()}
         logits = model(batch["image"])
         loss = self.classification_loss(logits, batch["labels"])
         return loss, {"cls": loss.detach()}

@@ -4,10 +4,10 @@ input image's own pixel coordinates.
 The pixels go through the same path as training: ``imageio.read_gray`` (PNG/JPEG/16-bit/
 RGBA/DICOM -> 8-bit gray), ``resize_square`` to the store size the model was trained from,
 then ``preprocess`` (resize to the model's size, scale, normalise). Boxes come from
-``kacl_cli.stages.cam.gradcam`` on the model-resolution map and are mapped back per axis:
-``x_orig = x_map * orig_width / map_width`` and ``y_orig = y_map * orig_height / map_height``
-(a map cell j covers original pixels [j * sx, (j + 1) * sx)), so non-square inputs get
-correct boxes too.
+``kacl_cli.stages.cam.localize`` (the cam stage's rule: the map upsampled to the model's input
+size S, cut with the checkpoint's fitted per-finding rules from ``box_rules.json``) and are
+mapped back per axis: ``x_orig = x * orig_width / S`` and ``y_orig = y * orig_height / S``, so
+non-square inputs get correct boxes too.
 """
 
 from __future__ import annotations
@@ -126,14 +126,21 @@ def predict_files(
     *,
     boxes: bool = False,
     threshold: float = POSITIVE_PROBABILITY,
-    cam_threshold: float = CamConfig.threshold,
+    cam_threshold: float | None = CamConfig.threshold,
+    rules=None,
     overlay_dir: Path | None = None,
     batch_size: int = 8,
     on_result: Callable[[ImageResult], None] | None = None,
 ) -> list[ImageResult]:
     """Classify (and localise) each file; an unreadable file gets ``error``, the rest go on."""
-    from kacl_cli.stages.cam.gradcam import batched_gradcam, map_to_box
+    from kacl_cli.stages.cam.box_rules import uniform
+    from kacl_cli.stages.cam.gradcam import batched_gradcam
+    from kacl_cli.stages.cam.localize import DEFAULT_RULE, BoxRule, localize
 
+    if rules is None:
+        rule = BoxRule(cam_threshold, "peak") if cam_threshold is not None else DEFAULT_RULE
+        rules = uniform(rule, "fixed")
+    image_size = int(meta["image_size"])
     store_size = int(meta.get("store_size") or meta["image_size"])
     findings = list(meta["findings"])
     want_maps = boxes or overlay_dir is not None
@@ -167,15 +174,20 @@ def predict_files(
                 else:
                     logits, maps_np = model(x), None
             probs = torch.sigmoid(logits.float()).cpu().numpy()
+            found = None
+            if boxes and maps_np is not None:
+                n_f = maps.shape[1]
+                found = localize(maps.reshape(-1, *maps.shape[-2:]), (image_size, image_size),
+                                 rules.rule_list(findings) * len(decoded))
             for i, (res, px) in enumerate(decoded):
                 for j, name in enumerate(findings):
                     p = float(probs[i, j])
                     fr = FindingResult(name, p, p >= threshold)
-                    if boxes and fr.positive and maps_np is not None:
-                        mb = map_to_box(maps_np[i, j], frac=cam_threshold)
+                    if fr.positive and found is not None:
+                        mb = found[i * n_f + j][0]
                         if mb.box is not None:
-                            fr.box = map_box_to_original(mb.box, maps_np.shape[-2:], res.width,
-                                                         res.height)
+                            fr.box = map_box_to_original(mb.box, (image_size, image_size),
+                                                         res.width, res.height)
                         else:
                             fr.box_reason = mb.reason
                     res.findings.append(fr)
@@ -193,6 +205,21 @@ def predict_files(
             if on_result is not None:
                 on_result(res)
     return results
+
+
+def load_predict_rules(ckpt: Path, cam_threshold: float | None):
+    """``--cam-threshold`` for every finding, else the checkpoint's fitted rules
+    (``box_rules.json``, refused with one line when made for another checkpoint/vocabulary),
+    else the 0.5/peak default."""
+    from kacl_cli.stages.cam.box_rules import read_rules_file, uniform
+    from kacl_cli.stages.cam.localize import DEFAULT_RULE, BoxRule
+    from kacl_cli.stages.cam.stage import checkpoint_fingerprint
+
+    if cam_threshold is not None:
+        return uniform(BoxRule(cam_threshold, "peak"), f"--cam-threshold {cam_threshold}")
+    fitted = read_rules_file(Path(ckpt), checkpoint_fingerprint(Path(ckpt)))
+    return fitted if fitted is not None else uniform(
+        DEFAULT_RULE, "default 0.5 x peak (no box_rules.json: run `kacl cam` to fit)")
 
 
 def load_for_predict(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -16,7 +16,10 @@ class CamConfig:
 
     round: int | None = None  # checkpoint round-K (None: the latest finished round)
     split: str | None = None  # train | val | test | all (None: all)
-    threshold: float = 0.5  # box region: map values >= this fraction of the map's peak
+    # Box region: map values >= this fraction of the map's peak for every finding; None: the
+    # per-finding rules fitted on GT boxes evaluation does not score (box_rules.py), else 0.5.
+    threshold: float | None = None
+    max_boxes: int = 1  # boxes per (image, finding): box 1 in cam_boxes, 2..K cam_boxes_ranked
     batch_size: int = 64  # images per forward/backward pass
     device: str = "auto"
     force: bool = False

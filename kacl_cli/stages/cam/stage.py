@@ -36,8 +36,10 @@ from kacl_cli.findings import FINDINGS
 from kacl_cli.models.checkpoint import META_FILE, MODEL_FILE, load_image_net, preprocess
 from kacl_cli.sharding.merge import run_sharded
 from kacl_cli.sharding.parts import Shard, ddp_sharding
+from kacl_cli.stages.cam import box_rules as br
 from kacl_cli.stages.cam.config import CamConfig
-from kacl_cli.stages.cam.gradcam import batched_gradcam, maps_to_boxes
+from kacl_cli.stages.cam.gradcam import batched_gradcam
+from kacl_cli.stages.cam.localize import BoxRule, check_max_boxes, localize
 from kacl_cli.stages.cam.parts import HOOKS, state_key
 from kacl_cli.stages.rounds import resolve_round
 from kacl_cli.store import cam_key
@@ -47,7 +49,7 @@ from kacl_cli.workspace import StageRun, Workspace, stable_json
 STAGE = "cam"
 _DEFAULTS = CamConfig()
 # Bumped when the maps or the box rule change meaning, so old results are not reused.
-METHOD = "gradcam-gap-linear/v1"
+METHOD = "gradcam-gap-linear/v2-upsampled"
 
 _COLUMNS = ("round", "image_id", "finding", "probability", "x", "y", "w", "h", "peak", "mass",
             "reason")
@@ -86,12 +88,14 @@ def run_cam_stage(
     *,
     split: str | None = None,
     batch_size: int = _DEFAULTS.batch_size,
-    threshold: float = _DEFAULTS.threshold,
+    threshold: float | None = _DEFAULTS.threshold,
     device: str = _DEFAULTS.device,
     force: bool = False,
     shard: Shard | None = None,
     workers: int = _DEFAULTS.workers,
     chunk_size: int = _DEFAULTS.chunk_size,
+    max_boxes: int = _DEFAULTS.max_boxes,
+    rules: br.FittedRules | None = None,
 ) -> dict[str, Any]:
     """Compute maps and boxes of all findings for the images of ``split`` (None = all).
 
@@ -99,24 +103,31 @@ def run_cam_stage(
     With ``shard`` (or under torchrun: rank r of N = shard r/N, merged by rank 0) the
     shard's images are processed into a part (see :mod:`kacl_cli.stages.cam.parts`).
     """
-    if not 0.0 < threshold <= 1.0:
+    if threshold is not None and not 0.0 < threshold <= 1.0:
         raise InputError(f"--threshold {threshold}: must be a fraction of the peak in (0, 1]")
+    check_max_boxes(max_boxes)
     if batch_size < 1 or chunk_size < 1 or workers < 0:
         raise InputError("--batch-size must be >= 1 and --workers >= 0")
     ws.require()
+    ws.catalog.ensure_tables("box_rules", "box_rule_images", "cam_boxes_ranked")
     resolve_splits(split)
     round_ = resolve_round(ws, round_)
+    if rules is None:
+        # Before sharding: every part must cut its maps with the same rules.
+        rules = box_rules_for(ws, round_, ws.checkpoint_dir(round_), threshold, device,
+                              batch_size, workers)
     whole = functools.partial(_run_whole, round_=round_, split=split, batch_size=batch_size,
                               threshold=threshold, device=device, force=force,
-                              workers=workers, chunk_size=chunk_size)
+                              workers=workers, chunk_size=chunk_size, max_boxes=max_boxes,
+                              rules=rules)
     if shard is not None or ddp_sharding():
         return run_sharded(ws, HOOKS, round_, shard, whole, device=device, force=force)
     return whole(ws)
 
 
 def _run_whole(ws: Workspace, *, round_: int, split: str | None, batch_size: int,
-               threshold: float, device: str, force: bool, workers: int, chunk_size: int
-               ) -> dict[str, Any]:
+               threshold: float | None, device: str, force: bool, workers: int,
+               chunk_size: int, max_boxes: int, rules: br.FittedRules) -> dict[str, Any]:
     """The stage on ``ws`` (the workspace, or a shard's part), never sharded again."""
     split_name, splits = resolve_splits(split)
     ckpt = ws.checkpoint_dir(round_)
@@ -124,11 +135,12 @@ def _run_whole(ws: Workspace, *, round_: int, split: str | None, batch_size: int
     if not len(images["image_id"]):
         raise NotReadyError(f"no images in split {split_name}: check `kacl prepare`'s splits")
     ckpt_hash = checkpoint_fingerprint(ckpt)
-    config = {"round": round_, "threshold": float(threshold), "split": split_name,
-              "method": METHOD}
+    config = {"round": round_, "threshold": threshold, "box_rules": rules.digest(),
+              "box_rule_source": rules.source, "split": split_name, "method": METHOD,
+              "max_boxes": int(max_boxes)}
     fingerprint = f"checkpoint={ckpt_hash};images={len(images['image_id'])}"
-    state = stable_json({"checkpoint": ckpt_hash, "threshold": float(threshold),
-                         "method": METHOD})
+    state = stable_json({"checkpoint": ckpt_hash, "box_rules": rules.digest(),
+                         "method": METHOD, "max_boxes": int(max_boxes)})
     # An identical finished run is only worth skipping if its rows are still there: a run with
     # another threshold (or a retrained checkpoint) since then has replaced them.
     intact = _rows_intact(ws, round_, state, images["image_id"])
@@ -137,7 +149,7 @@ def _run_whole(ws: Workspace, *, round_: int, split: str | None, batch_size: int
         if run.skipped:
             return run.result()
         run.summary = _work(ws, run, round_, ckpt, state, images, config, batch_size,
-                            device, force, workers, chunk_size)
+                            device, force, workers, chunk_size, rules, max_boxes)
     return run.result()
 
 
@@ -174,15 +186,17 @@ def _prepare_rows(
         if not old or old[0][0] != state:
             # Made by another checkpoint/threshold/method (or unknown): none of it is reusable.
             con.execute("DELETE FROM cam_boxes WHERE round = ?", [round_])
+            con.execute("DELETE FROM cam_boxes_ranked WHERE round = ?", [round_])
             ws.store.delete(cam_key(round_))
             con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, state])
             return set()
         con.register("requested", {"image_id": np.asarray(image_ids, dtype=object)})
         if force:
-            con.execute(
-                "DELETE FROM cam_boxes WHERE round = ? AND image_id IN "
-                "(SELECT image_id FROM requested)", [round_],
-            )
+            for table in ("cam_boxes", "cam_boxes_ranked"):
+                con.execute(
+                    f"DELETE FROM {table} WHERE round = ? AND image_id IN "
+                    "(SELECT image_id FROM requested)", [round_],
+                )
             return set()
         done = con.execute(
             "SELECT DISTINCT image_id FROM cam_boxes WHERE round = ? AND image_id IN "
@@ -194,7 +208,7 @@ def _prepare_rows(
 def _work(
     ws: Workspace, run: StageRun, round_: int, ckpt: Path, state: str,
     images: dict[str, np.ndarray], config: dict[str, Any], batch_size: int, device_spec: str,
-    force: bool, workers: int, chunk_size: int,
+    force: bool, workers: int, chunk_size: int, rules: br.FittedRules, max_boxes: int,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     dev = resolve_device(device_spec)
@@ -215,20 +229,25 @@ def _work(
                 ckpt,
             )
             map_shape = maps.shape[-2:]
-            columns = _box_columns(
-                round_, ids[idx], probs, maps, config["threshold"],
+            columns, ranked = _box_columns(
+                round_, ids[idx], probs, maps, rules.rule_list(),
                 np.asarray(images["orig_width"])[idx], np.asarray(images["orig_height"])[idx],
+                int(meta["image_size"]), dev, max_boxes,
             )
             compute_s += time.perf_counter() - t0
             # Maps first, then rows: an image that has rows is complete on resume.
             ws.store.write_cams(round_, rows_out, maps, n_store)
             with ws.catalog.connect() as con:
                 insert_columns(con, "cam_boxes", columns, replace=True)
+                if len(ranked["round"]):
+                    insert_columns(con, "cam_boxes_ranked", ranked, replace=True)
             computed += len(idx)
     summary = _summarise(ws, round_, ids)
     seconds = time.perf_counter() - started
     summary.update(
         round=round_, split=config["split"], threshold=config["threshold"],
+        box_rules={f: r.to_dict() for f, r in rules.rules.items()},
+        box_rule_source=rules.source, max_boxes=int(max_boxes),
         checkpoint=str(ckpt), computed=computed, reused=len(ids) - computed,
         map_size=list(map_shape) if map_shape is not None else _stored_map_size(ws, round_),
         errors=run.n_errors, seconds=round(seconds, 3),
@@ -274,36 +293,85 @@ def _infer_chunk(
 
 
 def _box_columns(
-    round_: int, image_ids: np.ndarray, probs: np.ndarray, maps: np.ndarray, frac: float,
-    orig_w: np.ndarray, orig_h: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """``cam_boxes`` columns for a chunk: one row per (image, finding), boxes in original px."""
+    round_: int, image_ids: np.ndarray, probs: np.ndarray, maps: np.ndarray,
+    rules: list[BoxRule], orig_w: np.ndarray, orig_h: np.ndarray, image_size: int,
+    dev: torch.device, max_boxes: int = 1,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``cam_boxes`` columns for a chunk (one row per (image, finding), the top box, original
+    px) and ``cam_boxes_ranked`` columns (boxes 2..K). Boxes are cut from the float16 maps,
+    upsampled to the network's input size (:func:`localize`), so a stored map reproduces its
+    box."""
     k, n_f, map_h, map_w = maps.shape
     n = k * n_f
-    found = maps_to_boxes(maps.reshape(n, map_h, map_w), frac)
-    boxes = np.full((n, 4), np.nan)
-    has = np.array([mb.box is not None for mb in found], dtype=bool)
-    if has.any():
-        # map pixel -> original pixel: the map spans the whole image on both axes
-        image = np.repeat(np.arange(k), n_f)[has]
-        boxes[has] = scale_xywh(np.array([mb.box for mb in found if mb.box is not None]),
-                                (orig_w[image] / map_w), (orig_h[image] / map_h))
-    peak = np.array([mb.peak for mb in found], dtype=np.float64)
-    mass = np.array([mb.mass for mb in found], dtype=np.float64)
-    reason = np.array([mb.reason for mb in found], dtype=object)
+    found = localize(torch.from_numpy(np.ascontiguousarray(maps)).to(dev).reshape(n, map_h, map_w),
+                     (image_size, image_size), rules[:n_f] * k, max_boxes)
+    image = np.repeat(np.arange(k), n_f)
+    sx = orig_w[image] / image_size
+    sy = orig_h[image] / image_size
+    top = np.array([mbs[0].box if mbs[0].box is not None else (np.nan,) * 4 for mbs in found],
+                   dtype=np.float64).reshape(n, 4)
+    boxes = scale_xywh(top, sx, sy)
+    peak = np.array([mbs[0].peak for mbs in found], dtype=np.float64)
+    mass = np.array([mbs[0].mass for mbs in found], dtype=np.float64)
+    reason = np.array([mbs[0].reason for mbs in found], dtype=object)
+    ids = np.repeat(np.asarray(image_ids, dtype=object), n_f)
+    names = np.tile(np.asarray(FINDINGS[:n_f], dtype=object), k)
 
     # NaN becomes NULL in DuckDB's numpy scan; say so explicitly with masked arrays.
     def col(a: np.ndarray) -> np.ma.MaskedArray:
         return np.ma.masked_invalid(a)
 
-    return {
-        "round": np.full(n, round_, dtype=np.int32),
-        "image_id": np.repeat(np.asarray(image_ids, dtype=object), n_f),
-        "finding": np.tile(np.asarray(FINDINGS[:n_f], dtype=object), k),
+    columns = {
+        "round": np.full(n, round_, dtype=np.int32), "image_id": ids, "finding": names,
         "probability": probs.reshape(n).astype(np.float64),
         "x": col(boxes[:, 0]), "y": col(boxes[:, 1]), "w": col(boxes[:, 2]),
         "h": col(boxes[:, 3]), "peak": col(peak), "mass": col(mass), "reason": reason,
     }
+    extra = [(i, r, mb) for i, mbs in enumerate(found) for r, mb in enumerate(mbs[1:], start=2)]
+    at = np.array([i for i, _, _ in extra], dtype=np.int64)
+    eb = scale_xywh(np.array([mb.box for _, _, mb in extra], dtype=np.float64).reshape(-1, 4),
+                    sx[at], sy[at])
+    ranked = {
+        "round": np.full(len(extra), round_, dtype=np.int32), "image_id": ids[at],
+        "finding": names[at], "rank": np.array([r for _, r, _ in extra], dtype=np.int32),
+        "x": eb[:, 0], "y": eb[:, 1], "w": eb[:, 2], "h": eb[:, 3],
+        "mass": np.array([mb.mass for _, _, mb in extra], dtype=np.float64),
+    }
+    return columns, ranked
+
+
+def box_rules_for(
+    ws: Workspace, round_: int, ckpt: Path, threshold: float | None, device: str,
+    batch_size: int = 64, workers: int = 0,
+) -> br.FittedRules:
+    """The round's box rules: ``--threshold`` when given (peak component, all findings), else
+    the rules fitted for this checkpoint and fit set (reused from ``box_rules.json`` when both
+    match, refitted otherwise; see :mod:`kacl_cli.stages.cam.box_rules`)."""
+    if threshold is not None:
+        return br.uniform(BoxRule(float(threshold), "peak"), f"--threshold {threshold}")
+    ckpt_hash = checkpoint_fingerprint(ckpt)
+    gt = br.fit_set(ws)
+    digest = br.fit_set_digest(gt)
+    try:
+        old = br.read_rules_file(ckpt, ckpt_hash)
+    except CheckpointError:
+        old = None  # another checkpoint's rules: refit below
+    if old is not None and old.fit_set == digest and ws.catalog.query(
+            "SELECT count(*) FROM box_rules WHERE round = ? AND checkpoint = ?",
+            [round_, ckpt_hash])[0][0]:
+        return old
+    dev = resolve_device(device)
+    model, meta = load_image_net(ckpt, dev)
+
+    def infer(rows: np.ndarray) -> np.ndarray:
+        with progress.bar(len(rows), f"cam round {round_}: box-rule fit") as pb:
+            _, maps, _ = _infer_chunk(ws, model, meta, dev, rows, batch_size, workers, pb, ckpt)
+        return maps.astype(np.float32)
+
+    fitted = br.fit_for_checkpoint(ws, gt, infer, int(meta["image_size"]))
+    fitted.checkpoint, fitted.fit_set = ckpt_hash, digest
+    br.write_rules(ws, round_, ckpt, fitted)
+    return fitted
 
 
 def _summarise(ws: Workspace, round_: int, image_ids: np.ndarray) -> dict[str, Any]:

@@ -17,6 +17,10 @@ from kacl_cli.errors import NotReadyError
 from kacl_cli.findings import BOX_FINDINGS, BOX_LABEL_ALIASES, FINDINGS
 from kacl_cli.workspace import Workspace
 
+# Patients any of whose images lent its boxes to training (box_supervision).
+_SUP_PATIENTS = ("SELECT DISTINCT si.patient_id FROM images si "
+                 "JOIN box_supervision sb USING (image_id)")
+
 
 @dataclass
 class EvalData:
@@ -38,6 +42,9 @@ class EvalData:
     n_excluded_pairs: int = 0
     n_missing_cam_images: int = 0    # split images without any cam_boxes row for the round
     n_other_gt: int = 0              # GT boxes of findings outside the 8 box findings (ignored)
+    n_fit_pairs: int = 0             # GT boxes of the split the box rules were fitted on
+    map_hw: tuple[int, int] | None = None  # the round's map size (grid ceiling)
+    box_rules: list = field(default_factory=list)  # box_rules.source rows of the round
 
     @property
     def pair_pred(self) -> np.ndarray:
@@ -58,19 +65,26 @@ def _canonical(names: np.ndarray) -> np.ndarray:
 def load_eval_data(ws: Workspace, round_: int, split: str) -> EvalData:
     """Read labels, cam_boxes of the round and GT boxes of one split from the catalog."""
     cat = ws.catalog
+    cat.ensure_tables("box_rules", "box_rule_images")
     img = cat.query_df(
         f"SELECT i.image_id, i.row, i.orig_width, i.orig_height, {label_columns_sql()} "
         "FROM images i JOIN labels l USING (image_id) WHERE i.split = ? "
-        "AND i.image_id NOT IN (SELECT image_id FROM box_supervision) ORDER BY i.row",
+        f"AND i.patient_id NOT IN ({_SUP_PATIENTS}) ORDER BY i.row",
         [split],
     )
-    # Images whose boxes supervised training leave every evaluation, AUC included.
+    # Every image of a patient whose boxes supervised training leaves every evaluation, AUC
+    # included: follow-ups of that patient are near-duplicates of the supervised images.
     n_sup_images, n_sup_pairs = cat.query(
         "SELECT count(DISTINCT i.image_id), count(g.image_id) FROM images i "
-        "JOIN box_supervision b USING (image_id) LEFT JOIN gt_boxes g USING (image_id) "
-        "WHERE i.split = ?",
+        f"LEFT JOIN gt_boxes g USING (image_id) WHERE i.patient_id IN ({_SUP_PATIENTS}) "
+        "AND i.split = ?",
         [split],
     )[0]
+    # GT boxes the round's box rules were fitted on are not scored (never fit on the scored).
+    n_fit_pairs = cat.query(
+        "SELECT count(*) FROM gt_boxes g JOIN images i USING (image_id) WHERE i.split = ? AND "
+        "g.image_id IN (SELECT image_id FROM box_rule_images WHERE round = ?)", [split, round_],
+    )[0][0]
     ids = np.asarray(img["image_id"], dtype=object)
     n = len(ids)
     if n == 0:
@@ -96,9 +110,10 @@ def load_eval_data(ws: Workspace, round_: int, split: str) -> EvalData:
     gt = cat.query_df(
         "SELECT g.image_id, g.finding, g.x, g.y, g.w, g.h FROM gt_boxes g "
         "JOIN images i USING (image_id) WHERE i.split = ? "
-        "AND i.image_id NOT IN (SELECT image_id FROM box_supervision) "
+        f"AND i.patient_id NOT IN ({_SUP_PATIENTS}) "
+        "AND g.image_id NOT IN (SELECT image_id FROM box_rule_images WHERE round = ?) "
         "ORDER BY g.image_id, g.finding, g.x, g.y",
-        [split],
+        [split, round_],
     )
     gi = _index_of(np.asarray(gt["image_id"], dtype=object), ids)
     gf = _index_of(_canonical(np.asarray(gt["finding"], dtype=object)), np.array(BOX_FINDINGS))
@@ -116,4 +131,14 @@ def load_eval_data(ws: Workspace, round_: int, split: str) -> EvalData:
         n_excluded_pairs=int(n_sup_pairs),
         n_missing_cam_images=int((~has_cam).sum()),
         n_other_gt=int((in_split & (gf < 0)).sum()),
+        n_fit_pairs=int(n_fit_pairs), map_hw=_map_hw(ws, round_),
+        box_rules=cat.query("SELECT DISTINCT source FROM box_rules WHERE round = ?", [round_]),
     )
+
+
+def _map_hw(ws: Workspace, round_: int) -> tuple[int, int] | None:
+    """The round's stored map size (for the grid ceiling), None without maps."""
+    if not ws.store.has_cams(round_):
+        return None
+    with ws.store.open("r") as f:
+        return tuple(int(v) for v in f[f"cams/round-{round_}"].shape[-2:])

@@ -27,6 +27,7 @@ from kacl_cli.findings import BOX_FINDINGS, FINDINGS
 from kacl_cli.progress import bar
 from kacl_cli.stages.evaluate.baselines import IOBB_THRESHOLDS, IOU_THRESHOLDS
 from kacl_cli.stages.evaluate.data import EvalData
+from kacl_cli.stages.evaluate.localization import grid_ceiling_iou, mean_accuracy
 
 __all__ = [
     "IOU_THRESHOLDS", "IOBB_THRESHOLDS", "roc_auc", "weighted_auc", "bootstrap_aucs",
@@ -238,6 +239,8 @@ def compute_metrics(data: EvalData, n_boot: int = 1000, seed: int = 0) -> dict[s
 
     # -- localization -------------------------------------------------------------------
     iou, iobb = pair_overlaps(data.pair_pred, data.pair_gt)
+    ceiling = (grid_ceiling_iou(data.pair_gt, data.orig_size[data.pair_image], data.map_hw)
+               if data.map_hw is not None else np.full(len(iou), np.nan))
     loc_rows = []
     for k, f in enumerate(BOX_FINDINGS):
         sel = data.pair_finding == k
@@ -249,6 +252,9 @@ def compute_metrics(data: EvalData, n_boot: int = 1000, seed: int = 0) -> dict[s
             "mean_iobb": _num(np.nan_to_num(iobb[sel], nan=0.0).mean()) if m else None,
             "acc_iou": [_num(a) for a in accuracy_at(iou[sel], IOU_THRESHOLDS)],
             "acc_iobb": [_num(a) for a in accuracy_at(iobb[sel], IOBB_THRESHOLDS)],
+            # headroom: the best boxes with edges on the map grid (localization.py)
+            "ceiling_iou": _num(ceiling[sel].mean()) if m else None,
+            "ceiling_acc": _num(mean_accuracy(ceiling[sel], IOU_THRESHOLDS)) if m else None,
         })
     mean_acc_iou = [_mean([r["acc_iou"][t] for r in loc_rows])
                     for t in range(len(IOU_THRESHOLDS))]
@@ -263,10 +269,16 @@ def compute_metrics(data: EvalData, n_boot: int = 1000, seed: int = 0) -> dict[s
                      + ", ".join(no_pairs))
     if data.n_excluded_images:
         notes.append(
-            f"{data.n_excluded_images} box-annotated image(s) ({data.n_excluded_pairs} boxes) "
-            "excluded from AUC and localization: their boxes supervised training "
-            "(box_supervision)"
+            f"{data.n_excluded_images} image(s) ({data.n_excluded_pairs} boxes) of box-"
+            "supervision patients excluded from AUC and localization: their boxes supervised "
+            "training (box_supervision: every image of the chosen patients)"
         )
+    if data.n_fit_pairs:
+        notes.append(f"{data.n_fit_pairs} ground-truth box(es) of split {data.split!r} not "
+                     "scored: the round's box rules were fitted on them")
+    sources = sorted({str(r[0]) for r in data.box_rules})
+    if sources:
+        notes.append("box rules: " + "; ".join(sources))
     if data.n_other_gt:
         notes.append(f"{data.n_other_gt} ground-truth box(es) of findings outside the 8 box "
                      "findings ignored")

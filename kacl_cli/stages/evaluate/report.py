@@ -292,10 +292,14 @@ def loc_table(doc: dict[str, Any], kind: str) -> str:
                     + [fmt(loc[f"mean_acc_{kind}"][t_i])])
         classes.append("")
     rows.append([f"mean {name}"] + [fmt(c[f"mean_{kind}"]) for c in findings] + [""])
+    if kind == "iou" and any(c.get("ceiling_iou") is not None for c in findings):
+        rows.append(["grid ceiling IoU"] + [fmt(c.get("ceiling_iou")) for c in findings] + [""])
+        rows.append(["grid ceiling acc 0.1-0.7"] + [fmt(c.get("ceiling_acc")) for c in findings]
+                    + [""])
     rows.append(["GT boxes"] + [str(c["n"]) for c in findings] + [str(loc["n_pairs"])])
     rows.append(["no predicted box"] + [str(c["n_missing"]) for c in findings]
                 + [str(loc["n_missing_pred"])])
-    classes += ["mean", "", ""]
+    classes += ["mean"] * (len(rows) - len(classes) - 2) + ["", ""]
     caption = (f"Localization accuracy (correct when {name} &gt; T; a ground-truth box without "
                f"a predicted box counts as wrong), round {doc['round']}, split "
                f"<b>{_e(doc['split'])}</b>")
@@ -342,8 +346,8 @@ checkpoint round-{doc['round']}). Definitions: docs/evaluation.md.</p>
 <h2>Localization</h2>
 <p>{loc['n_pairs']} ground-truth boxes on {loc['n_images']} images; each box is one
 (image, finding) pair scored against the predicted box of that finding, whatever its
-probability. {loc['n_excluded_images']} box-annotated image(s) ({loc['n_excluded_pairs']} boxes)
-excluded because their boxes supervised training.</p>
+probability. {loc['n_excluded_images']} image(s) of box-supervision patients
+({loc['n_excluded_pairs']} boxes) excluded because their boxes supervised training.</p>
 <h3>T(IoU)</h3>
 <div class="side">{loc_table(doc, 'iou')}{baseline_loc_table('iou')}</div>
 <h3>T(IoBB) (intersection over the predicted box's area)</h3>

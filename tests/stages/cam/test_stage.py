@@ -17,7 +17,9 @@ from kacl_cli.models.checkpoint import load_image_net, model_meta, preprocess, s
 from kacl_cli.models.image_net import GRAY_MEAN, GRAY_STD, build_image_net
 from kacl_cli.sharding.parts import Shard
 from kacl_cli.stages.cam import stage as cam_stage
-from kacl_cli.stages.cam.gradcam import batched_gradcam, map_to_box
+from kacl_cli.stages.cam.box_rules import FittedRules
+from kacl_cli.stages.cam.gradcam import batched_gradcam
+from kacl_cli.stages.cam.localize import BoxRule, localize
 from kacl_cli.workspace import Workspace
 
 torch.set_num_threads(1)
@@ -66,15 +68,17 @@ def test_maps_and_rows_for_every_finding_match_the_model(ws: Workspace) -> None:
     assert maps.max() > 0 and not np.isclose(maps.reshape(-1, 64).max(axis=1), 1).all()
     probs = torch.sigmoid(logits).numpy()
     order = {f: i for i, f in enumerate(FINDINGS)}
+    rules = {f: BoxRule(r["frac"], r["component"]) for f, r in summary["box_rules"].items()}
     for _image_id, finding, p, x0, y0, w, h, peak, mass, reason, row, ow, oh in rows:
         f = order[finding]
         assert p == pytest.approx(probs[row, f], abs=1e-5)
-        mb = map_to_box(maps[row, f], 0.5)
+        # the same rule, at the net's input size (64), from the stored float16 map
+        mb = localize(torch.from_numpy(maps[row, f][None]), (64, 64), rules[finding])[0][0]
         assert reason == mb.reason
         if mb.box is None:
             assert x0 is None and reason
         else:
-            want = scale_xywh(np.array(mb.box), ow / 8, oh / 8)
+            want = scale_xywh(np.array(mb.box), ow / 64, oh / 64)
             assert np.allclose([x0, y0, w, h], want)
             assert 0 <= x0 and x0 + w <= ow + 1e-9 and y0 + h <= oh + 1e-9
             assert peak == pytest.approx(mb.peak) and mass == pytest.approx(mb.mass)
@@ -96,7 +100,10 @@ def test_box_is_converted_to_original_pixels_per_axis(ws: Workspace, monkeypatch
         "JOIN images i USING (image_id) WHERE i.row = 1 ORDER BY c.finding"
     )
     by = {r[0]: r[1:] for r in got}
-    assert by["Mass"][:7] == (5 * 300 / 8, 2 * 256 / 8, 300 / 8, 256 / 8, 0.75, 0.75, None)
+    # upsampled bilinearly to 64 px and cut at half its peak, one hot map cell gives exactly
+    # that cell's box (pixel-edge frame); mass in map units stays near the cell's value
+    assert by["Mass"][:5] == (5 * 300 / 8, 2 * 256 / 8, 300 / 8, 256 / 8, 0.75)
+    assert 0.3 < by["Mass"][5] < 0.75 and by["Mass"][6] is None
     assert by["Infiltration"][:4] == (None, None, None, None)
     assert by["Infiltration"][6] == "empty map: no positive evidence"
     assert by["Mass"][7] == 0.5  # sigmoid(0)
@@ -114,6 +121,8 @@ def test_identical_rerun_is_skipped_and_force_recomputes(ws: Workspace) -> None:
 
 
 def test_killed_run_resumes_from_the_last_committed_chunk(ws: Workspace, monkeypatch) -> None:
+    # fit the box rules first (box_rules.json), so only the stage's own batches are counted
+    cam_stage.box_rules_for(ws, 0, ws.checkpoint_dir(0), None, "cpu")
     calls = {"n": 0}
     real = cam_stage.batched_gradcam
 
@@ -157,7 +166,7 @@ def test_split_subset_then_all_reuses_the_done_images(ws: Workspace) -> None:
 
 
 def test_other_threshold_or_retrained_checkpoint_replaces_the_rows(ws: Workspace) -> None:
-    cam_stage.run_cam_stage(ws, 0, device="cpu")
+    cam_stage.run_cam_stage(ws, 0, threshold=0.5, device="cpu")
     before = {(r[0], r[1]): r[2:7] for r in cam_rows(ws)}
     low = cam_stage.run_cam_stage(ws, 0, threshold=0.2, device="cpu")
     assert low["computed"] == 12
@@ -175,7 +184,8 @@ def test_other_threshold_or_retrained_checkpoint_replaces_the_rows(ws: Workspace
     new_p = {(r[0], r[1]): r[2] for r in cam_rows(ws)}
     assert any(abs(new_p[k] - before[k][0]) > 1e-4 for k in before)
     assert json.loads(ws.catalog.query(
-        "SELECT value FROM meta WHERE key = 'cam:round-0'")[0][0])["threshold"] == 0.5
+        "SELECT value FROM meta WHERE key = 'cam:round-0'")[0][0])["box_rules"] == FittedRules(
+            {f: BoxRule(**r) for f, r in retrained["box_rules"].items()}, "").digest()
 
 
 def test_missing_and_foreign_checkpoints_and_bad_options(tiny_workspace) -> None:
@@ -209,6 +219,7 @@ def test_non_finite_logits_stop_the_stage_without_rows(ws: Workspace, monkeypatc
         logits[0, 2] = float("nan")
         return logits, torch.ones(len(x), len(FINDINGS), 8, 8)
 
+    cam_stage.box_rules_for(ws, 0, ws.checkpoint_dir(0), None, "cpu")  # fitted beforehand
     monkeypatch.setattr(cam_stage, "batched_gradcam", broken)
     with pytest.raises(CheckpointError, match="non-finite logits"):
         cam_stage.run_cam_stage(ws, 0, device="cpu")

@@ -126,3 +126,23 @@ def test_images_without_cam_rows_are_left_out_and_said(tiny_workspace, fakes) ->
     assert data.n_missing_cam_images == 1
     assert all(c["n"] == doc["n_images"] - 1 for c in doc["classification"]["findings"])
     assert any("no cam_boxes rows" in note for note in doc["notes"])
+
+
+def test_every_image_of_a_box_supervision_patient_leaves_evaluation(evaluated) -> None:
+    """The leak: a follow-up (no boxes) of a supervised patient must leave the AUC set too."""
+    ws, _kinds, test_gt, _dup, supervised = evaluated
+    before = load_eval_data(ws, 0, "test")
+    boxed = {i for i, *_ in test_gt}
+    follow_up = next(i for i in before.image_ids.tolist() if i not in boxed)
+    with ws.catalog.connect() as con:
+        con.execute("UPDATE images SET patient_id = (SELECT patient_id FROM images WHERE "
+                    "image_id = ?) WHERE image_id = ?", [supervised, follow_up])
+    after = load_eval_data(ws, 0, "test")
+    assert follow_up not in after.image_ids.tolist()
+    assert len(after.image_ids) == len(before.image_ids) - 1
+    assert after.n_excluded_images == before.n_excluded_images + 1 == 2
+    doc = compute_metrics(after, n_boot=0)
+    assert any(n.startswith("2 image(s)") and "chosen patients" in n for n in doc["notes"])
+    # the grid ceiling sits beside the mean IoU of every finding with pairs
+    rows = [r for r in doc["localization"]["findings"] if r["n"]]
+    assert rows and all(r["ceiling_iou"] is not None and r["ceiling_iou"] >= 0 for r in rows)
