@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 
-from kacl_cli.training.augment import augment_image, item_generator
 from kacl_cli.training.batches import DeviceBatches, device_batches, unwrap
 from kacl_cli.training.distributed import EpochSampler
-from kacl_cli.training.gpu_augment import augment_batch, draw_params, transform_boxes
+from kacl_cli.training.gpu_augment import augment_batch, draw_params, transform_boxes, uniforms
 from kacl_cli.training.loader import StoreDataset, load_split
 
 CPU = torch.device("cpu")
@@ -38,28 +38,53 @@ def test_epoch_images_do_not_depend_on_workers_or_batch_size(tiny_workspace) -> 
     b = _epoch_images(ds, 2, batch=5, workers=2)  # augmented in two worker processes
     assert sorted(a) == sorted(b) == list(range(len(ds)))
     for i in a:
-        for x, y in zip(a[i], b[i]):
+        for x, y in zip(a[i], b[i], strict=True):
             assert torch.equal(x, y)
         assert not torch.equal(a[i][0], a[i][1])  # two independent views
     c = _epoch_images(ds, 3, batch=3, workers=0)
     assert not torch.equal(a[0][0], c[0][0])  # another epoch, other draws
 
 
-def test_batched_augmentation_matches_the_item_path() -> None:
-    """Same draws and warp as augment_image (compared where no border padding is sampled)."""
+def test_warp_is_torchvisions_affine() -> None:
+    """Same inverse matrix and centre as torchvision (compared where no padding is sampled)."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 1, 40, 40, generator=g) * 255
     x = torch.nn.functional.avg_pool2d(x, 5, 1, 2).round().to(torch.uint8)
     params = draw_params(11, 4, range(6), 0, 40)
+    params[:, 4:6] = 1.0  # warp only
     out, _ = augment_batch(x, params, 40)
-    flat = params.copy()
-    flat[:, 4:6] = 1.0  # coverage of the warp: where every tap is inside the image
-    cover, _ = augment_batch(torch.full_like(x, 255), flat, 40)
+    cover, _ = augment_batch(torch.full_like(x, 255), params, 40)
     for k in range(6):
-        ref = augment_image(x[k].float() / 255, item_generator(11, 4, k, 0))
+        angle, scale, tx, ty = params[k, :4].tolist()
+        ref = TF.affine(x[k].float() / 255, angle=angle, translate=[int(tx), int(ty)],
+                        scale=scale, shear=[0.0, 0.0],
+                        interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
         inside = cover[k] > 0.9999
         assert inside.float().mean() > 0.5
-        torch.testing.assert_close(out[k][inside], ref[inside], rtol=0, atol=2e-3)
+        torch.testing.assert_close(out[k][inside], ref[inside], rtol=0, atol=1e-4)
+
+
+def test_items_and_batches_give_the_same_pixels(tiny_workspace) -> None:
+    ws = tiny_workspace(n=8, size=32)
+    split = load_split(ws, "train")
+    ds = StoreDataset(ws.store.path, split.rows, split.labels, augment=True, views=2,
+                      image_size=24, seed=9)
+    batched = _epoch_images(ds, 1, batch=4, workers=0)
+    ds.set_epoch(1)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert torch.equal(item["image"], batched[i][0])
+        assert torch.equal(item["image2"], batched[i][1])
+
+
+def test_uniforms_are_a_function_of_their_key() -> None:
+    u = uniforms(1, 2, 0, np.arange(5000), 7)
+    assert u.shape == (5000, 7) and 0 <= u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12**-0.5) < 0.01
+    assert np.array_equal(uniforms(1, 2, 0, [4321, 7], 7), u[[4321, 7]])
+    for other in (uniforms(1, 3, 0, range(50), 7), uniforms(1, 2, 1, range(50), 7),
+                  uniforms(2, 2, 0, range(50), 7)):
+        assert not np.isclose(other, u[:50]).any(axis=1).all()
 
 
 def test_unaugmented_batches_are_the_items(tiny_workspace) -> None:
