@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from kacl_cli.device import resolve_device
@@ -30,11 +31,36 @@ from kacl_cli.findings import FINDINGS, LABEL_COLUMNS
 from kacl_cli.models.checkpoint import model_meta
 from kacl_cli.models.image_net import GRAY_MEAN, GRAY_STD, build_image_net
 from kacl_cli.models.losses import ClassificationObjective
+from kacl_cli.training.augment import augment_image, item_generator
 from kacl_cli.training.batches import DeviceBatches
 from kacl_cli.training.distributed import EpochSampler
 from kacl_cli.training.fit import TrainConfig, fit
 from kacl_cli.training.loader import StoreDataset, load_split
 from kacl_cli.workspace import Workspace
+
+
+class LegacyDataset(StoreDataset):
+    """The item path as it was before the batched path (per-item float resize and
+    torchvision affine in the workers): the baseline of the "today" ratios."""
+
+    def _resized(self, pixels: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0)
+        if self.image_size and x.shape[-1] != self.image_size:
+            x = F.interpolate(x[None].float(), size=(self.image_size,) * 2, mode="bilinear",
+                              antialias=True, align_corners=False)[0]
+            x = x.round_().clamp_(0, 255).to(torch.uint8)
+        return x
+
+    def _view(self, x: torch.Tensor, index: int, view: int) -> torch.Tensor:
+        if not self.augment:
+            return x
+        g = item_generator(self.seed, self.epoch, index, view)
+        return augment_image(x.float() / 255.0, g, self.augment_config)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        x = self._resized(self.reader[self.rows[index]])
+        return {"image": self._view(x, index, 0), "labels": torch.from_numpy(self.labels[index]),
+                "row": torch.tensor(int(self.rows[index]))}
 
 
 def make_workspace(root: Path, n_train: int, n_val: int, size: int) -> Workspace:
@@ -106,13 +132,12 @@ def fit_rate(backbone: str, size: int, store_size: int, batch: int, batches: int
                           device=device, amp=amp, seed=0, data_path=data_path)
         meta = model_meta(backbone, size, store_size, GRAY_MEAN, GRAY_STD, 0, "bench")
         torch.manual_seed(0)
+        kind = LegacyDataset if data_path == "items" else StoreDataset
         summary = fit(
             ws=ws, run=None, stage="bench", round_=0, model=build_image_net(backbone),
             objective=ClassificationObjective(),
-            train_set=StoreDataset(ws.store.path, tr.rows, tr.labels, augment=True,
-                                   image_size=size),
-            val_set=StoreDataset(ws.store.path, va.rows, va.labels, augment=False,
-                                 image_size=size),
+            train_set=kind(ws.store.path, tr.rows, tr.labels, augment=True, image_size=size),
+            val_set=kind(ws.store.path, va.rows, va.labels, augment=False, image_size=size),
             cfg=cfg, meta=meta, resume=False,
         )
         return float(summary["images_per_s"])
@@ -120,15 +145,17 @@ def fit_rate(backbone: str, size: int, store_size: int, batch: int, batches: int
 
 def loader_rates(size: int, store_size: int, batch: int, n: int, device: torch.device
                  ) -> tuple[float, float]:
-    """(item path, batched path) images/s of the augmenting loader alone, in this process
-    (no workers): store read, resize to ``size``, augmentation, collation, device copy."""
+    """(item path as before, batched path) images/s of the augmenting loader alone, in this
+    process (no workers): store read, resize to ``size``, augmentation, collation, device
+    copy."""
     with tempfile.TemporaryDirectory() as tmp:
         ws = make_workspace(Path(tmp) / "ws", n, 0, store_size)
         tr = load_split(ws, "train")
-        ds = StoreDataset(ws.store.path, tr.rows, tr.labels, augment=True, image_size=size)
-        sampler = EpochSampler(len(ds), 0)
+        sampler = EpochSampler(len(tr), 0)
         rates = []
         for path in ("items", "batched"):
+            kind = LegacyDataset if path == "items" else StoreDataset
+            ds = kind(ws.store.path, tr.rows, tr.labels, augment=True, image_size=size)
             ds.reader.batch(tr.rows[:2])  # open the file outside the timing
             if path == "items":
                 it = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=0)
@@ -171,8 +198,8 @@ def main() -> None:
         items, batched = loader_rates(args.loader_size, args.store_size, args.batch,
                                       args.batch * args.batches, device)
         torch.set_num_threads(threads)
-        print(f"run {r + 1} loader {args.loader_size} px, 1 core: items {items:7.0f} img/s  "
-              f"batched {batched:7.0f} img/s  batched/items {batched / items:5.2f}x", flush=True)
+        print(f"run {r + 1} loader {args.loader_size} px, 1 core: before {items:7.0f} img/s  "
+              f"batched {batched:7.0f} img/s  batched/before {batched / items:5.2f}x", flush=True)
         for case in args.cases.split(","):
             backbone, size = case.split(":")
             pure = pure_rate(backbone, int(size), args.batch, args.batches, device, amp)
@@ -181,7 +208,7 @@ def main() -> None:
                                  args.device, args.workers, amp, p)
                      for p in ("items", "batched")}
             print(f"run {r + 1} {backbone:<11} {size:>4} px: model {pure:7.1f} img/s  pretrain "
-                  f"items {loops['items']:7.1f} ({loops['items'] / pure:4.2f}x)  batched "
+                  f"before {loops['items']:7.1f} ({loops['items'] / pure:4.2f}x)  batched "
                   f"{loops['batched']:7.1f} ({loops['batched'] / pure:4.2f}x of model)",
                   flush=True)
 

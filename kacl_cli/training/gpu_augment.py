@@ -4,10 +4,12 @@ Both data paths use it: the batched path (:mod:`kacl_cli.training.batches`) on w
 batches on the device, the item path (``StoreDataset`` in DataLoader workers) on batches of
 one. Per batch:
 
-1. resize to the training size (antialiased bilinear, uint8 levels);
-2. one ``grid_sample`` (bilinear, black outside) with torchvision's affine about the image
-   centre (rotation, scale, whole-pixel translation; its grid built separably);
-3. brightness, then contrast about the image's mean grey level; clamp to 0..1.
+1. one ``grid_sample`` (bilinear, black outside) from the store pixels to the training size,
+   with torchvision's affine about the image centre (rotation, scale, whole-pixel
+   translation; the grid built separably). The resize rides in the same pass when the store
+   is at most 1.5x the training side; a larger store is first resized (antialiased);
+2. brightness and contrast about the image's mean grey level in one pass; clamp to 0..1.
+Without augmentation: the antialiased resize only (uint8 levels).
 
 Every image's parameters are a pure function of (seed, epoch, index, view)
 (:func:`uniforms`, a counter-based hash), so an epoch's images depend neither on the worker
@@ -32,6 +34,8 @@ import torch.nn.functional as F
 from kacl_cli.training.augment import AugmentConfig
 
 PARAMS = ("angle", "scale", "tx", "ty", "brightness", "contrast", "flip")
+# Store sides up to this multiple of the training side are resized inside the warp.
+FOLD_RESIZE = 1.5
 
 
 _M1, _M2, _GOLD = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
@@ -155,22 +159,25 @@ def augment_batch(x: torch.Tensor, params: np.ndarray | None, side: int
         x = x.unsqueeze(1)
     store_side = int(x.shape[-1])
     n = int(x.shape[0])
-    small = resize_batch(x, side)
-    img = small.float().div_(255.0)
     affine = torch.from_numpy(forward_affine(params, n, store_side, side).astype(np.float32))
     if params is None or n == 0:
-        return img, affine.to(x.device)
+        return resize_batch(x, side).float().div_(255.0), affine.to(x.device)
+    # grid_sample's normalised coordinates do not depend on the source size, so a mild
+    # downscale (or any upscale) is folded into the warp: one bilinear pass from the store
+    # pixels. A strong downscale is antialiased first, or bilinear taps would alias.
+    src = x if store_side <= FOLD_RESIZE * side else resize_batch(x, side)
     theta = torch.from_numpy(_inverse_theta(params, side).astype(np.float32)).to(x.device)
-    out = F.grid_sample(img, _grid(theta, side), mode="bilinear", padding_mode="zeros",
-                        align_corners=False)
+    out = F.grid_sample(src.float(), _grid(theta, side), mode="bilinear",
+                        padding_mode="zeros", align_corners=False)
     p = torch.from_numpy(params[:, 4:6].astype(np.float32)).to(x.device).view(n, 2, 1, 1)
-    # Contrast pivots on the image's mean grey level (after brightness), taken from the
-    # resized uint8 pixels as an exact integer sum: the same value whatever the batch,
-    # threads or device (torchvision takes it after the warp, in float).
-    total = small.sum(dim=(1, 2, 3), dtype=torch.int64).view(n, 1, 1, 1)
-    mean = total.to(torch.float32) * (p[:, :1] / (255.0 * side * side))
-    c = p[:, 1:]
-    out = out.mul_(p[:, :1]).clamp_(0.0, 1.0).mul_(c).add_((1.0 - c) * mean).clamp_(0.0, 1.0)
+    # Brightness b, then contrast c about the image's mean grey level m (after brightness):
+    # clamp(c * b * v + (1 - c) * b * m), one pass. m is an exact integer sum of the source
+    # pixels: the same value whatever the batch, threads or device.
+    area = float(src.shape[-1] * src.shape[-2])
+    total = src.sum(dim=(1, 2, 3), dtype=torch.int64).view(n, 1, 1, 1).to(torch.float32)
+    b, c = p[:, :1], p[:, 1:]
+    offset = (1.0 - c) * b * total / (255.0 * area)
+    out = out.mul_(b * c / 255.0).add_(offset).clamp_(0.0, 1.0)
     return out, affine.to(x.device)
 
 

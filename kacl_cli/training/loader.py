@@ -102,29 +102,24 @@ class StoreDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _resized(self, pixels: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0)  # 1 x S x S uint8
-        if self.image_size and x.shape[-1] != self.image_size:
-            x = resize_batch(x[None], self.image_size)[0]
-        return x
-
-    def _view(self, x: torch.Tensor, index: int, view: int) -> torch.Tensor:
-        """One augmented view: the batched path's function on a batch of one (same pixels)."""
+    def _view(self, raw: torch.Tensor, index: int, view: int) -> torch.Tensor:
+        """One view of a 1 x S x S uint8 image: the batched path's function on a batch of
+        one (so items and batches hold the same pixels)."""
+        side = int(self.image_size or raw.shape[-1])
         if not self.augment:
-            return x
-        side = int(x.shape[-1])
+            return resize_batch(raw[None], side)[0]
         params = draw_params(self.seed, self.epoch, [index], view, side, self.augment_config)
-        return augment_batch(x[None], params, side)[0][0]
+        return augment_batch(raw[None], params, side)[0][0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        x = self._resized(self.reader[self.rows[index]])
+        raw = torch.from_numpy(np.ascontiguousarray(self.reader[self.rows[index]])).unsqueeze(0)
         item = {
-            "image": self._view(x, index, 0),
+            "image": self._view(raw, index, 0),
             "labels": torch.from_numpy(self.labels[index]),
             "row": torch.tensor(int(self.rows[index])),
         }
         if self.views == 2:
-            item["image2"] = self._view(x, index, 1)
+            item["image2"] = self._view(raw, index, 1)
         for key, arr in self.extras.items():
             item[key] = torch.as_tensor(arr[index])
         return item
