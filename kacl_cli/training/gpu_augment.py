@@ -140,12 +140,12 @@ def _grid(theta: torch.Tensor, side: int) -> torch.Tensor:
     separable parts (one broadcast add per coordinate: ~7x cheaper on the CPU)."""
     n = theta.shape[0]
     c = (torch.arange(side, device=theta.device, dtype=theta.dtype) + 0.5) * (2.0 / side) - 1
-    grid = torch.empty(n, side, side, 2, device=theta.device, dtype=theta.dtype)
-    for k in range(2):
+    grid = torch.empty(n, 2, side, side, device=theta.device, dtype=theta.dtype)
+    for k in range(2):  # contiguous planes, then a view: cheaper than strided writes
         along_x = theta[:, k, 0, None] * c
         along_y = theta[:, k, 1, None] * c + theta[:, k, 2, None]
-        torch.add(along_x[:, None, :], along_y[:, :, None], out=grid[..., k])
-    return grid
+        torch.add(along_x[:, None, :], along_y[:, :, None], out=grid[:, k])
+    return grid.permute(0, 2, 3, 1)
 
 
 def augment_batch(x: torch.Tensor, params: np.ndarray | None, side: int
