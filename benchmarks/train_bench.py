@@ -209,7 +209,8 @@ def main() -> None:
                      for p in ("items", "batched")}
             print(f"run {r + 1} {backbone:<11} {size:>4} px: model {pure:7.1f} img/s  pretrain "
                   f"before {loops['items']:7.1f} ({loops['items'] / pure:4.2f}x)  batched "
-                  f"{loops['batched']:7.1f} ({loops['batched'] / pure:4.2f}x of model)",
+                  f"{loops['batched']:7.1f} ({loops['batched'] / pure:4.2f}x of model; data "
+                  f"path {100 * max(0.0, 1 - loops['batched'] / pure):.0f}% of step time)",
                   flush=True)
 
 
