@@ -84,14 +84,17 @@ class BatchReader(Dataset):
         return batch
 
 
-def finish_batch(batch: dict[str, torch.Tensor], ds: StoreDataset, epoch: int
-                 ) -> dict[str, torch.Tensor]:
-    """Resize + augment ``batch["image"]`` (uint8, on its device) into the training views."""
+def finish_batch(batch: dict[str, torch.Tensor], ds: StoreDataset, epoch: int,
+                 idx: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Resize + augment ``batch["image"]`` (uint8, on its device) into the training views.
+
+    ``idx``: the batch's item indices on the host (reading them back from the GPU would
+    wait for the previous step's kernels)."""
     raw = batch["image"]
     if raw.dtype != torch.uint8:  # already finished (in a worker)
         return batch
     side = int(ds.image_size or raw.shape[-1])
-    idx = batch["index"].cpu().numpy()
+    idx = batch["index"].cpu().numpy() if idx is None else idx
     for view, (key, akey) in enumerate((("image", "affine"), ("image2", "affine2"))[: ds.views]):
         params = (draw_params(ds.seed, epoch, idx, view, side, ds.augment_config)
                   if ds.augment else None)
@@ -153,8 +156,9 @@ class DeviceBatches:
         if self._loader is None:
             self._loader = self._make_loader()
         for batch in self._loader:
+            idx = batch["index"].numpy()
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            yield finish_batch(batch, self.dataset, self.epoch)
+            yield finish_batch(batch, self.dataset, self.epoch, idx)
 
 
 def device_batches(dataset: Dataset, sampler: Sampler[int] | None, batch_size: int,

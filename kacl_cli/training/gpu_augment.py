@@ -148,6 +148,14 @@ def _grid(theta: torch.Tensor, side: int) -> torch.Tensor:
     return grid.permute(0, 2, 3, 1)
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without stalling: a pageable host -> GPU copy waits
+    for the stream (the previous step's kernels); a pinned one is queued behind them."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def augment_batch(x: torch.Tensor, params: np.ndarray | None, side: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B x 1 x side x side float in 0..1, B x 2 x 3 float32 forward affine) of a uint8 batch.
@@ -161,16 +169,16 @@ def augment_batch(x: torch.Tensor, params: np.ndarray | None, side: int
     n = int(x.shape[0])
     affine = torch.from_numpy(forward_affine(params, n, store_side, side).astype(np.float32))
     if params is None or n == 0:
-        return resize_batch(x, side).float().div_(255.0), affine.to(x.device)
+        return resize_batch(x, side).float().div_(255.0), _to(affine, x.device)
     # grid_sample's normalised coordinates do not depend on the source size, so a mild
     # downscale (or any upscale) is folded into the warp: one bilinear pass from the store
     # pixels. A strong downscale is antialiased first, or bilinear taps would alias.
     src = x if store_side <= FOLD_RESIZE * side else resize_batch(x, side)
-    theta = torch.from_numpy(_inverse_theta(params, side).astype(np.float32)).to(x.device)
+    theta = _to(torch.from_numpy(_inverse_theta(params, side).astype(np.float32)), x.device)
     srcf = src.float()
     out = F.grid_sample(srcf, _grid(theta, side), mode="bilinear", padding_mode="zeros",
                         align_corners=False)
-    p = torch.from_numpy(params[:, 4:6].astype(np.float32)).to(x.device).view(n, 2, 1, 1)
+    p = _to(torch.from_numpy(params[:, 4:6].astype(np.float32)), x.device).view(n, 2, 1, 1)
     # Brightness b, then contrast c about the image's mean grey level m (after brightness):
     # clamp(c * b * v + (1 - c) * b * m), one pass. m comes from the sum of the source's
     # integer levels in float64, exact in any order (< 2^53): the same value whatever the
@@ -180,7 +188,7 @@ def augment_batch(x: torch.Tensor, params: np.ndarray | None, side: int
     b, c = p[:, :1], p[:, 1:]
     offset = (1.0 - c) * b * total / (255.0 * area)
     out = out.mul_(b * c / 255.0).add_(offset).clamp_(0.0, 1.0)
-    return out, affine.to(x.device)
+    return out, _to(affine, x.device)
 
 
 def transform_boxes(boxes: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
