@@ -4,8 +4,13 @@ optimizer) against the model's pure forward+backward rate on random tensors.
 The gap between the two is the data path's overhead (reading/decoding the store, per-item
 augmentation, collation, host->device copies). Run:
 
-    .venv/bin/python -m benchmarks.train_bench                 # CPU, 224 px, batch 8, 3 batches
-    .venv/bin/python -m benchmarks.train_bench --device cuda --batch 64 --batches 30 --workers 8
+    .venv/bin/python -m benchmarks.train_bench     # CPU: tiny 64 px, resnet18 128 px, 3 runs
+    .venv/bin/python -m benchmarks.train_bench --device cuda --cases densenet121:224 \
+        --batch 64 --batches 30 --workers 8
+
+Each run prints side by side: the loader alone at 224 px on one core (item path vs batched
+path), and per case the model alone (forward + focal loss + backward + AdamW on tensors
+already on the device) against pretrain's loop on both data paths, as ratios of that run.
 """
 
 from __future__ import annotations
@@ -18,16 +23,45 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from kacl_cli.device import resolve_device
 from kacl_cli.findings import FINDINGS, LABEL_COLUMNS
 from kacl_cli.models.checkpoint import model_meta
 from kacl_cli.models.image_net import GRAY_MEAN, GRAY_STD, build_image_net
 from kacl_cli.models.losses import ClassificationObjective
+from kacl_cli.training.augment import augment_image, item_generator
+from kacl_cli.training.batches import DeviceBatches
 from kacl_cli.training.config import TrainConfig
+from kacl_cli.training.distributed import EpochSampler
 from kacl_cli.training.fit import fit
 from kacl_cli.training.loader import StoreDataset, load_split
 from kacl_cli.workspace import Workspace
+
+
+class LegacyDataset(StoreDataset):
+    """The item path as it was before the batched path (per-item float resize and
+    torchvision affine in the workers): the baseline of the "today" ratios."""
+
+    def _resized(self, pixels: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0)
+        if self.image_size and x.shape[-1] != self.image_size:
+            x = F.interpolate(x[None].float(), size=(self.image_size,) * 2, mode="bilinear",
+                              antialias=True, align_corners=False)[0]
+            x = x.round_().clamp_(0, 255).to(torch.uint8)
+        return x
+
+    def _view(self, x: torch.Tensor, index: int, view: int) -> torch.Tensor:
+        if not self.augment:
+            return x
+        g = item_generator(self.seed, self.epoch, index, view)
+        return augment_image(x.float() / 255.0, g, self.augment_config)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        x = self._resized(self.reader[self.rows[index]])
+        return {"image": self._view(x, index, 0), "labels": torch.from_numpy(self.labels[index]),
+                "row": torch.tensor(int(self.rows[index]))}
 
 
 def make_workspace(root: Path, n_train: int, n_val: int, size: int) -> Workspace:
@@ -88,7 +122,7 @@ def pure_rate(backbone: str, size: int, batch: int, batches: int, device: torch.
 
 
 def fit_rate(backbone: str, size: int, store_size: int, batch: int, batches: int,
-             device: str, workers: int, amp: bool) -> float:
+             device: str, workers: int, amp: bool, data_path: str = "batched") -> float:
     """Images/s of pretrain's loop over the store (train part of one epoch, val excluded)."""
     with tempfile.TemporaryDirectory() as tmp:
         # The loop's own figure (epochs.images_per_s): train seconds of the epoch, including
@@ -96,30 +130,58 @@ def fit_rate(backbone: str, size: int, store_size: int, batch: int, batches: int
         ws = make_workspace(Path(tmp) / "ws", batch * batches, 2 * batch, store_size)
         tr, va = load_split(ws, "train"), load_split(ws, "val")
         cfg = TrainConfig(epochs=1, batch_size=batch, image_size=size, workers=workers,
-                          device=device, amp=amp, seed=0)
+                          device=device, amp=amp, seed=0, data_path=data_path)
         meta = model_meta(backbone, size, store_size, GRAY_MEAN, GRAY_STD, 0, "bench")
         torch.manual_seed(0)
+        kind = LegacyDataset if data_path == "items" else StoreDataset
         summary = fit(
             ws=ws, run=None, stage="bench", round_=0, model=build_image_net(backbone),
             objective=ClassificationObjective(),
-            train_set=StoreDataset(ws.store.path, tr.rows, tr.labels, augment=True,
-                                   image_size=size),
-            val_set=StoreDataset(ws.store.path, va.rows, va.labels, augment=False,
-                                 image_size=size),
+            train_set=kind(ws.store.path, tr.rows, tr.labels, augment=True, image_size=size),
+            val_set=kind(ws.store.path, va.rows, va.labels, augment=False, image_size=size),
             cfg=cfg, meta=meta, resume=False,
         )
         return float(summary["images_per_s"])
 
 
+def loader_rates(size: int, store_size: int, batch: int, n: int, device: torch.device
+                 ) -> tuple[float, float]:
+    """(item path as before, batched path) images/s of the augmenting loader alone, in this
+    process (no workers): store read, resize to ``size``, augmentation, collation, device
+    copy."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = make_workspace(Path(tmp) / "ws", n, 0, store_size)
+        tr = load_split(ws, "train")
+        sampler = EpochSampler(len(tr), 0)
+        rates = []
+        for path in ("items", "batched"):
+            kind = LegacyDataset if path == "items" else StoreDataset
+            ds = kind(ws.store.path, tr.rows, tr.labels, augment=True, image_size=size)
+            ds.reader.batch(tr.rows[:2])  # open the file outside the timing
+            if path == "items":
+                it = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=0)
+            else:
+                it = DeviceBatches(ds, sampler, batch, device)
+            t0 = time.perf_counter()
+            for b in it:
+                b["image"].to(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rates.append(n / (time.perf_counter() - t0))
+        return rates[0], rates[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--backbones", default="densenet121,resnet18")
-    ap.add_argument("--size", type=int, default=224, help="training resolution")
+    ap.add_argument("--cases", default="tiny:64,resnet18:128",
+                    help="backbone:size pairs for the model-only vs pretrain comparison")
+    ap.add_argument("--loader-size", type=int, default=224, help="loader-only resolution")
     ap.add_argument("--store-size", type=int, default=256, help="store image side")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-amp", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("KACL_NO_PROGRESS", "1")
@@ -127,17 +189,30 @@ def main() -> None:
     amp = not args.no_amp
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({torch.get_num_threads()} threads)"
-    print(f"train_bench: {name}, {args.size} px (store {args.store_size}), batch {args.batch}, "
-          f"{args.batches} batches, workers {args.workers}, amp {amp and device.type == 'cuda'}")
-    print(f"{'backbone':<12} {'fwd+bwd img/s':>14} {'fit img/s':>10} {'data overhead':>14}")
-    for backbone in args.backbones.split(","):
-        pure = pure_rate(backbone, args.size, args.batch, args.batches, device, amp)
-        loop = fit_rate(backbone, args.size, args.store_size, args.batch, args.batches,
-                        args.device, args.workers, amp)
-        # On a shared CPU the two rates carry a few % of noise: a small negative overhead
-        # means "no measurable data-path cost", not a faster loop.
-        overhead = 100.0 * (1.0 - loop / pure)
-        print(f"{backbone:<12} {pure:>14.1f} {loop:>10.1f} {overhead:>13.0f}%", flush=True)
+    print(f"train_bench: {name}, store {args.store_size} px, batch {args.batch}, "
+          f"{args.batches} batches, workers {args.workers}, amp {amp and device.type == 'cuda'}, "
+          f"load {os.getloadavg()[0]:.1f}")
+    threads = torch.get_num_threads()
+    for r in range(args.repeats):
+        # Loader alone, one core (one thread, no workers): the per-core rate.
+        torch.set_num_threads(1)
+        items, batched = loader_rates(args.loader_size, args.store_size, args.batch,
+                                      args.batch * args.batches, device)
+        torch.set_num_threads(threads)
+        print(f"run {r + 1} loader {args.loader_size} px, 1 core: before {items:7.0f} img/s  "
+              f"batched {batched:7.0f} img/s  batched/before {batched / items:5.2f}x", flush=True)
+        for case in args.cases.split(","):
+            backbone, size = case.split(":")
+            pure = pure_rate(backbone, int(size), args.batch, args.batches, device, amp)
+            # The store holds the training size, as in the demo (`prepare --size 64`).
+            loops = {p: fit_rate(backbone, int(size), int(size), args.batch, args.batches,
+                                 args.device, args.workers, amp, p)
+                     for p in ("items", "batched")}
+            print(f"run {r + 1} {backbone:<11} {size:>4} px: model {pure:7.1f} img/s  pretrain "
+                  f"before {loops['items']:7.1f} ({loops['items'] / pure:4.2f}x)  batched "
+                  f"{loops['batched']:7.1f} ({loops['batched'] / pure:4.2f}x of model; data "
+                  f"path {100 * max(0.0, 1 - loops['batched'] / pure):.0f}% of step time)",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -160,8 +160,16 @@ def read_rows(ds: h5py.Dataset, rows: np.ndarray | list[int]) -> np.ndarray:
     if uniq[0] < 0 or uniq[-1] >= ds.shape[0]:
         raise IndexError(f"rows out of range 0..{ds.shape[0] - 1}")
     block = np.empty((uniq.size,) + ds.shape[1:], dtype=ds.dtype)
-    for k, row in enumerate(uniq):
-        block[k] = ds[int(row)]
+    # h5py's low-level read, one hyperslab per row: half the per-row cost of ``ds[row]``
+    # (no selection parsing), which dominates for small images.
+    tail = tuple(int(d) for d in ds.shape[1:])
+    mspace = h5py.h5s.create_simple(tail)
+    fspace = ds.id.get_space()
+    for k, row in enumerate(uniq.tolist()):
+        fspace.select_hyperslab((row,) + (0,) * len(tail), (1,) + tail)
+        ds.id.read(mspace, fspace, block[k])
+    if uniq.size == rows.size and np.array_equal(uniq, rows):
+        return block
     out[:] = block[inverse.reshape(-1)]
     return out
 

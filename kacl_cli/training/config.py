@@ -11,7 +11,7 @@ from typing import Any
 
 # Config fields that change how fast a run goes, not what it computes: left out of the hash,
 # so a finished run is not redone because it moved to another device or worker count.
-EXECUTION_FIELDS = ("device", "workers", "amp", "channels_last", "val_batch_size")
+EXECUTION_FIELDS = ("device", "workers", "amp", "channels_last", "val_batch_size", "data_path")
 
 
 @dataclass
@@ -35,6 +35,9 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     grad_clip: float = 5.0
     val_batch_size: int | None = None
+    # "batched": uint8 batches, resize + augmentation on the device (kacl_cli.training.batches);
+    # "items": the per-item DataLoader path (augmentation in the workers). Same pixels.
+    data_path: str = "batched"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from kacl_cli.errors import KaclError
 from kacl_cli.findings import FINDINGS
 from kacl_cli.models.checkpoint import IMAGE_PREFIX, OBJECTIVE_PREFIX, preprocess, save_checkpoint
 from kacl_cli.models.losses import Objective
-from kacl_cli.training import callbacks, distributed
+from kacl_cli.training import batches, callbacks, distributed
 from kacl_cli.training.config import TrainConfig
 from kacl_cli.workspace import config_hash
 
@@ -181,11 +181,16 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.devic
 @torch.no_grad()
 def evaluate_split(model: nn.Module, objective: Objective, dataset: Dataset, meta: dict,
                    device: torch.device, batch_size: int, workers: int, autocast,
-                   channels_last: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
-    """(labels n x F, probabilities n x F, mean loss) of a model over a dataset."""
+                   channels_last: bool = False, loader: Any = None
+                   ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(labels n x F, probabilities n x F, mean loss) of a model over a dataset.
+
+    ``loader``: an iterable of batches over ``dataset`` to use instead of a new DataLoader
+    (fit passes its persistent :class:`kacl_cli.training.batches.DeviceBatches`).
+    """
     model.eval()
     labels, probs, loss_sum, n = [], [], 0.0, 0
-    for batch in _loader(dataset, batch_size, workers, device):
+    for batch in loader if loader is not None else _loader(dataset, batch_size, workers, device):
         batch = _to_device(batch, device)
         x = preprocess(batch["image"], meta)
         if channels_last:
@@ -304,6 +309,13 @@ def fit(
             con.execute("DELETE FROM epochs WHERE round = ?", [round_])
 
     val_bs = cfg.val_batch_size or cfg.batch_size * 2
+    val_part = distributed.shard_dataset(val_set, ctx) if val_set is not None else None
+    train_batches = val_batches = None
+    if cfg.data_path == "batched":
+        train_batches = batches.device_batches(train_set, sampler, cfg.batch_size, device,
+                                               cfg.workers, drop_last)
+        if val_part is not None:
+            val_batches = batches.device_batches(val_part, None, val_bs, device, cfg.workers)
     t_run = time.perf_counter()
     with _determinism(device):
         for epoch in range(start_epoch, cfg.epochs):
@@ -312,8 +324,13 @@ def fit(
             if hasattr(train_set, "set_epoch"):
                 train_set.set_epoch(epoch)
             sampler.set_epoch(epoch)
-            loader = _loader(train_set, cfg.batch_size, cfg.workers, device, sampler=sampler,
-                             drop_last=drop_last, seed=cfg.seed * 7919 + epoch)
+            if train_batches is not None:
+                train_batches.set_epoch(epoch)
+                loader = train_batches
+            else:
+                loader = _loader(train_set, cfg.batch_size, cfg.workers, device,
+                                 sampler=sampler, drop_last=drop_last,
+                                 seed=cfg.seed * 7919 + epoch)
             model.train()
             objective.train()
             sums: dict[str, torch.Tensor] = {}
@@ -365,10 +382,9 @@ def fit(
             if val_set is not None and len(val_set):
                 # Under torchrun each rank scores its slice of val; the predictions are
                 # all-gathered, so every rank computes the same AUC and keeps the same epoch.
-                y, p, val_loss = evaluate_split(model, objective,
-                                                distributed.shard_dataset(val_set, ctx), meta,
-                                                device, val_bs, cfg.workers, autocast,
-                                                channels_last)
+                y, p, val_loss = evaluate_split(model, objective, val_part, meta, device, val_bs,
+                                                cfg.workers, autocast, channels_last,
+                                                loader=val_batches)
                 y, p, val_loss = distributed.gather_eval(y, p, val_loss, ctx)
                 val_auc, per_auc = mean_auc(y, p)
             else:

@@ -1,9 +1,11 @@
 """Torch datasets over the workspace: split lists from the catalog, pixels from ``store.h5``.
 
 Items are read through :class:`kacl_cli.store.ImageReader`, which opens the HDF5 file once per
-worker process. Augmentation happens per item in the workers with a generator seeded by
-(seed, epoch, index), so an epoch's images do not depend on the number of workers and a
-resumed run sees exactly the images an uninterrupted one would.
+worker process. Augmentation (:mod:`kacl_cli.training.gpu_augment`) is seeded by
+(seed, epoch, index, view), so an epoch's images do not depend on the number of workers and
+a resumed run sees exactly the images an uninterrupted one would. Training uses the batched
+path over the same dataset (:mod:`kacl_cli.training.batches`); items serve ``cam``, tests
+and ``TrainConfig(data_path="items")``, with the same pixels.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from kacl_cli.catalog import quote_ident
 from kacl_cli.findings import FINDINGS
 from kacl_cli.store import ImageReader
-from kacl_cli.training.augment import AugmentConfig, augment_image, item_generator
+from kacl_cli.training.augment import AugmentConfig
+from kacl_cli.training.gpu_augment import augment_batch, draw_params, resize_batch
 
 SPLITS = ("train", "val", "test")
 
@@ -100,29 +102,24 @@ class StoreDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _resized(self, pixels: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0)  # 1 x S x S uint8
-        if self.image_size and x.shape[-1] != self.image_size:
-            x = F.interpolate(x[None].float(), size=(self.image_size,) * 2, mode="bilinear",
-                              antialias=True, align_corners=False)[0]
-            x = x.round_().clamp_(0, 255).to(torch.uint8)
-        return x
-
-    def _view(self, x: torch.Tensor, index: int, view: int) -> torch.Tensor:
+    def _view(self, raw: torch.Tensor, index: int, view: int) -> torch.Tensor:
+        """One view of a 1 x S x S uint8 image: the batched path's function on a batch of
+        one (so items and batches hold the same pixels)."""
+        side = int(self.image_size or raw.shape[-1])
         if not self.augment:
-            return x
-        g = item_generator(self.seed, self.epoch, index, view)
-        return augment_image(x.float() / 255.0, g, self.augment_config)
+            return resize_batch(raw[None], side)[0]
+        params = draw_params(self.seed, self.epoch, [index], view, side, self.augment_config)
+        return augment_batch(raw[None], params, side)[0][0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        x = self._resized(self.reader[self.rows[index]])
+        raw = torch.from_numpy(np.ascontiguousarray(self.reader[self.rows[index]])).unsqueeze(0)
         item = {
-            "image": self._view(x, index, 0),
+            "image": self._view(raw, index, 0),
             "labels": torch.from_numpy(self.labels[index]),
             "row": torch.tensor(int(self.rows[index])),
         }
         if self.views == 2:
-            item["image2"] = self._view(x, index, 1)
+            item["image2"] = self._view(raw, index, 1)
         for key, arr in self.extras.items():
             item[key] = torch.as_tensor(arr[index])
         return item
