@@ -5,7 +5,18 @@ from __future__ import annotations
 import typer
 
 from kacl_cli import __version__
-from kacl_cli.commands import cam, contrast, evaluate, merge, predict, prepare, pretrain, radiomics
+from kacl_cli.commands import (
+    cam,
+    compare,
+    contrast,
+    evaluate,
+    merge,
+    predict,
+    prepare,
+    pretrain,
+    radiomics,
+    study,
+)
 
 app = typer.Typer(
     name="kacl",
@@ -23,7 +34,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (prepare, pretrain, cam, radiomics, contrast, evaluate, predict, merge):
+for module in (prepare, pretrain, cam, radiomics, contrast, evaluate, predict, merge, study,
+               compare):
     app.command(name=module.NAME, help=module.command.__doc__)(module.command)
 
 

@@ -51,6 +51,8 @@ ROWS = [
     ("generated", "phantoms generated"),
     ("generate_seconds", "  seconds to generate them"),
     ("difficulty", "phantom difficulty"),
+    ("generator", "phantom generator"),
+    ("label_flips", "labels flipped (--label-noise)"),
     ("seconds", "seconds to ingest"),
     ("images_per_s", "images/s"),
 ]
@@ -91,6 +93,12 @@ def command(
     enrich: Annotated[float, typer.Option(
         "--enrich", help="Phantoms only: fraction of images drawn to contain a uniformly chosen "
                          "finding (0 = the real prevalence).")] = 0.0,
+    generator: Annotated[int, typer.Option(
+        "--generator", help="Phantoms only: generator version (2 = textures, lesion sizes and "
+                            "noise in mm, visible at 128 px; 1 = the original).")] = 1,
+    label_noise: Annotated[float, typer.Option(
+        "--label-noise", help="Phantoms only: flip each train/val label with this probability "
+                              "(true labels kept in the true_labels table).")] = 0.0,
     shard: ShardOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -123,7 +131,8 @@ def command(
         if synthetic is not None:
             return ingest.prepare_synthetic(
                 target, synthetic, size, seed, difficulty, enrich=enrich, workers=n_workers,
-                force=force, shard=part, phantom_root=ws.root / "phantoms")
+                force=force, shard=part, phantom_root=ws.root / "phantoms",
+                generator=generator, label_noise=label_noise)
         assert nih_dir is not None
         return ingest.prepare_nih(target, nih_dir, size=size, limit=limit, workers=n_workers,
                                   split=split, seed=seed, force=force, shard=part)

@@ -45,7 +45,7 @@ def init_identity(init: str) -> str:
 
 
 def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = False,
-                 resume: bool = True) -> dict[str, Any]:
+                 resume: bool = True, label_fraction: float = 1.0) -> dict[str, Any]:
     """Train round 0 (or return the summary of the identical finished run, with skipped=True)."""
     import torch
 
@@ -79,6 +79,13 @@ def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = 
     config = {**cfg.hashed(), "backbone": backbone, "init": init_identity(init),
               "store_size": store_size,
               "head_bias": "prior" if init in ("none", "imagenet") else "init"}
+    from kacl_cli.stages.contrast.weak import check_fraction, labelled_mask
+
+    check_fraction("--label-fraction", label_fraction, allow_zero=False)
+    extras = None
+    if label_fraction < 1.0:  # only then: older runs keep their config hash
+        config["label_fraction"] = label_fraction
+        extras = {"label_mask": labelled_mask(train.image_ids, label_fraction)}
     resolve_device(cfg.device)
     # Built before the run is recorded: a bad --init fails without leaving a failed run.
     # Seeded first, so the random initialisation (and with it the whole run) follows --seed.
@@ -87,7 +94,8 @@ def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = 
     if init in ("none", "imagenet"):
         # A fresh head starts at each finding's train prevalence (see init_head_bias); a
         # --init PATH keeps whatever head it brought.
-        init_head_bias(model, train.labels)
+        init_head_bias(model, train.labels if extras is None
+                       else train.labels[extras["label_mask"]])  # only the labelled ones
     fingerprint = data_fingerprint(ws)
     # Under torchrun: every rank has read its inputs; rank 0 records the run, the others
     # mirror it, and only rank 0 touches the catalog from here on.
@@ -104,7 +112,7 @@ def run_pretrain(ws: Workspace, *, backbone: str, init: str, cfg, force: bool = 
         meta = model_meta(backbone, cfg.image_size, store_size, GRAY_MEAN, GRAY_STD, 0, STAGE,
                           init=init)
         train_set = StoreDataset(ws.store.path, train.rows, train.labels, augment=cfg.augment,
-                                 image_size=cfg.image_size, seed=cfg.seed)
+                                 image_size=cfg.image_size, seed=cfg.seed, extras=extras)
         val_set = StoreDataset(ws.store.path, val.rows, val.labels, augment=False,
                                image_size=cfg.image_size) if len(val) else None
         if val_set is None:
@@ -166,6 +174,9 @@ def command(
         help="DataLoader worker processes (default: cores, at most 8; 0 = in-process).")]
     = None,
     seed: int = 0,
+    label_fraction: Annotated[float, typer.Option(
+        "--label-fraction", help="Only this fraction of the training images carry "
+                                 "classification loss (a fixed, hash-chosen subset).")] = 1.0,
     resume: Annotated[bool, typer.Option(
         "--resume/--no-resume", help="Continue a killed run from its last finished epoch.")]
     = True,
@@ -195,7 +206,8 @@ def command(
     )
     if loss not in ("focal", "bce"):
         raise typer.BadParameter(f"--loss {loss!r}: expected focal or bce")
-    summary = run_pretrain(ws, backbone=backbone, init=init, cfg=cfg, force=force, resume=resume)
+    summary = run_pretrain(ws, backbone=backbone, init=init, cfg=cfg, force=force, resume=resume,
+                           label_fraction=label_fraction)
     if not main_rank:
         return  # rank 0 reports for the whole torchrun job
     if summary.get("skipped"):

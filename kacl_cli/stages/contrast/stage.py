@@ -38,12 +38,14 @@ from kacl_cli.models.checkpoint import OBJECTIVE_PREFIX, load_image_net, read_ch
 from kacl_cli.models.contrastive import POSITIVES, ContrastSpec, build_objective
 from kacl_cli.models.losses import ClassificationObjective, pos_weight_from_labels
 from kacl_cli.stages.cam.stage import checkpoint_fingerprint, run_cam_stage
+from kacl_cli.stages.contrast.controls import shuffle_positives
 from kacl_cli.stages.contrast.supervision import (
     BoxSupervision,
     current_box_supervision,
     select_box_supervision,
     write_box_supervision,
 )
+from kacl_cli.stages.contrast.weak import labelled_mask
 from kacl_cli.stages.radiomics.stage import (
     PositiveFeatures,
     load_positive_features,
@@ -57,6 +59,9 @@ from kacl_cli.workspace import Workspace
 STAGE = "contrast"
 # Fields of ContrastConfig that say how to run, not what to compute: kept out of the hash.
 EXECUTION_FIELDS = ("rounds", "from_round", "force", "device", "workers", "cam_batch_size")
+NEW_DEFAULTS = {"label_fraction": 1.0, "positive_roi": "predicted", "normal_positive": "skip",
+                "shuffle_positives": False}
+POSITIVE_ROIS = {"predicted": "cam", "labelled": "labelled", "oracle": "oracle"}
 # Training settings a contrast round inherits from the checkpoint it starts from.
 INHERITED = ("loss", "focal_alpha", "focal_gamma", "weight_decay", "augment", "warmup_fraction",
              "grad_clip")
@@ -85,9 +90,16 @@ class ContrastConfig:
     workers: int = 2
     cam_batch_size: int = 64
     force: bool = False
+    # Weak labels and positive choice (docs/contrast.md); kept out of the hash at their
+    # defaults, so runs made before they existed are still recognised.
+    label_fraction: float = 1.0
+    positive_roi: str = "predicted"  # predicted | labelled | oracle (the positive control)
+    normal_positive: str = "skip"  # skip | lung (labelled/oracle ROIs of finding-free images)
+    shuffle_positives: bool = False  # the negative control
 
     def hashed(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS}
+        return {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS
+                and not (k in NEW_DEFAULTS and v == NEW_DEFAULTS[k])}
 
     def validate(self) -> None:
         if self.rounds < 1:
@@ -116,6 +128,21 @@ class ContrastConfig:
             raise InputError(f"--backbone-lr-scale must be > 0, got {self.backbone_lr_scale}")
         if self.lr <= 0 or self.batch_size < 1:
             raise InputError("--lr must be > 0 and --batch-size >= 1")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise InputError(f"--label-fraction must be in (0, 1], got {self.label_fraction}")
+        if self.positive_roi not in POSITIVE_ROIS:
+            raise InputError(f"--positive-roi must be one of {', '.join(POSITIVE_ROIS)}, "
+                             f"got {self.positive_roi!r}")
+        if self.normal_positive not in ("skip", "lung"):
+            raise InputError(f"--normal-positive must be skip or lung, got "
+                             f"{self.normal_positive!r}")
+        if self.positives != "radiomics" and (self.positive_roi != "predicted"
+                                              or self.shuffle_positives):
+            raise InputError("--positive-roi and --shuffle-positives choose radiomics "
+                             "positives: they need --positives radiomics")
+        if self.box_supervision > 0 and self.positive_roi != "predicted":
+            raise InputError("--box-supervision uses its own ROI rule (cam+gt): it needs "
+                             "--positive-roi predicted")
 
 
 Note = Callable[[str], None]
@@ -227,7 +254,9 @@ class _Steps:
                   f"({self.cfg.radiomics_backend})")
         return run_radiomics_stage(self.ws, round_, roi=roi, backend=self.cfg.radiomics_backend,
                                    workers=max(1, self.cfg.workers), split=split,
-                                   force=self._force("radiomics", round_))
+                                   force=self._force("radiomics", round_),
+                                   label_fraction=self.cfg.label_fraction,
+                                   normal_positive=self.cfg.normal_positive)
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +329,7 @@ def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run,
     if cfg.positives == "radiomics":
         distributed.barrier(ctx)
         info["cam"] = _brief(steps.cam(src))
-        roi = "cam+gt" if box_ids else "cam"
+        roi = "cam+gt" if box_ids else POSITIVE_ROIS[cfg.positive_roi]
         # Only training images' radiomics are used; box supervision may pull test images in.
         info["radiomics"] = _brief(steps.radiomics(src, roi, None if box_ids else "train"))
         try:
@@ -324,6 +353,8 @@ def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run,
     spec_extra: dict[str, Any] = {}
     if pos is not None:
         feats, has = align_positives(train.image_ids, pos)
+        if cfg.shuffle_positives:  # the negative control: another image's radiomics
+            feats = shuffle_positives(feats, has, cfg.seed + k)
         extras = {"radiomics": feats, "has_radiomics": has}
         spec_extra = {"n_features": len(pos.names), "settings_hash": pos.settings_hash,
                       "feature_names_hash": _feature_names_hash(pos.names)}
@@ -332,6 +363,10 @@ def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run,
         if has.sum() < 2:
             note(f"contrast round {k}: only {int(has.sum())} training images have a radiomics "
                  "positive: the contrastive term is zero (classification only)")
+    if cfg.label_fraction < 1.0:  # only F of the images carry classification loss
+        extras = dict(extras or {})
+        extras["label_mask"] = labelled_mask(train.image_ids, cfg.label_fraction)
+        info["labelled_images"] = int(extras["label_mask"].sum())
     tcfg = TrainConfig(
         epochs=cfg.epochs_per_round, batch_size=cfg.batch_size, lr=cfg.lr,
         image_size=image_size, seed=cfg.seed + k, device=cfg.device, workers=cfg.workers,

@@ -434,6 +434,8 @@ def prepare_synthetic(
     on_chunk: ChunkHook | None = None,
     shard: tuple[int, int] | None = None,
     phantom_root: Path | None = None,
+    generator: int = 1,
+    label_noise: float = 0.0,
 ) -> dict[str, Any]:
     """``kacl prepare --synthetic N``: phantoms written as an NIH folder under ``WS/phantoms``,
     then ingested by the very same code as real data. Returns the summary.
@@ -448,9 +450,16 @@ def prepare_synthetic(
         raise InputError(f"--difficulty must be in [0, 1], got {difficulty}")
     if not 0.0 <= enrich <= 1.0:
         raise InputError(f"--enrich must be in [0, 1], got {enrich}")
+    if generator not in phantoms.GENERATOR_VERSIONS:
+        raise InputError(f"--generator must be one of {sorted(phantoms.GENERATOR_VERSIONS)}, "
+                         f"got {generator}")
+    if not 0.0 <= label_noise <= 0.5:
+        raise InputError(f"--label-noise must be in [0, 0.5], got {label_noise}")
     config = {"source": "synthetic", "n": n, "size": size, "seed": seed,
               "difficulty": difficulty, "enrich": enrich,
-              "generator": phantoms.GENERATOR_VERSION, "val_fraction": VAL_FRACTION}
+              "generator": phantoms.GENERATOR_VERSIONS[generator], "val_fraction": VAL_FRACTION}
+    if label_noise > 0:  # only when asked: older workspaces keep their config hash
+        config["label_noise"] = label_noise
     root = phantom_root or ws.root / "phantoms"
 
     def work(run: StageRun) -> dict[str, Any]:
@@ -463,7 +472,7 @@ def prepare_synthetic(
                     shutil.rmtree(root)
                 with bar(n, "phantoms") as pb:
                     phantoms.write_release(root, n, size, seed, difficulty, enrich, workers,
-                                           progress=pb.update)
+                                           progress=pb.update, version=generator)
                 generated = n
         gen_seconds = round(time.perf_counter() - t0, 2)
         with _decoders(workers) as decoders:
@@ -473,10 +482,14 @@ def prepare_synthetic(
                                      on_chunk=on_chunk, shard=shard)
         summary.update(source="synthetic", phantom_dir=str(root), generated=generated,
                        generate_seconds=gen_seconds, difficulty=difficulty, enrich=enrich,
-                       seed=seed)
+                       seed=seed, generator=config["generator"])
+        if label_noise > 0 and shard is None:
+            from kacl_cli.stages.contrast.weak import apply_label_noise
+
+            summary.update(label_noise=label_noise, **apply_label_noise(ws, label_noise, seed))
         return summary
 
-    return _run(ws, config, phantoms.GENERATOR_VERSION, dict(config), force, work)
+    return _run(ws, config, str(config["generator"]), dict(config), force, work)
 
 
 def _check_size(size: int) -> None:

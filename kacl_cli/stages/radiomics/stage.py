@@ -285,6 +285,8 @@ def run_radiomics_stage(
     shard: tuple[int, int] | None = None,
     min_prob: float = DEFAULT_MIN_PROB,
     chunk: int | None = None,  # ROIs per task; None: the backend's ``rois_per_task``
+    label_fraction: float = 1.0,  # roi labelled/oracle only (rois.py)
+    normal_positive: str = "skip",  # roi labelled/oracle only
 ) -> dict[str, Any]:
     """Compute the round's radiomics; returns the summary (``skipped: True`` if already done).
 
@@ -309,7 +311,8 @@ def run_radiomics_stage(
         return shards.run_sharded(
             ws, STAGE, round_, shard, lambda part: run_radiomics_stage(
                 part, round_, roi=roi, backend=backend, params=params, workers=workers,
-                split=split, force=force, min_prob=min_prob, chunk=chunk),
+                split=split, force=force, min_prob=min_prob, chunk=chunk,
+                label_fraction=label_fraction, normal_positive=normal_positive),
             force=force)
     settings = settings_mod.load_settings(params)
     impl = get_backend(backend)  # fail early when a backend is unavailable
@@ -321,9 +324,12 @@ def run_radiomics_stage(
     if not images:
         raise InputError(f"no images in split(s) {', '.join(splits or ['any'])}")
     rois = build_rois(ws, round_, images, roi=roi, min_prob=min_prob,
-                      spacing=settings_mod.spacing_mode(settings), size=size)
+                      spacing=settings_mod.spacing_mode(settings), size=size,
+                      label_fraction=label_fraction, normal_positive=normal_positive)
     config = {"round": round_, "roi": roi, "backend": backend, "settings_hash": shash,
               "min_prob": min_prob, "split": splits}
+    if roi in ("labelled", "oracle"):  # only there: older configs keep their hash
+        config.update(label_fraction=label_fraction, normal_positive=normal_positive)
     fingerprint = _roi_fingerprint(rois, ws.store.n_rows(), size)
     begun = ws.begin(STAGE, config, fingerprint, round_=round_, force=force)
     if isinstance(begun, dict):
