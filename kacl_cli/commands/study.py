@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from kacl_cli.cli import DeviceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
@@ -22,37 +21,41 @@ def _ci(d: dict[str, Any] | None, key: str) -> str:
         return "-"
     x = d[key]
     lo, hi = x["ci"]
-    return f"{_f(x['delta'])} [{_f(lo)},{_f(hi)}]"
+    return f"{_f(x['delta'])} [{_f(lo)}, {_f(hi)}]"
 
 
 def render(doc: dict[str, Any]) -> None:
+    """Plain fixed-width text (a log file or a narrow terminal must not wrap the CIs)."""
     cfg = doc["config"]
-    table = Table(title=f"kacl study {cfg['name']}: {len(cfg['seeds'])} seed(s), "
-                        f"{cfg['rounds']} round(s) x {cfg['epochs_per_round']} epoch(s), "
-                        f"label fraction {cfg['label_fraction']}; test split, paired vs none "
-                        "(95% CI, images and seeds resampled)")
-    for col in ("setting", "seeds", "test AUC", "d mean AUC [95% CI]", "d loc acc",
-                "d mean IoU", "s/cell"):
-        table.add_column(col, justify="right", no_wrap=True)
-    table.add_row("round 0", "", _f(doc["round0"]["mean_auc"], ".4f"), "", "", "", "")
+    lines = [f"kacl study {cfg['name']}: {len(cfg['seeds'])} seed(s), {cfg['rounds']} round(s) "
+             f"x {cfg['epochs_per_round']} epoch(s), label fraction {cfg['label_fraction']}; "
+             "test split; d = setting - none, paired, 95% CI (images and seeds resampled)"]
+    head = (f"{'setting':<22} {'seeds':>11} {'test AUC':>9} {'d mean AUC [95% CI]':>27} "
+            f"{'d loc acc [95% CI]':>27} {'d mean IoU [95% CI]':>27} {'s/cell':>7}")
+    lines += [head, "-" * len(head)]
+    lines.append(f"{'round 0':<22} {'':>11} {_f(doc['round0']['mean_auc'], '.4f'):>9}")
     for r in doc["rows"]:
         seeds = f"{len(r['seeds_done'])}/{len(cfg['seeds'])}"
         if r["seeds_failed"]:
-            seeds += f" ({len(r['seeds_failed'])} FAILED)"
+            seeds += f" {len(r['seeds_failed'])}FAIL"
         vs = r.get("vs_none")
-        table.add_row(r["setting"], seeds, _f(r["mean_auc"], ".4f"), _ci(vs, "mean_auc"),
-                      _ci(vs, "loc_acc"), _ci(vs, "mean_iou"), _f(r["seconds"], ".0f"))
-    out.print(table, width=max(out.width, 150))
+        lines.append(f"{r['setting']:<22} {seeds:>11} {_f(r['mean_auc'], '.4f'):>9} "
+                     f"{_ci(vs, 'mean_auc'):>27} {_ci(vs, 'loc_acc'):>27} "
+                     f"{_ci(vs, 'mean_iou'):>27} {_f(r['seconds'], '.0f'):>7}")
     d = doc["decision"]
-    out.print(f"decision rule: {d['rule']}", highlight=False)
-    out.print(f"result: {d['verdict']}", highlight=False)
+    lines += [f"decision rule: {d['rule']}", f"result: {d['verdict']}"]
+    for line in lines:
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @handle_errors
 def command(
     name: Annotated[str, typer.Option("--name", help="Study directory: WS/study/NAME.")]
     = "default",
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Training seeds 0..N-1.")] = 3,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Number of training seeds.")] = 3,
+    first_seed: Annotated[int, typer.Option(
+        "--first-seed", min=0, help="Seeds run first-seed..first-seed+N-1 (split a study "
+        "over processes; a later call over all seeds prints the pooled table).")] = 0,
     settings: Annotated[str, typer.Option(
         "--settings", help="Comma list of: none, augment, radiomics, radiomics-nofeedback, "
         "oracle (positive control), shuffled (negative control).")]
@@ -60,6 +63,9 @@ def command(
     backbone: Annotated[str, typer.Option(help="Image network of round 0.")] = "tiny",
     pretrain_epochs: Annotated[int, typer.Option("--pretrain-epochs", min=1)] = 8,
     pretrain_lr: Annotated[float, typer.Option("--pretrain-lr")] = 2e-3,
+    augment: Annotated[bool, typer.Option(
+        "--augment/--no-augment", help="Round 0's augmentation (the rounds inherit it; "
+        "the augment setting needs it).")] = True,
     rounds: Annotated[int, typer.Option("--rounds", min=1)] = 2,
     epochs_per_round: Annotated[int, typer.Option("--epochs-per-round", min=1)] = 2,
     lr: Annotated[float, typer.Option("--lr", help="Contrast rounds' peak lr.")] = 2e-4,
@@ -95,9 +101,10 @@ def command(
     from kacl_cli.stages.study import StudyConfig, run_study
 
     cfg = StudyConfig(
-        name=name, seeds=list(range(seeds)), settings=[s.strip() for s in settings.split(",")
-                                                       if s.strip()],
+        name=name, seeds=list(range(first_seed, first_seed + seeds)),
+        settings=[s.strip() for s in settings.split(",") if s.strip()],
         backbone=backbone, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
+        augment=augment,
         rounds=rounds, epochs_per_round=epochs_per_round, lr=lr, lam=lam,
         batch_size=batch_size, label_fraction=label_fraction, positive_roi=positive_roi,
         normal_positive=normal_positive, device=device, workers=workers, n_boot=bootstrap)

@@ -64,6 +64,7 @@ class StudyConfig:
     backbone: str = "tiny"
     pretrain_epochs: int = 8
     pretrain_lr: float = 2e-3
+    augment: bool = True  # round 0's augmentation (the rounds inherit it)
     rounds: int = 2
     epochs_per_round: int = 2
     lr: float = 2e-4
@@ -170,6 +171,7 @@ class Study:
         size = base.store.image_size()
         tcfg = TrainConfig(epochs=self.cfg.pretrain_epochs, batch_size=self.cfg.batch_size,
                            lr=self.cfg.pretrain_lr, image_size=size, seed=seed,
+                           augment=self.cfg.augment,
                            device=self.cfg.device, workers=self.cfg.workers)
         t0 = time.perf_counter()
         run_pretrain(base, backbone=self.cfg.backbone, init="none", cfg=tcfg,
