@@ -47,9 +47,10 @@ def _vocabulary(text: str) -> tuple[str, ...]:
 
     path, round_ = parse_target(text)
     ws = Workspace(path)
-    r = ws.finished_rounds()[-1] if round_ is None and ws.finished_rounds() else round_
-    if r is None:
-        return ()
+    rounds = ws.finished_rounds()
+    r = rounds[-1] if round_ is None and rounds else round_
+    if r is None or r not in rounds:
+        return ()  # load_target says what is missing
     meta = read_meta(ws.checkpoint_dir(r))
     return tuple(meta.get("findings") or meta.get("labels") or ())
 
