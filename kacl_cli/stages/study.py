@@ -122,7 +122,7 @@ def copy_catalog(src: Workspace, dest: Path) -> None:
 
 
 def _atomic_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")  # processes may share a study dir
     tmp.write_text(json.dumps(doc, indent=2, default=json_default))
     tmp.replace(path)
 
