@@ -91,7 +91,7 @@ def test_compare_refusals_and_table(prepared, tmp_path) -> None:
     run_pretrain(other, backbone="tiny", init="none",
                  cfg=TrainConfig(epochs=1, batch_size=8, image_size=64, workers=0,
                                  device="cpu", augment=False))
-    res = runner.invoke(app, ["compare", f"{other}:0", f"{b}:1"])
+    res = runner.invoke(app, ["compare", f"{other.root}:0", f"{b}:1"])
     assert res.exit_code == 1 and "test images differ" in res.output
     assert len(res.output.strip().splitlines()) == 1
     # another vocabulary
@@ -99,7 +99,7 @@ def test_compare_refusals_and_table(prepared, tmp_path) -> None:
     meta = json.loads(meta_path.read_text())
     meta["findings"] = meta["findings"][:-1]
     meta_path.write_text(json.dumps(meta))
-    res = runner.invoke(app, ["compare", f"{other}:0", f"{b}:1"])
+    res = runner.invoke(app, ["compare", f"{other.root}:0", f"{b}:1"])
     assert res.exit_code == 1 and "vocabular" in res.output
 
 
