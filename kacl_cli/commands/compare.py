@@ -55,6 +55,15 @@ def _vocabulary(text: str) -> tuple[str, ...]:
     return tuple(meta.get("findings") or meta.get("labels") or ())
 
 
+def _split_ids(text: str, split: str) -> list[str]:
+    from kacl_cli.workspace import Workspace
+
+    ws = Workspace(parse_target(text)[0])
+    ws.require()
+    return [r[0] for r in ws.catalog.query(
+        "SELECT image_id FROM images WHERE split = ? ORDER BY image_id", [split])]
+
+
 def compare(a: str, b: str, split: str = "test", n_boot: int = 2000, seed: int = 0
             ) -> dict[str, Any]:
     from kacl_cli.stages.evaluate.paired import CompareError, pair_eval, paired_bootstrap
@@ -62,6 +71,11 @@ def compare(a: str, b: str, split: str = "test", n_boot: int = 2000, seed: int =
     va, vb = _vocabulary(a), _vocabulary(b)
     if va and vb and va != vb:
         raise CompareError("the two models predict different finding vocabularies")
+    ia, ib = _split_ids(a, split), _split_ids(b, split)
+    if ia != ib:  # refused before any cam run: the one line is all the user sees
+        raise CompareError(
+            f"the test images differ ({len(ia)} vs {len(ib)} images, or other ids): a paired "
+            "comparison needs the same prepared data and split")
     da, ra = load_target(a, split)
     db, rb = load_target(b, split)
     res = paired_bootstrap(pair_eval(da, db), n_boot, seed)
