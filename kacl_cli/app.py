@@ -12,6 +12,7 @@ from kacl_cli import __version__
 from kacl_cli.cli import err, one_line
 from kacl_cli.commands import (
     cam,
+    compare,
     config,
     contrast,
     evaluate,
@@ -22,6 +23,7 @@ from kacl_cli.commands import (
     prepare,
     pretrain,
     radiomics,
+    study,
 )
 from kacl_cli.config_file import command_class, params_of
 from kacl_cli.errors import KaclError
@@ -82,7 +84,8 @@ app = typer.Typer(
 
 # Options added to a command without touching it (the command never sees their values).
 EXTRA_OPTIONS = {pretrain.NAME: (tensorboard_option,), contrast.NAME: (tensorboard_option,)}
-for module in (prepare, pretrain, cam, radiomics, contrast, evaluate, predict, merge, export):
+for module in (prepare, pretrain, cam, radiomics, contrast, evaluate, predict, merge, export,
+               study, compare):
     app.command(name=module.NAME, help=module.command.__doc__,
                 cls=command_class(module.NAME, EXTRA_OPTIONS.get(module.NAME, ())))(
         module.command)

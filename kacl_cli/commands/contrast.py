@@ -34,6 +34,17 @@ Positives = Enum("Positives", {p: p for p in POSITIVES}, type=str)
 _DEFAULTS = ContrastConfig()
 
 
+class PositiveRoi(str, Enum):
+    predicted = "predicted"
+    labelled = "labelled"
+    oracle = "oracle"
+
+
+class NormalPositive(str, Enum):
+    skip = "skip"
+    lung = "lung"
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -94,6 +105,20 @@ def command(
         "--feedback/--no-feedback",
         help="--no-feedback: every round uses round 0's CAM boxes and radiomics.")]
     = _DEFAULTS.feedback,
+    positive_roi: Annotated[PositiveRoi, typer.Option(
+        "--positive-roi", help="Whose ROI is an image's radiomics positive: predicted (the "
+        "model's most confident finding) | labelled (its own labelled finding with the "
+        "highest probability) | oracle (the positive control: GT boxes where an image has "
+        "them, labelled otherwise).")] = PositiveRoi.predicted,
+    normal_positive: Annotated[NormalPositive, typer.Option(
+        "--normal-positive", help="labelled/oracle ROIs of an image without findings: skip "
+        "(no contrastive term) | lung (a fixed lung-field ROI).")] = NormalPositive.skip,
+    shuffle_positives: Annotated[bool, typer.Option(
+        "--shuffle-positives", help="The negative control: each image gets another image's "
+        "radiomics positive.")] = False,
+    label_fraction: Annotated[float, typer.Option(
+        "--label-fraction", help="Only this fraction of the training images carry "
+        "classification loss; the contrastive term uses all.")] = 1.0,
     radiomics_backend: Annotated[RadiomicsBackend, typer.Option(
         "--radiomics-backend", help="fast (default: pyradiomics' values, compiled and "
         "batched) | pyradiomics (the reference, ~70x slower).")]
@@ -136,6 +161,8 @@ def command(
         radiomics_backend=radiomics_backend.value, backbone_lr_scale=backbone_lr_scale,
         batch_size=batch_size, lr=lr, seed=seed, device=device,
         workers=auto_workers(workers), force=force,
+        positive_roi=positive_roi.value, normal_positive=normal_positive.value,
+        shuffle_positives=shuffle_positives, label_fraction=label_fraction,
     )
     ws = Workspace(workspace)
     result = run_contrast(ws, cfg, note=lambda text: err.print(text, highlight=False))

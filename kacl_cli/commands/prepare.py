@@ -55,6 +55,8 @@ ROWS = [
     ("generated", "phantoms generated"),
     ("generate_seconds", "  seconds to generate them"),
     ("difficulty", "phantom difficulty"),
+    ("generator", "phantom generator"),
+    ("label_flips", "labels flipped (--label-noise)"),
     ("seconds", "seconds to ingest"),
     ("images_per_s", "images/s"),
 ]
@@ -100,6 +102,12 @@ def command(
         help="Refuse images with more pixels than this, read from the file's header before "
              "decoding (default 50,000,000: over 3x the largest chest radiographs).")]
     = DEFAULT_MAX_PIXELS,
+    generator: Annotated[int, typer.Option(
+        "--generator", help="Phantoms only: generator version (2 = textures, lesion sizes and "
+                            "noise in mm, visible at 128 px; 1 = the original).")] = 1,
+    label_noise: Annotated[float, typer.Option(
+        "--label-noise", help="Phantoms only: flip each train/val label with this probability "
+                              "(true labels kept in the true_labels table).")] = 0.0,
     shard: ShardOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -140,7 +148,8 @@ def command(
         if synthetic is not None:
             summary = ingest.prepare_synthetic(
                 ws, synthetic, size, seed, difficulty, enrich=enrich, workers=n_workers,
-                force=force, shard=shard)
+                force=force, shard=shard, generator=generator,
+                label_noise=label_noise)
         else:
             assert nih_dir is not None
             summary = ingest.prepare_nih(ws, nih_dir, size=size, limit=limit,

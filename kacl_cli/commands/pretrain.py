@@ -68,6 +68,10 @@ def command(
         help="DataLoader worker processes (default: cores, at most 8; 0 = in-process).")]
     = None,
     seed: int = _TRAIN.seed,
+    label_fraction: Annotated[float, typer.Option(
+        "--label-fraction", help="Only this fraction of the training images carry "
+                                 "classification loss (a fixed, hash-chosen subset).")]
+    = _STAGE.label_fraction,
     resume: Annotated[bool, typer.Option(
         "--resume/--no-resume", help="Continue a killed run from its last finished epoch.")]
     = _STAGE.resume,
@@ -105,7 +109,8 @@ def command(
         augment=augment, seed=seed, device=device,
         workers=auto_workers(workers),
     )
-    cfg = PretrainConfig(backbone=backbone, init=init, train=train, force=force, resume=resume)
+    cfg = PretrainConfig(backbone=backbone, init=init, train=train, force=force, resume=resume,
+                         label_fraction=label_fraction)
     summary = stage.run(ws, cfg, note=lambda text: err.print(text, highlight=False))
     if not main_rank:
         return  # rank 0 reports for the whole torchrun job

@@ -181,10 +181,10 @@ class ContrastiveObjective(_ScaledBackbone, Objective):
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if "radiomics" not in batch:
             logits = model(batch["image"])
-            cls = self.classification_loss(logits, batch["labels"])
+            cls = self.classification.masked_loss(logits, batch)
             return cls, {"cls": cls.detach()}
         logits, z_img, z_rad = self.embed(model, batch)
-        cls = self.classification_loss(logits, batch["labels"])
+        cls = self.classification.masked_loss(logits, batch)
         # Under torchrun the negatives are the whole global batch (every rank's rows), as in
         # one process holding it; gather_with_grad routes each rank's gradients back to it.
         mask = batch.get("has_radiomics")
@@ -218,11 +218,11 @@ class AugmentObjective(_ScaledBackbone, Objective):
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if "image2" not in batch:
             logits = model(batch["image"])
-            cls = self.classification_loss(logits, batch["labels"])
+            cls = self.classification.masked_loss(logits, batch)
             return cls, {"cls": cls.detach()}
         b = batch["image"].shape[0]
         _, pooled, logits = model.forward_all(torch.cat([batch["image"], batch["image2"]]))
-        cls = self.classification_loss(logits[:b], batch["labels"])
+        cls = self.classification.masked_loss(logits[:b], batch)
         z = self.image_proj(pooled.float())
         # global-batch negatives under torchrun, as in the radiomics objective above
         con = nt_xent(distributed.gather_with_grad(z[:b]), distributed.gather_with_grad(z[b:]),

@@ -106,6 +106,21 @@ class ClassificationObjective(Objective):
         pw = self.pos_weight if self.pos_weight.numel() else None
         return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pw)
 
+    def masked_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Classification loss over the batch's labelled images only.
+
+        ``batch["label_mask"]`` (B bools, ``--label-fraction``) marks the images that carry
+        labels; without it every image does. A batch with no labelled image gives an exact
+        zero still connected to the logits (every parameter keeps a gradient, as DDP needs).
+        """
+        mask = batch.get("label_mask")
+        if mask is None:
+            return self.classification_loss(logits, batch["labels"])
+        mask = mask.to(device=logits.device, dtype=torch.bool).reshape(-1)
+        if not bool(mask.any()):
+            return logits.float().sum() * 0.0
+        return self.classification_loss(logits[mask], batch["labels"][mask])
+
     def forward(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -119,5 +134,5 @@ class ClassificationObjective(Objective):
             total = cls + self.box_loss_weight * box
             return total, {"cls": cls.detach(), "box": box.detach()}
         logits = model(batch["image"])
-        loss = self.classification_loss(logits, batch["labels"])
+        loss = self.masked_loss(logits, batch)
         return loss, {"cls": loss.detach()}

@@ -17,6 +17,7 @@ from kacl_cli.errors import KaclError
 from kacl_cli.progress import Note, note_stderr
 from kacl_cli.runs import config_hash
 from kacl_cli.skips import HASH_KEY, checkpoint_hash, checkpoint_is_theirs
+from kacl_cli.stages.contrast.weak import check_fraction, labelled_mask
 from kacl_cli.training.config import TrainConfig
 from kacl_cli.workspace import Workspace
 
@@ -63,6 +64,9 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     force: bool = False
     resume: bool = True
+    # Only this fraction of the training images carry classification loss (weak labels,
+    # docs/contrast.md); in the config hash only below 1, so older runs keep their hash.
+    label_fraction: float = 1.0
 
 
 def run(ws: Workspace, cfg: PretrainConfig, note: Note = note_stderr) -> dict[str, Any]:
@@ -100,6 +104,11 @@ def run(ws: Workspace, cfg: PretrainConfig, note: Note = note_stderr) -> dict[st
     config = {**train_cfg.hashed(), "backbone": backbone, "init": init_identity(init),
               "store_size": store_size,
               "head_bias": "prior" if init in ("none", "imagenet") else "init"}
+    check_fraction("--label-fraction", cfg.label_fraction, allow_zero=False)
+    extras = None
+    if cfg.label_fraction < 1.0:  # only then: older runs keep their config hash
+        config["label_fraction"] = cfg.label_fraction
+        extras = {"label_mask": labelled_mask(train.image_ids, cfg.label_fraction)}
     resolve_device(train_cfg.device)
     # Built before the run is recorded: a bad --init fails without leaving a failed run.
     # Seeded first, so the random initialisation (and with it the whole run) follows --seed.
@@ -108,7 +117,8 @@ def run(ws: Workspace, cfg: PretrainConfig, note: Note = note_stderr) -> dict[st
     if init in ("none", "imagenet"):
         # A fresh head starts at each finding's train prevalence (see init_head_bias); a
         # --init PATH keeps whatever head it brought.
-        init_head_bias(model, train.labels)
+        init_head_bias(model, train.labels if extras is None
+                       else train.labels[extras["label_mask"]])  # the labelled ones only
     fingerprint = data_fingerprint(ws)
     # Under torchrun: every rank has read its inputs; rank 0 records the run, the others
     # mirror it, and only rank 0 touches the catalog from here on.
@@ -128,7 +138,7 @@ def run(ws: Workspace, cfg: PretrainConfig, note: Note = note_stderr) -> dict[st
                           ROUND, STAGE, init=init)
         train_set = StoreDataset(ws.store.path, train.rows, train.labels,
                                  augment=train_cfg.augment, image_size=train_cfg.image_size,
-                                 seed=train_cfg.seed)
+                                 seed=train_cfg.seed, extras=extras)
         val_set = StoreDataset(ws.store.path, val.rows, val.labels, augment=False,
                                image_size=train_cfg.image_size) if len(val) else None
         if val_set is None:

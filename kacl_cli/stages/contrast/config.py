@@ -13,6 +13,12 @@ from kacl_cli.stages.radiomics.backends.base import DEFAULT_BACKEND
 
 # Fields of ContrastConfig that say how to run, not what to compute: kept out of the hash.
 EXECUTION_FIELDS = ("rounds", "from_round", "force", "device", "workers", "cam_batch_size")
+# Fields added after runs were recorded: kept out of the hash at these defaults, so runs made
+# before they existed are still recognised.
+NEW_DEFAULTS = {"label_fraction": 1.0, "positive_roi": "predicted", "normal_positive": "skip",
+                "shuffle_positives": False}
+# --positive-roi -> the radiomics stage's ROI mode
+POSITIVE_ROIS = {"predicted": "cam", "labelled": "labelled", "oracle": "oracle"}
 
 
 @dataclass
@@ -38,9 +44,15 @@ class ContrastConfig:
     workers: int = 2
     cam_batch_size: int = CamConfig.batch_size
     force: bool = False
+    # Weak labels and positive choice (docs/contrast.md)
+    label_fraction: float = 1.0
+    positive_roi: str = "predicted"  # predicted | labelled | oracle (the positive control)
+    normal_positive: str = "skip"  # skip | lung (labelled/oracle ROIs of finding-free images)
+    shuffle_positives: bool = False  # the negative control
 
     def hashed(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS}
+        return {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS
+                and not (k in NEW_DEFAULTS and v == NEW_DEFAULTS[k])}
 
     def validate(self) -> None:
         if self.rounds < 1:
@@ -69,3 +81,18 @@ class ContrastConfig:
             raise InputError(f"--backbone-lr-scale must be > 0, got {self.backbone_lr_scale}")
         if self.lr <= 0 or self.batch_size < 1:
             raise InputError("--lr must be > 0 and --batch-size >= 1")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise InputError(f"--label-fraction must be in (0, 1], got {self.label_fraction}")
+        if self.positive_roi not in POSITIVE_ROIS:
+            raise InputError(f"--positive-roi must be one of {', '.join(POSITIVE_ROIS)}, "
+                             f"got {self.positive_roi!r}")
+        if self.normal_positive not in ("skip", "lung"):
+            raise InputError(f"--normal-positive must be skip or lung, got "
+                             f"{self.normal_positive!r}")
+        if self.positives != "radiomics" and (self.positive_roi != "predicted"
+                                              or self.shuffle_positives):
+            raise InputError("--positive-roi and --shuffle-positives choose radiomics "
+                             "positives: they need --positives radiomics")
+        if self.box_supervision > 0 and self.positive_roi != "predicted":
+            raise InputError("--box-supervision uses its own ROI rule (cam+gt): it needs "
+                             "--positive-roi predicted")

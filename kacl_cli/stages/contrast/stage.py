@@ -39,13 +39,15 @@ from kacl_cli.progress import Note
 from kacl_cli.runs import config_hash
 from kacl_cli.skips import HASH_KEY, checkpoint_hash, checkpoint_is_theirs
 from kacl_cli.stages.cam.stage import checkpoint_fingerprint, run_cam_stage
-from kacl_cli.stages.contrast.config import ContrastConfig
+from kacl_cli.stages.contrast.config import POSITIVE_ROIS, ContrastConfig
+from kacl_cli.stages.contrast.controls import shuffle_positives
 from kacl_cli.stages.contrast.supervision import (
     BoxSupervision,
     current_box_supervision,
     select_box_supervision,
     write_box_supervision,
 )
+from kacl_cli.stages.contrast.weak import labelled_mask
 from kacl_cli.stages.radiomics.stage import (
     PositiveFeatures,
     load_positive_features,
@@ -169,7 +171,9 @@ class _Steps:
                   f"({self.cfg.radiomics_backend})")
         return run_radiomics_stage(self.ws, round_, roi=roi, backend=self.cfg.radiomics_backend,
                                    workers=max(1, self.cfg.workers), split=split,
-                                   force=self._force("radiomics", round_))
+                                   force=self._force("radiomics", round_),
+                                   label_fraction=self.cfg.label_fraction,
+                                   normal_positive=self.cfg.normal_positive)
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +245,7 @@ def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run,
     if cfg.positives == "radiomics":
         distributed.barrier(ctx)
         info["cam"] = _brief(steps.cam(src))
-        roi = "cam+gt" if box_ids else "cam"
+        roi = "cam+gt" if box_ids else POSITIVE_ROIS[cfg.positive_roi]
         # Only training images' radiomics are used; box supervision may pull test images in.
         info["radiomics"] = _brief(steps.radiomics(src, roi, None if box_ids else "train"))
         try:
@@ -265,6 +269,8 @@ def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run,
     spec_extra: dict[str, Any] = {}
     if pos is not None:
         feats, has = align_positives(train.image_ids, pos)
+        if cfg.shuffle_positives:  # the negative control: another image's radiomics
+            feats = shuffle_positives(feats, has, cfg.seed + k)
         extras = {"radiomics": feats, "has_radiomics": has}
         spec_extra = {"n_features": len(pos.names), "settings_hash": pos.settings_hash,
                       "feature_names_hash": _feature_names_hash(pos.names)}
@@ -273,6 +279,10 @@ def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run,
         if has.sum() < 2:
             note(f"contrast round {k}: only {int(has.sum())} training images have a radiomics "
                  "positive: the contrastive term is zero (classification only)")
+    if cfg.label_fraction < 1.0:  # only F of the images carry classification loss
+        extras = dict(extras or {})
+        extras["label_mask"] = labelled_mask(train.image_ids, cfg.label_fraction)
+        info["labelled_images"] = int(extras["label_mask"].sum())
     tcfg = TrainConfig(
         epochs=cfg.epochs_per_round, batch_size=cfg.batch_size, lr=cfg.lr,
         image_size=image_size, seed=cfg.seed + k, device=cfg.device, workers=cfg.workers,

@@ -45,6 +45,14 @@ from PIL import Image
 from kacl_cli.findings import BOX_FINDINGS, FINDINGS
 
 GENERATOR_VERSION = "phantoms-1"
+GENERATOR_VERSIONS = {1: "phantoms-1", 2: "phantoms-2"}
+# Phantoms v2: lesion texture, minimum lesion size and pixel noise in physical units (mm on
+# the NIH 1024-px frame), so a lesion's texture stays several pixels wide at 128-256 px instead
+# of shrinking with the image (v1's 1.3-1.9 px at 64 px, below the noise). Noise is quantum
+# noise: its std scales with 1 / pixel pitch (per-pixel dose), referenced to 128 px.
+V2_TEXTURE_MM = {"Mass": 6.0, "Infiltration": 10.0, "Pneumonia": 8.0, "Fibrosis": 6.0}
+V2_MIN_RADIUS_MM = {"Nodule": 6.0, "Mass": 14.0}
+V2_NOISE_REF_PX = 128
 STATS_PATH = Path(__file__).with_name("prevalence.json")
 NIH_FRAME = 1024.0  # BBox_List_2017.csv coordinates are in the 1024-px PNG frame
 NIH_SPACING_MM = 0.143  # typical NIH original pixel spacing, scaled to the 1024 frame below
@@ -337,8 +345,11 @@ def bbox_of(mask: np.ndarray, win: tuple[slice, slice]) -> tuple[float, float, f
 class Phantom:
     """Draws one image; methods named after the finding they add (see module docstring)."""
 
-    def __init__(self, spec: ImageSpec, size: int, difficulty: float, stats: dict):
+    def __init__(self, spec: ImageSpec, size: int, difficulty: float, stats: dict,
+                 version: int = 1):
         self.spec, self.size, self.stats = spec, size, stats
+        self.version = version
+        self.mm_per_px = NIH_SPACING_MM * NIH_FRAME / size
         self.k = knobs(difficulty)
         self.has = set(spec.findings)
         # Patient anatomy: the same for every follow-up of a patient.
@@ -410,6 +421,23 @@ class Phantom:
             box = (float((xs.start + xs.stop) // 2), float((ys.start + ys.stop) // 2), 1.0, 1.0)
         self.boxes[finding] = box
 
+    def cell(self, finding: str, v1_cell: float) -> float:
+        """Texture cell (pixels) of a finding: v1's size-relative cell, or v2's mm one."""
+        if self.version >= 2 and finding in V2_TEXTURE_MM:
+            return max(1.0, V2_TEXTURE_MM[finding] / self.mm_per_px)
+        return v1_cell
+
+    def min_radius(self, finding: str, v1_min: float) -> float:
+        """Smallest lesion radius (canonical units): v1 in pixels, v2 in mm."""
+        if self.version >= 2 and finding in V2_MIN_RADIUS_MM:
+            return max(v1_min, V2_MIN_RADIUS_MM[finding] / (NIH_SPACING_MM * NIH_FRAME))
+        return v1_min
+
+    def noise_std(self) -> float:
+        if self.version >= 2:
+            return self.k["noise"] * V2_NOISE_REF_PX / self.size
+        return self.k["noise"]
+
     # -- the image ------------------------------------------------------------------------
     def draw(self) -> tuple[np.ndarray, dict[str, tuple[float, float, float, float]]]:
         f, r, k = self.frame, self.rng, self.k
@@ -464,7 +492,7 @@ class Phantom:
             if name in self.has and name not in ("Cardiomegaly", "Pneumothorax"):
                 getattr(self, "_" + name.lower())(A, lungs, lung)
         A += k["clutter"] * smooth_noise(r, (s, s), 0.08 * s)
-        A += k["noise"] * r.standard_normal((s, s)).astype(np.float32)
+        A += self.noise_std() * r.standard_normal((s, s)).astype(np.float32)
         img = np.clip(self.gain * A + self.bias, 0.0, 1.0) ** self.gamma
         return np.rint(img * 255.0).astype(np.uint8), self.boxes
 
@@ -472,7 +500,7 @@ class Phantom:
     def _nodule(self, A, lungs, lung) -> None:
         """Small, round, homogeneous and dense, sharp edge."""
         _, cx, cy, w, h = self.lung_site("Nodule")
-        rad = max((w + h) / 4, 2.5 * self.frame.px)
+        rad = max((w + h) / 4, self.min_radius("Nodule", 2.5 * self.frame.px))
         win = self.frame.window(cx - rad, cy - rad, cx + rad, cy + rad)
         u, v = self.frame.u[win], self.frame.v[win]
         rho = np.hypot(u - cx, v - cy) / rad
@@ -483,7 +511,7 @@ class Phantom:
     def _mass(self, A, lungs, lung) -> None:
         """Larger, lobulated outline, heterogeneous inside."""
         _, cx, cy, w, h = self.lung_site("Mass")
-        rad = max((w + h) / 4, 4 * self.frame.px)
+        rad = max((w + h) / 4, self.min_radius("Mass", 4 * self.frame.px))
         r = self.lrng
         win = self.frame.window(cx - 1.35 * rad, cy - 1.35 * rad, cx + 1.35 * rad,
                                 cy + 1.35 * rad)
@@ -493,8 +521,9 @@ class Phantom:
             5 * phi + r.uniform(0, 6.3))
         rho = np.hypot(u - cx, v - cy) / (rad * lob)
         inside = ramp(rho - 1.0, 2 * self.frame.px / rad)
-        tex = smooth_noise(r, inside.shape, max(1.0, rad / 3 * self.size))
-        A[win] += 0.22 * self.k["contrast"] * inside * (0.8 + 0.35 * tex)
+        tex = smooth_noise(r, inside.shape, self.cell("Mass", max(1.0, rad / 3 * self.size)))
+        het = 0.5 if self.version >= 2 else 0.35
+        A[win] += 0.22 * self.k["contrast"] * inside * (0.8 + het * tex)
         self.record("Mass", inside > 0.5, win)
 
     def _effusion(self, A, lungs, lung) -> None:
@@ -570,7 +599,8 @@ class Phantom:
         win = self.frame.window(cx - rx, cy - ry, cx + rx, cy + ry)
         u, v = self.frame.u[win], self.frame.v[win]
         region = ramp(ellipse_rho(u, v, cx, cy, rx, ry) - 1.0, 0.3)
-        patches = np.clip((smooth_noise(self.lrng, region.shape, 0.025 * self.size) + 0.3)
+        patches = np.clip((smooth_noise(self.lrng, region.shape,
+                                              self.cell("Infiltration", 0.025 * self.size)) + 0.3)
                           / 0.8, 0, 1)
         opac = region * patches * lung[win]
         A[win] += 0.16 * self.k["contrast"] * opac
@@ -586,7 +616,8 @@ class Phantom:
         phi = np.arctan2(v - cy, u - cx)
         lob = 1.0 + 0.12 * np.sin(4 * phi + r.uniform(0, 6.3))
         inside = ramp(ellipse_rho(u, v, cx, cy, rx * lob, ry * lob) - 1.0, 0.25) * lung[win]
-        bronch = np.exp(-(smooth_noise(r, inside.shape, 0.03 * self.size) / 0.2) ** 2)
+        bronch = np.exp(-(smooth_noise(r, inside.shape,
+                                             self.cell("Pneumonia", 0.03 * self.size)) / 0.2) ** 2)
         core = ramp(ellipse_rho(u, v, cx, cy, rx, ry) - 0.75, 0.2)
         c = self.k["contrast"]
         A[win] += 0.28 * c * inside - 0.14 * c * bronch * core * inside
@@ -616,7 +647,8 @@ class Phantom:
         """Fine reticular net over a faint haze, basal and peripheral (volume loss set up
         earlier)."""
         u, v = self.frame.u, self.frame.v
-        net = np.exp(-(smooth_noise(self.lrng, u.shape, 0.012 * self.size) / 0.3) ** 2)
+        net = np.exp(-(smooth_noise(self.lrng, u.shape,
+                                        self.cell("Fibrosis", 0.012 * self.size)) / 0.3) ** 2)
         where = np.clip((v - 0.35) / 0.3, 0, 1) * np.clip((np.abs(u - 0.5) - 0.1) / 0.2, 0, 1)
         A += self.k["contrast"] * (0.14 * net + 0.05) * where * lung
 
@@ -644,15 +676,15 @@ class Phantom:
 
 
 def render(spec: ImageSpec, size: int, difficulty: float = DEFAULT_DIFFICULTY,
-           stats: dict | None = None) -> tuple[np.ndarray, dict[str, tuple]]:
+           stats: dict | None = None, version: int = 1) -> tuple[np.ndarray, dict[str, tuple]]:
     """One phantom: (uint8 size x size pixels, {box finding: (x, y, w, h) in pixels})."""
-    return Phantom(spec, size, difficulty, stats or load_stats()).draw()
+    return Phantom(spec, size, difficulty, stats or load_stats(), version).draw()
 
 
 # -- an NIH-layout folder ------------------------------------------------------------------
-def _render_to_png(job: tuple[ImageSpec, int, float, str]) -> dict[str, tuple]:
-    spec, size, difficulty, out = job
-    pixels, boxes = render(spec, size, difficulty)
+def _render_to_png(job: tuple[ImageSpec, int, float, str, int]) -> dict[str, tuple]:
+    spec, size, difficulty, out, version = job
+    pixels, boxes = render(spec, size, difficulty, version=version)
     tmp = Path(out).with_suffix(".tmp.png")
     Image.fromarray(pixels, mode="L").save(tmp, compress_level=3)
     os.replace(tmp, out)
@@ -662,7 +694,7 @@ def _render_to_png(job: tuple[ImageSpec, int, float, str]) -> dict[str, tuple]:
 def write_release(
     root: Path, n: int, size: int, seed: int = 0, difficulty: float = DEFAULT_DIFFICULTY,
     enrich: float = 0.0, workers: int = 1,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, version: int = 1,
 ) -> dict:
     """Write ``n`` phantoms as an NIH release folder (what ``prepare`` then ingests).
 
@@ -674,7 +706,10 @@ def write_release(
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "phantoms.json").unlink(missing_ok=True)
     specs = plan(n, seed, enrich)
-    jobs = [(sp, size, difficulty, str(root / "images" / sp.image_id)) for sp in specs]
+    if version not in GENERATOR_VERSIONS:
+        raise ValueError(f"unknown phantom generator version {version}")
+    jobs = [(sp, size, difficulty, str(root / "images" / sp.image_id), version)
+            for sp in specs]
     boxes: list[dict] = []
     if workers > 1 and len(jobs) > 1:
         from kacl_cli.parallel import process_pool  # the fast, fork-free pool of prepare
@@ -713,7 +748,7 @@ def write_release(
         "".join(sp.image_id + "\n" for sp in specs if sp.patient in test_patients))
     (root / "train_val_list.txt").write_text(
         "".join(sp.image_id + "\n" for sp in specs if sp.patient not in test_patients))
-    info = {"generator": GENERATOR_VERSION, "n": n, "size": size, "seed": seed,
+    info = {"generator": GENERATOR_VERSIONS[version], "n": n, "size": size, "seed": seed,
             "difficulty": difficulty, "enrich": enrich, "patients": len(patients),
             "boxes": int(sum(len(b) for b in boxes))}
     (root / "phantoms.json").write_text(json.dumps(info, indent=2))

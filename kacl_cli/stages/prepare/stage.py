@@ -445,6 +445,8 @@ def prepare_synthetic(
     on_chunk: ChunkHook | None = None,
     shard: Shard | None = None,
     phantom_root: Path | None = None,
+    generator: int = 1,
+    label_noise: float = 0.0,
 ) -> dict[str, Any]:
     """``kacl prepare --synthetic N``: phantoms written as an NIH folder under ``WS/phantoms``
     (or ``phantom_root``), then ingested by the very same code as real data. Returns the
@@ -461,10 +463,16 @@ def prepare_synthetic(
         raise InputError(f"--difficulty must be in [0, 1], got {difficulty}")
     if not 0.0 <= enrich <= 1.0:
         raise InputError(f"--enrich must be in [0, 1], got {enrich}")
+    if generator not in phantoms.GENERATOR_VERSIONS:
+        raise InputError(f"--generator must be one of {sorted(phantoms.GENERATOR_VERSIONS)}, "
+                         f"got {generator}")
+    if not 0.0 <= label_noise <= 0.5:
+        raise InputError(f"--label-noise must be in [0, 0.5], got {label_noise}")
     whole = functools.partial(_synthetic_whole, n=n, size=size, seed=seed,
                               difficulty=difficulty, enrich=enrich, workers=workers,
                               chunk_size=chunk_size, on_chunk=on_chunk, shard=shard,
-                              root=phantom_root or ws.root / "phantoms")
+                              root=phantom_root or ws.root / "phantoms", generator=generator,
+                              label_noise=label_noise)
     if shard is not None:
         return run_part(ws, HOOKS, None, shard, functools.partial(whole, force=False),
                         force=force)
@@ -473,12 +481,14 @@ def prepare_synthetic(
 
 def _synthetic_whole(ws: Workspace, *, n: int, size: int, seed: int, difficulty: float,
                      enrich: float, workers: int, force: bool, chunk_size: int,
-                     on_chunk: ChunkHook | None, shard: Shard | None, root: Path
-                     ) -> dict[str, Any]:
+                     on_chunk: ChunkHook | None, shard: Shard | None, root: Path,
+                     generator: int, label_noise: float) -> dict[str, Any]:
     """``prepare --synthetic`` on ``ws`` (the workspace, or a shard's part)."""
     config = {"source": "synthetic", "n": n, "size": size, "seed": seed,
               "difficulty": difficulty, "enrich": enrich,
-              "generator": phantoms.GENERATOR_VERSION, "val_fraction": VAL_FRACTION}
+              "generator": phantoms.GENERATOR_VERSIONS[generator], "val_fraction": VAL_FRACTION}
+    if label_noise > 0:  # only when asked: older workspaces keep their config hash
+        config["label_noise"] = label_noise
 
     def work(run: StageRun) -> dict[str, Any]:
         expect = {k: config[k] for k in ("n", "size", "seed", "difficulty", "enrich",
@@ -490,7 +500,7 @@ def _synthetic_whole(ws: Workspace, *, n: int, size: int, seed: int, difficulty:
                     shutil.rmtree(root)
                 with bar(n, "phantoms") as pb:
                     phantoms.write_release(root, n, size, seed, difficulty, enrich, workers,
-                                           progress=pb.update)
+                                           progress=pb.update, version=generator)
                 generated = n
         gen_seconds = round(time.perf_counter() - t0, 2)
         with _decoders(workers) as decoders:
@@ -500,10 +510,14 @@ def _synthetic_whole(ws: Workspace, *, n: int, size: int, seed: int, difficulty:
                                      on_chunk=on_chunk, shard=shard)
         summary.update(source="synthetic", phantom_dir=str(root), generated=generated,
                        generate_seconds=gen_seconds, difficulty=difficulty, enrich=enrich,
-                       seed=seed)
+                       seed=seed, generator=config["generator"])
+        if label_noise > 0 and shard is None:
+            from kacl_cli.stages.contrast.weak import apply_label_noise
+
+            summary.update(label_noise=label_noise, **apply_label_noise(ws, label_noise, seed))
         return summary
 
-    return _run(ws, config, phantoms.GENERATOR_VERSION, dict(config), force, work)
+    return _run(ws, config, str(config["generator"]), dict(config), force, work)
 
 
 def _check_size(size: int) -> None:

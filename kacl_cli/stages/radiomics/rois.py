@@ -12,6 +12,14 @@ Per (image, finding) at most one ROI, in store pixels (half-open ``x0:x1, y0:y1`
   analysis and tests (it reads labels the model must not see at training time).
 - ``cam+gt``: ``gt`` for the images listed in ``box_supervision`` (the box-supervised
   fraction of the semi-supervised setting), ``cam`` for all the others.
+- ``labelled`` (``contrast --positive-roi labelled``): one ROI per image, its positive: the
+  CAM box of the image's own *labelled* finding with the highest probability. Images
+  outside the labelled fraction (``--label-fraction``) fall back to the ``cam`` rule's
+  positive; labelled images without a finding follow ``normal_positive``: ``skip`` (no ROI,
+  no contrastive term) or ``lung`` (a fixed right-lung-field box, finding "No Finding").
+- ``oracle`` (the positive control of ``kacl study``): the GT box (first in FINDINGS order)
+  of every image that has one, the ``labelled`` rule otherwise. It reads GT boxes of
+  training images, which the method never sees: a control, not a setting.
 
 Boxes come in original pixels; they map to the store with a per-axis scale (S / orig_width,
 S / orig_height) and are rounded outward (:func:`kacl_cli.boxes.to_pixel_slices`).
@@ -28,8 +36,13 @@ from kacl_cli.errors import KaclError, NotReadyError
 from kacl_cli.findings import FINDINGS, normalise_finding
 from kacl_cli.workspace import Workspace
 
-ROI_MODES = ("cam", "gt", "cam+gt")
+ROI_MODES = ("cam", "gt", "cam+gt", "labelled", "oracle")
 DEFAULT_MIN_PROB = 0.5
+NORMAL_POSITIVES = ("skip", "lung")
+NORMAL = "No Finding"
+# The fixed lung-field ROI of a finding-free image (x, y, w, h as fractions of the original
+# image): the middle of the right lung in the NIH frame, clear of heart and diaphragm.
+LUNG_FIELD = (0.20, 0.30, 0.18, 0.28)
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,35 @@ def gt_candidates(ws: Workspace) -> dict[str, dict[str, tuple[float, float, floa
     return out
 
 
+def _order(finding: str) -> int:
+    return FINDINGS.index(finding) if finding in FINDINGS else len(FINDINGS)
+
+
+def labelled_findings(ws: Workspace, image_ids: list[str]) -> dict[str, list[str]]:
+    """Per image, the findings its (possibly noisy) training labels mark present."""
+    from kacl_cli.catalog import quote_ident
+
+    cols = ", ".join(quote_ident(f) for f in FINDINGS)
+    keep = set(image_ids)
+    out: dict[str, list[str]] = {}
+    for rec in ws.catalog.query(f"SELECT image_id, {cols} FROM labels"):
+        if rec[0] in keep:
+            out[rec[0]] = [f for f, v in zip(FINDINGS, rec[1:], strict=True) if bool(v)]
+    return out
+
+
+def labelled_positive(cands: dict[str, tuple[float, tuple]], labelled: list[str]
+                      ) -> str | None:
+    """The labelled finding with a CAM box and the highest probability (ties: FINDINGS)."""
+    return positive_finding({f: cands[f][0] for f in labelled if f in cands})
+
+
+def all_cam_boxes(ws: Workspace, round_: int
+                  ) -> dict[str, dict[str, tuple[float, tuple[float, float, float, float]]]]:
+    """Per image: {finding: (probability, xywh)} of every non-empty CAM box of the round."""
+    return cam_candidates(ws, round_, -1.0)
+
+
 def has_cam_boxes(ws: Workspace, round_: int) -> bool:
     return ws.catalog.count("cam_boxes", "round = ?", [round_]) > 0
 
@@ -150,11 +192,18 @@ def build_rois(
     min_prob: float = DEFAULT_MIN_PROB,
     spacing: str = "store-mm",
     size: int | None = None,
+    label_fraction: float = 1.0,
+    normal_positive: str = "skip",
 ) -> list[Roi]:
     """The ROIs of ``images`` for a round, sorted by store row (for read locality)."""
     if roi not in ROI_MODES:
         raise KaclError(f"unknown ROI mode {roi!r}; choose one of {', '.join(ROI_MODES)}")
+    if normal_positive not in NORMAL_POSITIVES:
+        raise KaclError(f"unknown normal positive {normal_positive!r}")
     size = size or ws.store.image_size()
+    if roi in ("labelled", "oracle"):
+        return _positive_rois(ws, round_, images, roi, spacing, size, label_fraction,
+                              normal_positive)
     use_cam = roi in ("cam", "cam+gt")
     if use_cam and not has_cam_boxes(ws, round_):
         raise NotReadyError(
@@ -188,4 +237,48 @@ def build_rois(
             box = store_box(chosen[finding], info.orig_w, info.orig_h, size)
             out.append(Roi(image_id, info.row, finding, source, box, finding == pos, sp, known))
     out.sort(key=lambda r: (r.row, FINDINGS.index(r.finding)))
+    return out
+
+
+def _positive_rois(ws: Workspace, round_: int, images: dict[str, ImageInfo], roi: str,
+                   spacing: str, size: int, label_fraction: float,
+                   normal_positive: str) -> list[Roi]:
+    """``labelled`` / ``oracle``: one positive ROI per image (see the module docstring)."""
+    from kacl_cli.stages.contrast.weak import labelled_mask
+
+    if not has_cam_boxes(ws, round_):
+        raise NotReadyError(
+            f"no Grad-CAM boxes for round {round_}: run `kacl cam --round {round_}` first")
+    ids = list(images)
+    has_labels = dict(zip(ids, labelled_mask(ids, label_fraction).tolist(), strict=True))
+    labels = labelled_findings(ws, ids)
+    cam = all_cam_boxes(ws, round_)
+    gt = gt_candidates(ws) if roi == "oracle" else {}
+    out: list[Roi] = []
+    for image_id, info in images.items():
+        sp, known = store_spacing(info, size, spacing)
+        cands = cam.get(image_id, {})
+        box: tuple[float, float, float, float] | None = None
+        source, finding = "cam", None
+        if gt.get(image_id):
+            finding = first_in_findings_order(list(gt[image_id]))
+            box, source = gt[image_id][finding], "gt"
+        elif has_labels[image_id]:
+            own = labels.get(image_id, [])
+            finding = labelled_positive(cands, own)
+            if finding is not None:
+                box = cands[finding][1]
+            elif not own and normal_positive == "lung":
+                fx, fy, fw, fh = LUNG_FIELD
+                box = (fx * info.orig_w, fy * info.orig_h, fw * info.orig_w, fh * info.orig_h)
+                finding, source = NORMAL, "lung"
+        else:  # an unlabelled image: the model's own top guess, as the cam rule
+            finding = positive_finding({f: p for f, (p, _) in cands.items()})
+            if finding is not None:
+                box = cands[finding][1]
+        if box is None or finding is None:
+            continue
+        out.append(Roi(image_id, info.row, finding, source,
+                       store_box(box, info.orig_w, info.orig_h, size), True, sp, known))
+    out.sort(key=lambda r: (r.row, _order(r.finding)))
     return out

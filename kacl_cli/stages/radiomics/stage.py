@@ -248,6 +248,8 @@ def run_radiomics_stage(
     shard: Shard | None = None,
     min_prob: float = DEFAULT_MIN_PROB,
     chunk: int | None = None,  # ROIs per task; None: the backend's ``rois_per_task``
+    label_fraction: float = 1.0,  # roi labelled/oracle only (rois.py)
+    normal_positive: str = "skip",  # roi labelled/oracle only
 ) -> dict[str, Any]:
     """Compute the round's radiomics; returns the summary (``skipped: True`` if already done).
 
@@ -268,7 +270,8 @@ def run_radiomics_stage(
     splits = [split] if isinstance(split, str) else (list(split) if split else None)
     whole = functools.partial(_run_whole, round_=round_, roi=roi, backend=backend,
                               params=params, workers=workers, splits=splits, force=force,
-                              min_prob=min_prob, chunk=chunk)
+                              min_prob=min_prob, chunk=chunk, label_fraction=label_fraction,
+                              normal_positive=normal_positive)
     if shard is not None or ddp_sharding():
         return run_sharded(ws, HOOKS, round_, shard, whole, force=force)
     return whole(ws)
@@ -276,7 +279,8 @@ def run_radiomics_stage(
 
 def _run_whole(ws: Workspace, *, round_: int, roi: str, backend: str,
                params: Path | str | None, workers: int, splits: list[str] | None,
-               force: bool, min_prob: float, chunk: int | None) -> dict[str, Any]:
+               force: bool, min_prob: float, chunk: int | None, label_fraction: float,
+               normal_positive: str) -> dict[str, Any]:
     """The stage on ``ws`` (the workspace, or a shard's part), never sharded again."""
     settings = settings_mod.load_settings(params)
     impl = get_backend(backend)  # fail early when a backend is unavailable
@@ -288,9 +292,12 @@ def _run_whole(ws: Workspace, *, round_: int, roi: str, backend: str,
     if not images:
         raise InputError(f"no images in split(s) {', '.join(splits or ['any'])}")
     rois = build_rois(ws, round_, images, roi=roi, min_prob=min_prob,
-                      spacing=settings_mod.spacing_mode(settings), size=size)
+                      spacing=settings_mod.spacing_mode(settings), size=size,
+                      label_fraction=label_fraction, normal_positive=normal_positive)
     config = {"round": round_, "roi": roi, "backend": backend, "settings_hash": shash,
               "min_prob": min_prob, "split": splits}
+    if roi in ("labelled", "oracle"):  # only there: older configs keep their hash
+        config.update(label_fraction=label_fraction, normal_positive=normal_positive)
     fingerprint = _roi_fingerprint(rois, ws.store.n_rows(), size)
     # "done" is only worth skipping while every ROI still has its row with these settings:
     # a run with other settings since then replaced them (kacl_cli.skips).
