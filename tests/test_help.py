@@ -70,7 +70,8 @@ def _check_example(example: str) -> None:
 
 def test_every_command_is_documented() -> None:
     assert NAMES == sorted(["prepare", "pretrain", "cam", "radiomics", "contrast", "evaluate",
-                            "predict", "merge", "config", "export", "import"])
+                            "predict", "merge", "config", "export", "import", "study",
+                            "compare"])
     assert ("import", "xrv") in LEAVES
 
 

@@ -7,6 +7,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from kacl_cli.findings import BOX_FINDINGS, FINDINGS
+from kacl_cli.stages.evaluate.data import EvalData
+from kacl_cli.stages.evaluate.metrics import IOU_THRESHOLDS
 from kacl_cli.stages.evaluate.paired import (
     CompareError,
     Paired,
@@ -15,7 +17,6 @@ from kacl_cli.stages.evaluate.paired import (
     paired_bootstrap,
     pooled_bootstrap,
 )
-from kacl_cli.stages.evaluate.stage import IOU_THRESHOLDS, EvalData
 
 
 def _paired(n: int = 60, seed: int = 0, shift: float = 0.0) -> Paired:
