@@ -214,7 +214,10 @@ def test_cli_import_then_skip_then_refuse_other(tmp_path, tiny_workspace, source
     xin = preprocess(x, {**meta, "image_size": 64})
     rows = [XRV_TARGETS.index(fd) for fd in FINDINGS]
     with torch.no_grad():
-        assert torch.allclose(model(xin), reference_forward(source, xin)[:, rows], atol=1e-5)
+        ours, ref = model(xin), reference_forward(source, xin)[:, rows]
+        # float32 sums over 1024 features of a randomly initialised net reach ~1e3 here: equal
+        # to 1e-5 of that scale (an absolute 1e-5 would test the summation order, not the import)
+        assert torch.allclose(ours, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
     cam = runner.invoke(app, ["cam", "--round", "0", "--split", "test", "--device", "cpu",
                               "-w", str(ws.root), "--json"])  # stages use it unchanged
     assert cam.exit_code == 0, cam.stderr
