@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, Subset
 
+from kacl_cli.training.box_targets import BOX_KEY, to_input_frame
 from kacl_cli.training.gpu_augment import augment_batch, draw_params
 from kacl_cli.training.loader import StoreDataset
 
@@ -99,6 +100,8 @@ def finish_batch(batch: dict[str, torch.Tensor], ds: StoreDataset, epoch: int,
         params = (draw_params(ds.seed, epoch, idx, view, side, ds.augment_config)
                   if ds.augment else None)
         batch[key], batch[akey] = augment_batch(raw, params, side)
+    if BOX_KEY in batch:  # GT boxes follow the first view's warp (kacl_cli.training.box_targets)
+        batch[BOX_KEY] = to_input_frame(batch[BOX_KEY], batch["affine"])
     return batch
 
 

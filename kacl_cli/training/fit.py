@@ -400,6 +400,8 @@ def fit(
                 "seconds": time.perf_counter() - t0,
                 "images_per_s": float(count) / max(train_s, 1e-9),
             }
+            if "box" in means:  # the box term's share (ClassificationObjective.box_term)
+                row["box_loss"] = means["box"]
             history.append(row)
             if writes:
                 callbacks.epoch_end(stage, round_, row)  # e.g. --tensorboard
