@@ -148,6 +148,9 @@ def run(ws: Workspace, cfg: PretrainConfig, note: Note = note_stderr) -> dict[st
         )
         extras = ({BOX_KEY: gt_box_array(ws, train.image_ids, store_size, box_ids)}
                   if box_ids and train_cfg.box_loss_weight > 0 else None)
+        if train_cfg.box_loss_weight > 0 and not box_ids:
+            note("pretrain: note: --box-loss-weight acts on box-supervised images only; "
+                 "without --box-supervision no batch carries a box")
         meta = model_meta(backbone, train_cfg.image_size, store_size, GRAY_MEAN, GRAY_STD,
                           ROUND, STAGE, init=init)
         train_set = StoreDataset(ws.store.path, train.rows, train.labels,

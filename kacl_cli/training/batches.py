@@ -8,7 +8,9 @@ share of a small net's step. Here
 - a DataLoader's workers (or the main process) read **whole batches**: the batch's store
   rows in ascending order (one chunk read each, following the file), uint8, with labels,
   rows, indices and every per-image ``extras`` array of the dataset (box coordinates, masks,
-  radiomics vectors: whatever ``StoreDataset(extras=...)`` holds comes through unchanged);
+  radiomics vectors: whatever ``StoreDataset(extras=...)`` holds comes through unchanged,
+  except ``box``: GT boxes in store pixels, moved through the first view's affine into the
+  training image's pixels, as the item path does; :mod:`kacl_cli.training.box_targets`);
 - the workers are persistent across epochs (each batch key carries its epoch), so an epoch
   starts without spawning processes;
 - the uint8 batch goes to the device (pinned, non-blocking on CUDA: 4x fewer bytes than
