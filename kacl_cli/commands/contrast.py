@@ -98,6 +98,10 @@ def command(
         "they leave every evaluation. 0 = no boxes.")] = _DEFAULTS.box_supervision,
     fold: Annotated[int, typer.Option(
         "--fold", min=0, max=4, help="Which of the 5 patient folds is held out.")] = _DEFAULTS.fold,
+    box_loss_weight: Annotated[float, typer.Option(
+        "--box-loss-weight",
+        help="Weight of the term that pulls each finding's CAM mass inside its GT box on "
+        "box-supervised images (docs/cam.md). 0 = off.")] = _DEFAULTS.box_loss_weight,
     positives: Annotated[Positives, typer.Option(
         "--positives", help="radiomics (the method) | augment (SimCLR ablation) | none "
         "(classification only).")] = Positives(_DEFAULTS.positives),
@@ -154,10 +158,11 @@ def command(
     check_number("--lr", lr, lo=0.0, lo_open=True, hi=10.0)
     check_number("--backbone-lr-scale", backbone_lr_scale, lo=0.0, hi=1e6)
     check_number("--box-supervision", box_supervision, lo=0.0, hi=1.0)
+    check_number("--box-loss-weight", box_loss_weight, lo=0.0, hi=1000.0)
     cfg = ContrastConfig(
         rounds=rounds, from_round=from_round, epochs_per_round=epochs_per_round,
         temperature=temperature, lam=lam, proj_dim=proj_dim, box_supervision=box_supervision,
-        fold=fold, positives=positives.value, feedback=feedback,
+        fold=fold, box_loss_weight=box_loss_weight, positives=positives.value, feedback=feedback,
         radiomics_backend=radiomics_backend.value, backbone_lr_scale=backbone_lr_scale,
         batch_size=batch_size, lr=lr, seed=seed, device=device,
         workers=auto_workers(workers), force=force,

@@ -72,6 +72,17 @@ def command(
         "--label-fraction", help="Only this fraction of the training images carry "
                                  "classification loss (a fixed, hash-chosen subset).")]
     = _STAGE.label_fraction,
+    box_supervision: Annotated[float, typer.Option(
+        "--box-supervision",
+        help="Fraction (0-1) of box-annotated patients whose images train with their GT boxes "
+        "(the box term below); they leave every evaluation. 0 = no boxes.")]
+    = _STAGE.box_supervision,
+    fold: Annotated[int, typer.Option(
+        help="Which of 5 patient folds is held out of box supervision (0-4).")] = _STAGE.fold,
+    box_loss_weight: Annotated[float, typer.Option(
+        "--box-loss-weight",
+        help="Weight of the term that pulls each finding's CAM mass inside its GT box on "
+        "box-supervised images (docs/cam.md). 0 = off.")] = _TRAIN.box_loss_weight,
     resume: Annotated[bool, typer.Option(
         "--resume/--no-resume", help="Continue a killed run from its last finished epoch.")]
     = _STAGE.resume,
@@ -98,6 +109,9 @@ def command(
     check_number("--focal-gamma", focal_gamma, lo=0.0, hi=100.0)
     check_number("--image-size", image_size, lo=0, hi=4096)
     check_number("--workers", workers, lo=0, hi=256)
+    check_number("--box-supervision", box_supervision, lo=0.0, hi=1.0)
+    check_number("--fold", fold, lo=0, hi=4)
+    check_number("--box-loss-weight", box_loss_weight, lo=0.0, hi=1000.0)
     # Under torchrun only rank 0 writes the catalog and checkpoints.
     main_rank = from_env().is_main
     ws = Workspace(workspace, writes=main_rank)
@@ -107,10 +121,11 @@ def command(
         weight_decay=weight_decay, loss=loss,
         focal_alpha=focal_alpha, focal_gamma=focal_gamma, image_size=image_size or 0,
         augment=augment, seed=seed, device=device,
-        workers=auto_workers(workers),
+        workers=auto_workers(workers), box_loss_weight=box_loss_weight,
     )
     cfg = PretrainConfig(backbone=backbone, init=init, train=train, force=force, resume=resume,
-                         label_fraction=label_fraction)
+                         label_fraction=label_fraction, box_supervision=box_supervision,
+                         fold=fold)
     summary = stage.run(ws, cfg, note=lambda text: err.print(text, highlight=False))
     if not main_rank:
         return  # rank 0 reports for the whole torchrun job

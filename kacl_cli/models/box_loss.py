@@ -14,10 +14,10 @@ inside the box and lowers it outside, while the classification loss keeps the ma
 (the logit) meaningful. The box is given as a mask in map cells (:func:`box_masks`: a cell
 belongs to the box by the fraction of it the box covers), so it is exact for any map size.
 
-Feeding it: ``StoreDataset`` extras ``box`` (F x 4, xywh in the network-input frame, NaN where
-the image has no box of that finding). Geometric augmentation moves the lesion, so boxes must
-be transformed with the image; until the data path does that, supervised images must be drawn
-without geometric augmentation (documented in docs/cam.md).
+Feeding it: ``StoreDataset`` extras ``box`` (F x 4, xywh in store pixels, NaN where the
+image has no box of that finding; :mod:`kacl_cli.training.box_targets`), which both data
+paths move into the augmented network-input frame with each image's forward affine
+(resize, rotation, scale, translation, flip) before the objective sees them.
 """
 
 from __future__ import annotations

@@ -172,10 +172,14 @@ class ContrastiveObjective(_ScaledBackbone, Objective):
     def embed(self, model: nn.Module, batch: dict[str, torch.Tensor]
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits, image projection, radiomics projection) of a batch."""
-        _, pooled, logits = model.forward_all(batch["image"])
+        return self._embed(model, batch)[1:]
+
+    def _embed(self, model: nn.Module, batch: dict[str, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        fmap, pooled, logits = model.forward_all(batch["image"])
         z_img = self.image_proj(pooled.float())
         z_rad = self.radiomics_proj(self.radiomics_encoder(batch["radiomics"]))
-        return logits, z_img, z_rad
+        return fmap, logits, z_img, z_rad
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -183,7 +187,7 @@ class ContrastiveObjective(_ScaledBackbone, Objective):
             logits = model(batch["image"])
             cls = self.classification.masked_loss(logits, batch)
             return cls, {"cls": cls.detach()}
-        logits, z_img, z_rad = self.embed(model, batch)
+        fmap, logits, z_img, z_rad = self._embed(model, batch)
         cls = self.classification.masked_loss(logits, batch)
         # Under torchrun the negatives are the whole global batch (every rank's rows), as in
         # one process holding it; gather_with_grad routes each rank's gradients back to it.
@@ -192,8 +196,19 @@ class ContrastiveObjective(_ScaledBackbone, Objective):
             mask = distributed.gather_with_grad(mask.to(torch.uint8)).bool()
         con = nt_xent(distributed.gather_with_grad(z_img), distributed.gather_with_grad(z_rad),
                       self.spec.temperature, mask)
-        total = cls + self.spec.lam * con
-        return total, {"cls": cls.detach(), "contrastive": con.detach()}
+        return _with_box(self.classification, model, batch, fmap, cls + self.spec.lam * con,
+                         {"cls": cls.detach(), "contrastive": con.detach()})
+
+
+def _with_box(classification: ClassificationObjective, model: nn.Module,
+              batch: dict[str, torch.Tensor], fmap: torch.Tensor, total: torch.Tensor,
+              parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``total`` plus the classification objective's weighted box term when it applies
+    (``--box-loss-weight`` > 0 and the batch carries GT boxes)."""
+    box = classification.box_term(model, batch, fmap)
+    if box is None:
+        return total, parts
+    return total + classification.box_loss_weight * box, {**parts, "box": box.detach()}
 
 
 class AugmentObjective(_ScaledBackbone, Objective):
@@ -221,14 +236,14 @@ class AugmentObjective(_ScaledBackbone, Objective):
             cls = self.classification.masked_loss(logits, batch)
             return cls, {"cls": cls.detach()}
         b = batch["image"].shape[0]
-        _, pooled, logits = model.forward_all(torch.cat([batch["image"], batch["image2"]]))
+        fmap, pooled, logits = model.forward_all(torch.cat([batch["image"], batch["image2"]]))
         cls = self.classification.masked_loss(logits[:b], batch)
         z = self.image_proj(pooled.float())
         # global-batch negatives under torchrun, as in the radiomics objective above
         con = nt_xent(distributed.gather_with_grad(z[:b]), distributed.gather_with_grad(z[b:]),
                       self.spec.temperature)
-        total = cls + self.spec.lam * con
-        return total, {"cls": cls.detach(), "contrastive": con.detach()}
+        return _with_box(self.classification, model, batch, fmap[:b], cls + self.spec.lam * con,
+                         {"cls": cls.detach(), "contrastive": con.detach()})
 
 
 def build_objective(classification: ClassificationObjective, spec: ContrastSpec,

@@ -120,17 +120,24 @@ class ClassificationObjective(Objective):
         if not bool(mask.any()):
             return logits.float().sum() * 0.0
         return self.classification_loss(logits[mask], batch["labels"][mask])
+    def box_term(self, model: nn.Module, batch: dict[str, torch.Tensor], fmap: torch.Tensor
+                 ) -> torch.Tensor | None:
+        """The unweighted box loss of a batch's first-view feature maps, or None when the
+        term is off or the batch carries no boxes (the contrast objectives call it too)."""
+        if self.box_loss_weight <= 0 or "box" not in batch:
+            return None
+        from kacl_cli.models.box_loss import box_masks, cam_box_loss, class_maps
+
+        masks = box_masks(batch["box"], tuple(fmap.shape[-2:]), batch["image"].shape[-1])
+        return cam_box_loss(class_maps(fmap, model.head.weight), masks)
 
     def forward(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.box_loss_weight > 0 and "box" in batch:
-            from kacl_cli.models.box_loss import box_masks, cam_box_loss, class_maps
-
             fmap, _pooled, logits = model.forward_all(batch["image"])
-            cls = self.classification_loss(logits, batch["labels"])
-            masks = box_masks(batch["box"], tuple(fmap.shape[-2:]), batch["image"].shape[-1])
-            box = cam_box_loss(class_maps(fmap, model.head.weight), masks)
+            cls = self.masked_loss(logits, batch)
+            box = self.box_term(model, batch, fmap)
             total = cls + self.box_loss_weight * box
             return total, {"cls": cls.detach(), "box": box.detach()}
         logits = model(batch["image"])

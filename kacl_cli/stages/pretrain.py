@@ -67,6 +67,16 @@ class PretrainConfig:
     # Only this fraction of the training images carry classification loss (weak labels,
     # docs/contrast.md); in the config hash only below 1, so older runs keep their hash.
     label_fraction: float = 1.0
+    # --box-supervision F --fold K: GT boxes of these images train the maps (the rule of
+    # kacl_cli.stages.contrast.supervision; they leave evaluation). 0 = none.
+    box_supervision: float = 0.0
+    fold: int = 0
+
+    def hashed_boxes(self) -> dict[str, Any]:
+        """The box settings for the config hash: only when on (older runs keep their hash)."""
+        if self.box_supervision <= 0:
+            return {}
+        return {"box_supervision": self.box_supervision, "fold": self.fold}
 
 
 def run(ws: Workspace, cfg: PretrainConfig, note: Note = note_stderr) -> dict[str, Any]:
@@ -83,8 +93,11 @@ def run(ws: Workspace, cfg: PretrainConfig, note: Note = note_stderr) -> dict[st
         init_head_bias,
     )
     from kacl_cli.models.losses import ClassificationObjective, pos_weight_from_labels
+    from kacl_cli.stages.contrast.stage import training_data
+    from kacl_cli.stages.contrast.supervision import select_box_supervision, write_box_supervision
+    from kacl_cli.training.box_targets import BOX_KEY, gt_box_array
     from kacl_cli.training.fit import fit
-    from kacl_cli.training.loader import StoreDataset, data_fingerprint, load_split
+    from kacl_cli.training.loader import StoreDataset, data_fingerprint
 
     backbone, init, train_cfg = cfg.backbone, cfg.init, cfg.train
     ws.require()
@@ -98,12 +111,16 @@ def run(ws: Workspace, cfg: PretrainConfig, note: Note = note_stderr) -> dict[st
             f"--image-size {train_cfg.image_size} is larger than the store's {store_size} px "
             "images"
         )
-    train, val = load_split(ws, "train"), load_split(ws, "val")
+    sel = (select_box_supervision(ws, cfg.box_supervision, cfg.fold)
+           if cfg.box_supervision > 0 else None)
+    box_ids = set(sel.image_ids) if sel else set()
+    train, val = training_data(ws, box_ids)
     if not len(train):
         raise KaclError("the workspace has no train split images: check `kacl prepare`")
     config = {**train_cfg.hashed(), "backbone": backbone, "init": init_identity(init),
               "store_size": store_size,
-              "head_bias": "prior" if init in ("none", "imagenet") else "init"}
+              "head_bias": "prior" if init in ("none", "imagenet") else "init",
+              **cfg.hashed_boxes()}
     check_fraction("--label-fraction", cfg.label_fraction, allow_zero=False)
     extras = None
     if cfg.label_fraction < 1.0:  # only then: older runs keep their config hash
@@ -130,10 +147,21 @@ def run(ws: Workspace, cfg: PretrainConfig, note: Note = note_stderr) -> dict[st
                       device=train_cfg.device) as run_:
         if run_.skipped:
             return run_.result()
+        if sel is not None and ws.writes and write_box_supervision(ws, sel, run_.run_id):
+            note(f"pretrain: box supervision: {len(sel.image_ids)} of {sel.n_box_images} box "
+                 f"images ({len(sel.patients)} of {sel.n_box_patients} patients, fold "
+                 f"{cfg.fold}) train with their GT boxes and leave evaluation")
         objective = ClassificationObjective(
             train_cfg.loss, train_cfg.focal_alpha, train_cfg.focal_gamma,
             pos_weight=pos_weight_from_labels(train.labels) if train_cfg.loss == "bce" else None,
+            box_loss_weight=train_cfg.box_loss_weight,
         )
+        if box_ids and train_cfg.box_loss_weight > 0:  # GT boxes train the maps
+            extras = {**(extras or {}),
+                      BOX_KEY: gt_box_array(ws, train.image_ids, store_size, box_ids)}
+        if train_cfg.box_loss_weight > 0 and not box_ids:
+            note("pretrain: note: --box-loss-weight acts on box-supervised images only; "
+                 "without --box-supervision no batch carries a box")
         meta = model_meta(backbone, train_cfg.image_size, store_size, GRAY_MEAN, GRAY_STD,
                           ROUND, STAGE, init=init)
         train_set = StoreDataset(ws.store.path, train.rows, train.labels,

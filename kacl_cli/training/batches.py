@@ -8,7 +8,9 @@ share of a small net's step. Here
 - a DataLoader's workers (or the main process) read **whole batches**: the batch's store
   rows in ascending order (one chunk read each, following the file), uint8, with labels,
   rows, indices and every per-image ``extras`` array of the dataset (box coordinates, masks,
-  radiomics vectors: whatever ``StoreDataset(extras=...)`` holds comes through unchanged);
+  radiomics vectors: whatever ``StoreDataset(extras=...)`` holds comes through unchanged,
+  except ``box``: GT boxes in store pixels, moved through the first view's affine into the
+  training image's pixels, as the item path does; :mod:`kacl_cli.training.box_targets`);
 - the workers are persistent across epochs (each batch key carries its epoch), so an epoch
   starts without spawning processes;
 - the uint8 batch goes to the device (pinned, non-blocking on CUDA: 4x fewer bytes than
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, Subset
 
+from kacl_cli.training.box_targets import BOX_KEY, to_input_frame
 from kacl_cli.training.gpu_augment import augment_batch, draw_params
 from kacl_cli.training.loader import StoreDataset
 
@@ -99,6 +102,8 @@ def finish_batch(batch: dict[str, torch.Tensor], ds: StoreDataset, epoch: int,
         params = (draw_params(ds.seed, epoch, idx, view, side, ds.augment_config)
                   if ds.augment else None)
         batch[key], batch[akey] = augment_batch(raw, params, side)
+    if BOX_KEY in batch:  # GT boxes follow the first view's warp (kacl_cli.training.box_targets)
+        batch[BOX_KEY] = to_input_frame(batch[BOX_KEY], batch["affine"])
     return batch
 
 

@@ -38,10 +38,15 @@ class TrainConfig:
     # "batched": uint8 batches, resize + augmentation on the device (kacl_cli.training.batches);
     # "items": the per-item DataLoader path (augmentation in the workers). Same pixels.
     data_path: str = "batched"
+    # Weight of the CAM-mass-in-GT-box term on box-supervised images (models/box_loss.py);
+    # 0 = off. Default by measurement (docs/cam.md, "Box supervision").
+    box_loss_weight: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def hashed(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+        # box_loss_weight only when on: runs from before the option keep their hashes.
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS
+                and not (k == "box_loss_weight" and not v)}

@@ -400,6 +400,8 @@ def fit(
                 "seconds": time.perf_counter() - t0,
                 "images_per_s": float(count) / max(train_s, 1e-9),
             }
+            if "box" in means:  # the box term's share (ClassificationObjective.box_term)
+                row["box_loss"] = means["box"]
             history.append(row)
             if writes:
                 callbacks.epoch_end(stage, round_, row)  # e.g. --tensorboard
@@ -460,6 +462,8 @@ def fit(
         "val_mean_auc": metrics["val_mean_auc"],
         "val_loss": metrics["val_loss"],
         "train_loss": history[-1]["train_loss"],
+        # the last epoch's box term (--box-loss-weight), when the batches carried boxes
+        **({"box_loss": history[-1]["box_loss"]} if "box_loss" in history[-1] else {}),
         "train_images": len(train_set),
         "val_images": len(val_set) if val_set is not None else 0,
         "images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else None,

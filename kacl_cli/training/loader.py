@@ -22,7 +22,8 @@ from kacl_cli.catalog import quote_ident
 from kacl_cli.findings import FINDINGS
 from kacl_cli.store import ImageReader
 from kacl_cli.training.augment import AugmentConfig
-from kacl_cli.training.gpu_augment import augment_batch, draw_params, resize_batch
+from kacl_cli.training.box_targets import BOX_KEY, to_input_frame
+from kacl_cli.training.gpu_augment import augment_batch, draw_params, forward_affine, resize_batch
 
 SPLITS = ("train", "val", "test")
 
@@ -102,26 +103,32 @@ class StoreDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _view(self, raw: torch.Tensor, index: int, view: int) -> torch.Tensor:
-        """One view of a 1 x S x S uint8 image: the batched path's function on a batch of
-        one (so items and batches hold the same pixels)."""
+    def _view(self, raw: torch.Tensor, index: int, view: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One view of a 1 x S x S uint8 image and its 2 x 3 forward affine: the batched
+        path's function on a batch of one (so items and batches hold the same pixels)."""
         side = int(self.image_size or raw.shape[-1])
         if not self.augment:
-            return resize_batch(raw[None], side)[0]
+            return (resize_batch(raw[None], side)[0],
+                    torch.from_numpy(forward_affine(None, 1, raw.shape[-1], side)[0]).float())
         params = draw_params(self.seed, self.epoch, [index], view, side, self.augment_config)
-        return augment_batch(raw[None], params, side)[0][0]
+        image, affine = augment_batch(raw[None], params, side)
+        return image[0], affine[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         raw = torch.from_numpy(np.ascontiguousarray(self.reader[self.rows[index]])).unsqueeze(0)
+        image, affine = self._view(raw, index, 0)
         item = {
-            "image": self._view(raw, index, 0),
+            "image": image,
             "labels": torch.from_numpy(self.labels[index]),
             "row": torch.tensor(int(self.rows[index])),
         }
         if self.views == 2:
-            item["image2"] = self._view(raw, index, 1)
+            item["image2"] = self._view(raw, index, 1)[0]
         for key, arr in self.extras.items():
             item[key] = torch.as_tensor(arr[index])
+        if BOX_KEY in item:  # store pixels -> this view's pixels (kacl_cli.training.box_targets)
+            item[BOX_KEY] = to_input_frame(item[BOX_KEY], affine)
         return item
 
 

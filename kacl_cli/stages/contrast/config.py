@@ -10,6 +10,7 @@ from kacl_cli.errors import InputError
 from kacl_cli.models.contrast_spec import POSITIVES, ContrastSpec
 from kacl_cli.stages.cam.config import CamConfig
 from kacl_cli.stages.radiomics.backends.base import DEFAULT_BACKEND
+from kacl_cli.training.config import TrainConfig
 
 # Fields of ContrastConfig that say how to run, not what to compute: kept out of the hash.
 EXECUTION_FIELDS = ("rounds", "from_round", "force", "device", "workers", "cam_batch_size")
@@ -33,6 +34,8 @@ class ContrastConfig:
     proj_dim: int = ContrastSpec.proj_dim
     box_supervision: float = 0.0
     fold: int = 0
+    # Weight of the CAM-mass-in-GT-box term on the box-supervised images (models/box_loss.py).
+    box_loss_weight: float = TrainConfig.box_loss_weight
     positives: str = "radiomics"
     feedback: bool = True
     radiomics_backend: str = DEFAULT_BACKEND
@@ -51,8 +54,11 @@ class ContrastConfig:
     shuffle_positives: bool = False  # the negative control
 
     def hashed(self) -> dict[str, Any]:
+        # box_loss_weight only when on, the newer fields only off their defaults: runs from
+        # before these options keep their hashes.
         return {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS
-                and not (k in NEW_DEFAULTS and v == NEW_DEFAULTS[k])}
+                and not (k in NEW_DEFAULTS and v == NEW_DEFAULTS[k])
+                and not (k == "box_loss_weight" and not v)}
 
     def validate(self) -> None:
         if self.rounds < 1:
@@ -77,6 +83,8 @@ class ContrastConfig:
         if self.box_supervision > 0 and self.positives != "radiomics":
             raise InputError("--box-supervision lends GT boxes to the radiomics positives: "
                              "it needs --positives radiomics")
+        if not self.box_loss_weight >= 0:  # also refuses NaN
+            raise InputError(f"--box-loss-weight must be >= 0, got {self.box_loss_weight}")
         if self.backbone_lr_scale <= 0:
             raise InputError(f"--backbone-lr-scale must be > 0, got {self.backbone_lr_scale}")
         if self.lr <= 0 or self.batch_size < 1:

@@ -55,6 +55,7 @@ from kacl_cli.stages.radiomics.stage import (
 )
 from kacl_cli.stages.rounds import resolve_round
 from kacl_cli.training import distributed
+from kacl_cli.training.box_targets import BOX_KEY, gt_box_array
 from kacl_cli.training.fit import TrainConfig, fit, progress_note
 from kacl_cli.training.loader import SplitData, StoreDataset, data_fingerprint, load_split
 from kacl_cli.workspace import Workspace
@@ -283,6 +284,9 @@ def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run,
         extras = dict(extras or {})
         extras["label_mask"] = labelled_mask(train.image_ids, cfg.label_fraction)
         info["labelled_images"] = int(extras["label_mask"].sum())
+    if box_ids and cfg.box_loss_weight > 0:  # GT boxes train the maps (models/box_loss.py)
+        extras = {**(extras or {}), BOX_KEY: gt_box_array(ws, train.image_ids,
+                                                          ws.store.image_size(), box_ids)}
     tcfg = TrainConfig(
         epochs=cfg.epochs_per_round, batch_size=cfg.batch_size, lr=cfg.lr,
         image_size=image_size, seed=cfg.seed + k, device=cfg.device, workers=cfg.workers,
@@ -298,7 +302,8 @@ def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run,
     # -- objective: classification (as round k-1 was trained) + lambda * NT-Xent --
     classification = ClassificationObjective(
         tcfg.loss, tcfg.focal_alpha, tcfg.focal_gamma,
-        pos_weight=pos_weight_from_labels(train.labels) if tcfg.loss == "bce" else None)
+        pos_weight=pos_weight_from_labels(train.labels) if tcfg.loss == "bce" else None,
+        box_loss_weight=cfg.box_loss_weight)
     spec = ContrastSpec(positives=cfg.positives, feature_dim=model.feature_dim,
                         proj_dim=cfg.proj_dim, temperature=cfg.temperature, lam=cfg.lam,
                         **spec_extra)
