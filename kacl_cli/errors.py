@@ -23,3 +23,10 @@ class CheckpointError(KaclError):
 
 class InputError(KaclError):
     """Unreadable or malformed user input (image, CSV, params file)."""
+
+
+class UsageError(KaclError):
+    """An option value that can only be judged once the data is seen (e.g. a shard index past
+    the number of images): a usage error like Typer's own, exit code 2."""
+
+    exit_code = 2

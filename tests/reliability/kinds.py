@@ -342,6 +342,7 @@ KINDS: list[Kind] = [
     K("prepare-box-text", "release", lambda e: (add_box(e, first_image(e), "Mass", "one", "1", "5", "5"), prepare_nih(e))[1], 1, "not a number", holds=True),
     # -- prepare: options and the file system -------------------------------------------------
     K("prepare-shard-500-of-1000", "release", lambda e: ["prepare", "--synthetic", "24", "--size", "64", "--shard", "500/1000", "-w", str(e.ws)], 2, "--shard"),
+    K("prepare-nih-shard-past-the-images", "release", lambda e: ["prepare", "--nih-dir", str(e.release), "--size", "64", "--workers", "1", "--shard", "500/1000", "-w", str(e.ws)], 2, "--shard"),
     K("prepare-shard-3-of-2", "release", lambda e: ["prepare", "--synthetic", "24", "--shard", "3/2", "-w", str(e.ws)], 2, "--shard", holds=True),
     K("prepare-size-8", "release", lambda e: ["prepare", "--synthetic", "24", "--size", "8", "-w", str(e.ws)], 2, "--size"),
     K("prepare-difficulty-nan", "release", lambda e: ["prepare", "--synthetic", "24", "--difficulty", "nan", "-w", str(e.ws)], 2, "finite"),

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from kacl_cli.catalog import insert_rows
-from kacl_cli.errors import InputError, KaclError
+from kacl_cli.errors import InputError, KaclError, UsageError
 from kacl_cli.findings import FINDINGS
 from kacl_cli.parallel import process_pool
 from kacl_cli.progress import bar
@@ -239,6 +239,9 @@ def ingest_release(
         over_limit = len(present) - limit
         present = present[:limit]
     if shard is not None:  # one slice of what an unsharded run ingests; splits stay global
+        if shard.index >= len(present):  # the count is known only now, after the survey
+            raise UsageError(f"--shard {shard.label}: shard {shard.index} of {len(present)} "
+                             "images would be empty (n at most the number of images)")
         present = take_items(ws, present, shard)
 
     with ws.catalog.connect(read_only=True) as con:
