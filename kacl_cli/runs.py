@@ -28,7 +28,7 @@ import datetime as dt
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -146,12 +146,17 @@ def find_done(ws: Workspace, stage: str, round_: int | None, chash: str, fingerp
 
 def open_run(ws: Workspace, stage: str, config: dict[str, Any], fingerprint: str,
              round_: int | None = None, shard: str | None = None,
-             force: bool = False) -> StageRun:
-    """Record a ``running`` row, or return a skipped run for an identical finished one."""
+             force: bool = False,
+             intact: Callable[[dict[str, Any]], bool] | None = None) -> StageRun:
+    """Record a ``running`` row, or return a skipped run for an identical finished one.
+
+    ``intact(summary)`` says whether that finished run's outputs are still the ones on disk
+    (kacl_cli.skips); when it says no, the stage runs again instead of skipping.
+    """
     chash = config_hash(config)
     if not force:
         done = find_done(ws, stage, round_, chash, fingerprint, shard)
-        if done is not None:
+        if done is not None and (intact is None or intact(done)):
             return StageRun(ws, str(done.get("run_id", "")), stage, round_, config, now(),
                             skipped=True, previous=done)
     run_id = f"{stage}-{'' if round_ is None else f'r{round_}-'}{uuid.uuid4().hex[:10]}"
@@ -214,13 +219,14 @@ def _open_ranked(ws: Workspace, device: Any, stage: str, config: dict[str, Any],
 @contextmanager
 def stage_run(ws: Workspace, stage: str, config: dict[str, Any], fingerprint: str, *,
               round_: int | None = None, shard: str | None = None, force: bool = False,
-              device: Any = None) -> Iterator[StageRun]:
+              device: Any = None,
+              intact: Callable[[dict[str, Any]], bool] | None = None) -> Iterator[StageRun]:
     """The lifecycle of one stage run (see the module docstring).
 
     ``device`` (a torch device spec) makes the run torchrun-aware: rank 0 records it and the
     other ranks mirror it. Without it the run is recorded by this process alone.
     """
-    kwargs = {"round_": round_, "shard": shard, "force": force}
+    kwargs = {"round_": round_, "shard": shard, "force": force, "intact": intact}
     run = (open_run(ws, stage, config, fingerprint, **kwargs) if device is None
            else _open_ranked(ws, device, stage, config, fingerprint, **kwargs))
     if run.skipped:

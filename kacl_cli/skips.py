@@ -19,7 +19,7 @@ HASH_KEY = "checkpoint_hash"
 
 def checkpoint_hash(ws: Workspace, round_: int) -> str | None:
     """Content hash of checkpoint round-K, or None when it is missing or incomplete."""
-    from kacl_cli.stages.cam.stage import checkpoint_fingerprint
+    from kacl_cli.models.checkpoint_files import checkpoint_fingerprint
 
     if round_ not in ws.finished_rounds():
         return None

@@ -8,6 +8,7 @@ stage commits its work in chunks so a killed run resumes from the last committed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,8 @@ class Workspace:
         shard: str | None = None,
         force: bool = False,
         device: Any = None,
+        intact: Callable[[dict[str, Any]], bool] | None = None,
     ) -> AbstractContextManager[StageRun]:
         """``with ws.stage_run(...) as run:``: skip/begin/fail/finish (:func:`runs.stage_run`)."""
         return runs.stage_run(self, stage, config, fingerprint, round_=round_, shard=shard,
-                              force=force, device=device)
+                              force=force, device=device, intact=intact)

@@ -211,9 +211,9 @@ def load_predict_rules(ckpt: Path, cam_threshold: float | None):
     """``--cam-threshold`` for every finding, else the checkpoint's fitted rules
     (``box_rules.json``, refused with one line when made for another checkpoint/vocabulary),
     else the 0.5/peak default."""
+    from kacl_cli.models.checkpoint_files import checkpoint_fingerprint
     from kacl_cli.stages.cam.box_rules import read_rules_file, uniform
     from kacl_cli.stages.cam.localize import DEFAULT_RULE, BoxRule
-    from kacl_cli.stages.cam.stage import checkpoint_fingerprint
 
     if cam_threshold is not None:
         return uniform(BoxRule(cam_threshold, "peak"), f"--cam-threshold {cam_threshold}")

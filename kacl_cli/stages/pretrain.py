@@ -15,7 +15,6 @@ from typing import Any
 
 from kacl_cli.errors import KaclError
 from kacl_cli.progress import Note, note_stderr
-from kacl_cli.runs import config_hash
 from kacl_cli.skips import HASH_KEY, checkpoint_hash, checkpoint_is_theirs
 from kacl_cli.stages.contrast.weak import check_fraction, labelled_mask
 from kacl_cli.training.config import TrainConfig
@@ -141,10 +140,9 @@ def run(ws: Workspace, cfg: PretrainConfig, note: Note = note_stderr) -> dict[st
     # mirror it, and only rank 0 touches the catalog from here on.
     # "done" is only worth skipping while round-0 on disk is the checkpoint that run wrote
     # (kacl_cli.skips): a later pretrain with other settings may have replaced it.
-    previous = ws.find_done(STAGE, ROUND, config_hash(config), fingerprint)
-    stale = previous is not None and not checkpoint_is_theirs(ws, ROUND, previous)
-    with ws.stage_run(STAGE, config, fingerprint, round_=ROUND, force=cfg.force or stale,
-                      device=train_cfg.device) as run_:
+    with ws.stage_run(STAGE, config, fingerprint, round_=ROUND, force=cfg.force,
+                      device=train_cfg.device,
+                      intact=lambda done: checkpoint_is_theirs(ws, ROUND, done)) as run_:
         if run_.skipped:
             return run_.result()
         if sel is not None and ws.writes and write_box_supervision(ws, sel, run_.run_id):

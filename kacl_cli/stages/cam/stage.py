@@ -16,7 +16,6 @@ same round or another threshold are dropped instead of being "resumed".
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import time
 from collections import Counter
@@ -33,7 +32,8 @@ from kacl_cli.catalog import insert_columns
 from kacl_cli.device import resolve_device
 from kacl_cli.errors import CheckpointError, InputError, NotReadyError
 from kacl_cli.findings import FINDINGS
-from kacl_cli.models.checkpoint import META_FILE, MODEL_FILE, load_image_net, preprocess
+from kacl_cli.models.checkpoint import load_image_net, preprocess
+from kacl_cli.models.checkpoint_files import checkpoint_fingerprint
 from kacl_cli.sharding.merge import run_sharded
 from kacl_cli.sharding.parts import Shard, ddp_sharding
 from kacl_cli.stages.cam import box_rules as br
@@ -65,21 +65,12 @@ def resolve_splits(split: str | None) -> tuple[str, list[str]]:
     return name, [name]
 
 
-def checkpoint_fingerprint(directory: Path) -> str:
-    """Content hash of a checkpoint (tensors + meta): a retrained round-K gets a new hash."""
-    h = hashlib.sha256()
-    for name in (MODEL_FILE, META_FILE):
-        with open(directory / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
 def run(ws: Workspace, cfg: CamConfig, shard: Shard | None = None) -> dict[str, Any]:
     """The cam stage with a :class:`CamConfig` (see :func:`run_cam_stage`)."""
     return run_cam_stage(ws, cfg.round, split=cfg.split, batch_size=cfg.batch_size,
                          threshold=cfg.threshold, device=cfg.device, force=cfg.force,
-                         shard=shard, workers=cfg.workers, chunk_size=cfg.chunk_size)
+                         shard=shard, workers=cfg.workers, chunk_size=cfg.chunk_size,
+                         max_boxes=cfg.max_boxes)
 
 
 def run_cam_stage(

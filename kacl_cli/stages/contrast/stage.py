@@ -33,12 +33,12 @@ import torch
 
 from kacl_cli.errors import KaclError, NotReadyError
 from kacl_cli.models.checkpoint import OBJECTIVE_PREFIX, load_image_net, read_checkpoint, read_meta
+from kacl_cli.models.checkpoint_files import checkpoint_fingerprint
 from kacl_cli.models.contrastive import ContrastSpec, build_objective
 from kacl_cli.models.losses import ClassificationObjective, pos_weight_from_labels
 from kacl_cli.progress import Note
-from kacl_cli.runs import config_hash
 from kacl_cli.skips import HASH_KEY, checkpoint_hash, checkpoint_is_theirs
-from kacl_cli.stages.cam.stage import checkpoint_fingerprint, run_cam_stage
+from kacl_cli.stages.cam.stage import run_cam_stage
 from kacl_cli.stages.contrast.config import POSITIVE_ROIS, ContrastConfig
 from kacl_cli.stages.contrast.controls import shuffle_positives
 from kacl_cli.stages.contrast.supervision import (
@@ -200,10 +200,9 @@ def run_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps,
     # mirror it (runs.stage_run with a device), so only rank 0 ever writes the catalog.
     # "done" is only worth skipping while round-k on disk is the checkpoint that run wrote
     # (kacl_cli.skips); otherwise it trains again.
-    previous = ws.find_done(STAGE, k, config_hash(config), fingerprint)
-    stale = previous is not None and not checkpoint_is_theirs(ws, k, previous)
     with ws.stage_run(STAGE, config, fingerprint, round_=k,
-                      force=cfg.force or not have_ckpt or stale, device=cfg.device) as run:
+                      force=cfg.force or not have_ckpt, device=cfg.device,
+                      intact=lambda done: checkpoint_is_theirs(ws, k, done)) as run:
         if run.skipped:
             note(f"contrast round {k}: done, skipping (same config and inputs)")
             return run.result()

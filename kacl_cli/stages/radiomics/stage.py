@@ -32,7 +32,6 @@ from kacl_cli import progress
 from kacl_cli.catalog import insert_columns
 from kacl_cli.errors import InputError, KaclError, NotReadyError
 from kacl_cli.parallel import process_pool
-from kacl_cli.runs import config_hash
 from kacl_cli.sharding.merge import run_sharded
 from kacl_cli.sharding.parts import Shard, ddp_sharding
 from kacl_cli.stages.radiomics import settings as settings_mod
@@ -301,9 +300,8 @@ def _run_whole(ws: Workspace, *, round_: int, roi: str, backend: str,
     fingerprint = _roi_fingerprint(rois, ws.store.n_rows(), size)
     # "done" is only worth skipping while every ROI still has its row with these settings:
     # a run with other settings since then replaced them (kacl_cli.skips).
-    previous = ws.find_done(STAGE, round_, config_hash(config), fingerprint)
-    stale = previous is not None and bool(_todo(ws, round_, rois, shash, impl.name))
-    with ws.stage_run(STAGE, config, fingerprint, round_=round_, force=force or stale) as run:
+    with ws.stage_run(STAGE, config, fingerprint, round_=round_, force=force,
+                      intact=lambda done: not _todo(ws, round_, rois, shash, impl.name)) as run:
         if run.skipped:
             return run.result()
         t0 = time.perf_counter()
