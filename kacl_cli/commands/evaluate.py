@@ -70,12 +70,33 @@ def render_round(doc: dict[str, Any]) -> None:
         lt.add_row("mean", str(loc["n_pairs"]), *[_fmt(a, 3) for a in loc[f"mean_acc_{kind}"]],
                    "", style="bold")
         out.print(lt)
+        if kind == "iou" and loc.get("any_of_k"):
+            render_any_of_k(loc)
     for note in doc["notes"]:
         out.print(f"note: {note}", highlight=False)
     h = doc["headline"]
     out.print(f"round {doc['round']}: mean AUC [bold]{_fmt(h['mean_auc'])}[/], mean localization "
               f"accuracy T(IoU) 0.1-0.7 [bold]{_fmt(h['mean_loc_acc'])}[/]", markup=True)
     out.print(f"report: {doc.get('report')}", highlight=False)
+
+
+def render_any_of_k(loc: dict[str, Any]) -> None:
+    """The "any of K" column (cam --max-boxes K), as its own table after the top-box one."""
+    any_k = loc["any_of_k"]
+    lt = Table(title=f"Any of K={any_k['k']} ranked boxes, IoU > T (not the protocol: "
+                     "the table above scores the top box)",
+               title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)
+    lt.add_column("finding", no_wrap=True)
+    lt.add_column("n", justify="right")
+    for thr in loc["iou_thresholds"]:
+        lt.add_column(f"{thr:g}", justify="right")
+    lt.add_column(f"mIoU@{any_k['k']}", justify="right")
+    for c in loc["findings"]:
+        lt.add_row(c["finding"], str(c["n"]), *[_fmt(a, 3) for a in c["any_of_k"]["acc_iou"]],
+                   _fmt(c["any_of_k"]["mean_iou"], 3))
+    lt.add_row("mean", str(loc["n_pairs"]), *[_fmt(a, 3) for a in any_k["mean_acc_iou"]], "",
+               style="bold")
+    out.print(lt)
 
 
 def render_all(docs: list[dict[str, Any]], summary: Path) -> None:

@@ -176,6 +176,34 @@ def test_cam_and_radiomics_three_shards_merge_to_the_unsharded_rows(pair) -> Non
     assert snapshot(many) == before
 
 
+def test_cam_max_boxes_two_shards_merge_the_ranked_boxes_too(pair) -> None:
+    one, many = pair
+    # a low threshold cuts several components per map, so boxes 2..K exist
+    kw = dict(device="cpu", batch_size=1, max_boxes=2, threshold=0.2)
+    cam_stage.run_cam_stage(one, 0, **kw)
+    ranked = table(one, "cam_boxes_ranked")
+    assert ranked and {r[3] for r in ranked} == {2}  # rank 2 only, for some (image, finding)
+    for i in range(2):
+        cam_stage.run_cam_stage(many, 0, shard=Shard(i, 2), **kw)
+    assert many.catalog.count("cam_boxes_ranked") == 0  # parts only, until the merge
+    result = merge_parts(many, "cam")
+    assert result["merged"][0]["rows"]["cam_boxes_ranked"] == len(ranked)
+    assert table(many, "cam_boxes_ranked") == ranked
+    assert table(many, "cam_boxes") == table(one, "cam_boxes")
+    # a part whose ranked box disagrees with the merged one is a change, then an overlap
+    part = Workspace(part_dir(many, "cam", 0, Shard(0, 2)))
+    assert merge_parts(many, "cam")["changed"] is False
+    part.catalog.execute("UPDATE cam_boxes_ranked SET w = w + 1")
+    assert merge_parts(many, "cam")["changed"] is True
+    assert table(many, "cam_boxes_ranked") != ranked
+    # a re-run with K = 1 merged over it leaves no stale ranked rows
+    for i in range(2):
+        cam_stage.run_cam_stage(many, 0, shard=Shard(i, 2), device="cpu", batch_size=1,
+                                threshold=0.2)
+    merge_parts(many, "cam")
+    assert many.catalog.count("cam_boxes_ranked") == 0
+
+
 def test_missing_or_unfinished_shard_is_refused_untouched(pair) -> None:
     _, ws = pair
     run_cam_shards(ws, only=[0, 2])

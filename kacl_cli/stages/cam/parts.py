@@ -2,7 +2,9 @@
 
 A cam part sees the workspace's images (HDF5 external link) and checkpoints (symlink), and
 gets the shard's ``images`` and ``labels`` rows; its maps are written at the workspace's
-rows, so the merge copies them block by block into ``/cams/round-K``.
+rows, so the merge copies them block by block into ``/cams/round-K``. The merge folds in the
+parts' ``cam_boxes`` and their ``cam_boxes_ranked`` (boxes 2..K of ``--max-boxes K``) together:
+the ranked rows belong to the (image, finding) of their ``cam_boxes`` row.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import duckdb
 import numpy as np
 
+from kacl_cli.catalog import Catalog
 from kacl_cli.errors import KaclError
 from kacl_cli.sharding.hooks import StageHooks
 from kacl_cli.sharding.merge import (
@@ -49,11 +52,15 @@ def _seed(ws: Workspace, part: Workspace, round_: int | None, shard: Shard) -> N
 
 
 def _stage(con: duckdb.DuckDBPyConnection, ws: Workspace, g: Group) -> None:
+    ws.catalog.ensure_tables("cam_boxes_ranked")  # catalogs older than --max-boxes
+    for p in g.parts:
+        Catalog(p.catalog).ensure_tables("cam_boxes_ranked")
     stage_tables(con, g, {
         "ids": "SELECT image_id, row FROM part.images",
         "cam": "SELECT * FROM part.cam_boxes WHERE round = ?",
+        "ranked": "SELECT * FROM part.cam_boxes_ranked WHERE round = ?",
         "state": "SELECT value FROM part.meta WHERE key = ?",
-    }, {"cam": [g.round], "state": [state_key(g.round)]})  # type: ignore[arg-type]
+    }, {"cam": [g.round], "ranked": [g.round], "state": [state_key(g.round)]})  # type: ignore[arg-type]
     shapes = {}
     for p in g.parts:
         with p.store.open("r") as f:
@@ -71,6 +78,9 @@ def _plan(con: duckdb.DuckDBPyConnection, ws: Workspace, g: Group, has_ws: bool)
     coverage(con, ws, g)
     cols = [c for c in columns(con, f"{pre}cam") if c != "part"]
     overlaps(con, f"{pre}cam", "image_id, finding", collist(cols), "CAM box", g)
+    ranked_cols = [c for c in columns(con, f"{pre}ranked") if c != "part"]
+    overlaps(con, f"{pre}ranked", "image_id, finding, rank", collist(ranked_cols),
+             "ranked CAM box", g)
     with_maps = {p.shard.index for p in g.parts if con.execute(
         f"SELECT count(*) FROM {pre}cam WHERE part = ?", [p.shard.index]).fetchone()[0]}
     shapes = {g.plan["map_shapes"][i] for i in with_maps}
@@ -82,14 +92,20 @@ def _plan(con: duckdb.DuckDBPyConnection, ws: Workspace, g: Group, has_ws: bool)
     stale = main_state is None or main_state[0] != states[0]
     g.plan.update(state=states[0], stale=stale,
                   rows={"cam_boxes": int(con.execute(f"SELECT count(*) FROM {pre}cam")
-                                         .fetchone()[0])})
+                                         .fetchone()[0]),
+                        "cam_boxes_ranked": int(con.execute(
+                            f"SELECT count(*) FROM {pre}ranked").fetchone()[0])})
     if stale:
         g.plan["changed"] = True
     else:
         scope = (f"(SELECT * FROM ws.cam_boxes WHERE round = {int(g.round)} AND image_id IN "  # type: ignore[arg-type]
                  f"(SELECT image_id FROM {pre}cam))")
-        g.plan["changed"] = bool(changes(con, f"(SELECT * EXCLUDE (part) FROM {pre}cam)",
-                                         scope, collist(cols)))
+        ranked_scope = (f"(SELECT * FROM ws.cam_boxes_ranked WHERE round = {int(g.round)} "  # type: ignore[arg-type]
+                        f"AND image_id IN (SELECT image_id FROM {pre}cam))")
+        g.plan["changed"] = bool(
+            changes(con, f"(SELECT * EXCLUDE (part) FROM {pre}cam)", scope, collist(cols))
+            or changes(con, f"(SELECT * EXCLUDE (part) FROM {pre}ranked)", ranked_scope,
+                       collist(ranked_cols)))
         if not g.plan["changed"] and not ws.store.has_cams(g.round):  # type: ignore[arg-type]
             g.plan["changed"] = True
     g.plan["summary"] = combine_summaries([p.run["summary"] for p in g.parts])
@@ -113,12 +129,14 @@ def _write_data(con: duckdb.DuckDBPyConnection, ws: Workspace, g: Group) -> None
 
 def _write_rows(con: duckdb.DuckDBPyConnection, ws: Workspace, g: Group) -> None:
     pre = g.prefix
-    if g.plan["stale"]:
-        con.execute("DELETE FROM ws.cam_boxes WHERE round = ?", [g.round])
-    else:
-        con.execute(f"DELETE FROM ws.cam_boxes WHERE round = ? AND image_id IN "
-                    f"(SELECT image_id FROM {pre}cam)", [g.round])
+    for table in ("cam_boxes", "cam_boxes_ranked"):
+        if g.plan["stale"]:
+            con.execute(f"DELETE FROM ws.{table} WHERE round = ?", [g.round])
+        else:
+            con.execute(f"DELETE FROM ws.{table} WHERE round = ? AND image_id IN "
+                        f"(SELECT image_id FROM {pre}cam)", [g.round])
     con.execute(f"INSERT INTO ws.cam_boxes SELECT * EXCLUDE (part) FROM {pre}cam")
+    con.execute(f"INSERT INTO ws.cam_boxes_ranked SELECT * EXCLUDE (part) FROM {pre}ranked")
     con.execute("INSERT OR REPLACE INTO ws.meta VALUES (?, ?)",
                 [state_key(g.round), g.plan["state"]])  # type: ignore[arg-type]
 

@@ -1,4 +1,5 @@
-"""What the evaluate stage reads for one (round, split): labels, cam_boxes, GT boxes.
+"""What the evaluate stage reads for one (round, split): labels, cam_boxes, GT boxes, and the
+ranked boxes 2..K of ``cam --max-boxes K`` (``cam_boxes_ranked``) for the "any of K" column.
 
 :func:`load_eval_data` queries the catalog once and returns an :class:`EvalData` of aligned
 arrays (one row per image, ordered by store row; one pair per ground-truth box of a box
@@ -8,6 +9,7 @@ finding), which the pure metrics (:mod:`kacl_cli.stages.evaluate.metrics`) and t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +17,7 @@ import numpy as np
 from kacl_cli.catalog import label_columns_sql
 from kacl_cli.errors import NotReadyError
 from kacl_cli.findings import BOX_FINDINGS, BOX_LABEL_ALIASES, FINDINGS
+from kacl_cli.stages.cam.parts import state_key as cam_state_key
 from kacl_cli.workspace import Workspace
 
 # Patients any of whose images lent its boxes to training (box_supervision).
@@ -45,10 +48,22 @@ class EvalData:
     n_fit_pairs: int = 0             # GT boxes of the split the box rules were fitted on
     map_hw: tuple[int, int] | None = None  # the round's map size (grid ceiling)
     box_rules: list = field(default_factory=list)  # box_rules.source rows of the round
+    # boxes 2..K of `cam --max-boxes K` (n x 14 x K-1 x 4, NaN where a map had fewer
+    # components); K = 1 (no ranked boxes asked for) leaves it n x 14 x 0 x 4
+    ranked: np.ndarray | None = None
+    max_boxes: int = 1
 
     @property
     def pair_pred(self) -> np.ndarray:
         return self.pred[self.pair_image, self.pair_finding]
+
+    @property
+    def pair_pred_k(self) -> np.ndarray:
+        """Every ranked box of each pair's (image, finding), top box first: m x K x 4."""
+        top = self.pair_pred[:, None, :]
+        if self.ranked is None or self.ranked.shape[2] == 0:
+            return top
+        return np.concatenate([top, self.ranked[self.pair_image, self.pair_finding]], axis=1)
 
 
 def _index_of(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -65,7 +80,7 @@ def _canonical(names: np.ndarray) -> np.ndarray:
 def load_eval_data(ws: Workspace, round_: int, split: str) -> EvalData:
     """Read labels, cam_boxes of the round and GT boxes of one split from the catalog."""
     cat = ws.catalog
-    cat.ensure_tables("box_rules", "box_rule_images")
+    cat.ensure_tables("box_rules", "box_rule_images", "cam_boxes_ranked")
     img = cat.query_df(
         f"SELECT i.image_id, i.row, i.orig_width, i.orig_height, {label_columns_sql()} "
         "FROM images i JOIN labels l USING (image_id) WHERE i.split = ? "
@@ -106,6 +121,7 @@ def load_eval_data(ws: Workspace, round_: int, split: str) -> EvalData:
     pred[ii[ok], ff[ok]] = box[ok]
     has_cam = np.zeros(n, dtype=bool)
     has_cam[ii[ok]] = True
+    max_boxes, ranked = _ranked_boxes(ws, round_, split, ids)
 
     gt = cat.query_df(
         "SELECT g.image_id, g.finding, g.x, g.y, g.w, g.h FROM gt_boxes g "
@@ -133,7 +149,37 @@ def load_eval_data(ws: Workspace, round_: int, split: str) -> EvalData:
         n_other_gt=int((in_split & (gf < 0)).sum()),
         n_fit_pairs=int(n_fit_pairs), map_hw=_map_hw(ws, round_),
         box_rules=cat.query("SELECT DISTINCT source FROM box_rules WHERE round = ?", [round_]),
+        ranked=ranked, max_boxes=max_boxes,
     )
+
+
+def _ranked_boxes(ws: Workspace, round_: int, split: str, ids: np.ndarray
+                  ) -> tuple[int, np.ndarray]:
+    """(K, n x 14 x K-1 x 4 boxes 2..K). K is what the round's cam run asked for
+    (``--max-boxes``, kept in its state) or, without that state (rows written another way),
+    the highest rank present: K > 1 although no map had a second component still says that
+    any-of-K was measured (and equals top-1)."""
+    state = ws.catalog.query("SELECT value FROM meta WHERE key = ?", [cam_state_key(round_)])
+    try:
+        asked = int(json.loads(state[0][0]).get("max_boxes") or 1) if state else 1
+    except (ValueError, TypeError, AttributeError):
+        asked = 1
+    rows = ws.catalog.query_df(
+        "SELECT r.image_id, r.finding, r.rank, r.x, r.y, r.w, r.h FROM cam_boxes_ranked r "
+        "JOIN images i USING (image_id) WHERE r.round = ? AND i.split = ? AND r.rank >= 2",
+        [round_, split])
+    ranks = np.asarray(rows["rank"], dtype=np.int64)
+    k = max(asked, int(ranks.max()) if len(ranks) else 1)
+    out = np.full((len(ids), len(FINDINGS), k - 1, 4), np.nan)
+    if len(ranks):
+        ii = _index_of(np.asarray(rows["image_id"], dtype=object), ids)
+        ff = _index_of(_canonical(np.asarray(rows["finding"], dtype=object)),
+                       np.array(FINDINGS))
+        ok = (ii >= 0) & (ff >= 0)
+        box = np.stack([np.ma.filled(np.ma.asarray(rows[c], dtype=np.float64), np.nan)
+                        for c in ("x", "y", "w", "h")], axis=1)
+        out[ii[ok], ff[ok], ranks[ok] - 2] = box[ok]
+    return k, out
 
 
 def _map_hw(ws: Workspace, round_: int) -> tuple[int, int] | None:

@@ -85,3 +85,21 @@ def headroom(
             "share_of_ceiling": acc / ceil_acc if ceil_acc > 0 else None,
         })
     return rows
+
+
+def any_of_k_iou(pred_k: np.ndarray, gt_xywh: np.ndarray) -> np.ndarray:
+    """Per GT box, the best IoU of its (image, finding)'s K ranked boxes (``pred_k`` m x K x 4,
+    a NaN row where there is no box); NaN when there is none at all (a miss, as for top-1).
+
+    "Any of K": a GT box is hit at T when any of the K boxes reaches it, i.e. when the best
+    one does. Not the protocol (one box per finding): a measure of what ranked boxes hold.
+    """
+    pred = np.asarray(pred_k, dtype=np.float64)
+    gt = np.asarray(gt_xywh, dtype=np.float64).reshape(-1, 4)
+    has = np.isfinite(pred).all(axis=2)
+    iou = np.full(has.shape, -np.inf)
+    if has.any():
+        rows, cols = np.nonzero(has)
+        iou[rows, cols] = bx.iou(pred[rows, cols], gt[rows])
+    best = iou.max(axis=1) if iou.shape[1] else np.full(len(gt), -np.inf)
+    return np.where(np.isfinite(best), best, np.nan)

@@ -27,7 +27,7 @@ from kacl_cli.findings import BOX_FINDINGS, FINDINGS
 from kacl_cli.progress import bar
 from kacl_cli.stages.evaluate.baselines import IOBB_THRESHOLDS, IOU_THRESHOLDS
 from kacl_cli.stages.evaluate.data import EvalData
-from kacl_cli.stages.evaluate.localization import grid_ceiling_iou, mean_accuracy
+from kacl_cli.stages.evaluate.localization import any_of_k_iou, grid_ceiling_iou, mean_accuracy
 
 __all__ = [
     "IOU_THRESHOLDS", "IOBB_THRESHOLDS", "roc_auc", "weighted_auc", "bootstrap_aucs",
@@ -256,6 +256,7 @@ def compute_metrics(data: EvalData, n_boot: int = 1000, seed: int = 0) -> dict[s
             "ceiling_iou": _num(ceiling[sel].mean()) if m else None,
             "ceiling_acc": _num(mean_accuracy(ceiling[sel], IOU_THRESHOLDS)) if m else None,
         })
+    any_k = _any_of_k(data, loc_rows)
     mean_acc_iou = [_mean([r["acc_iou"][t] for r in loc_rows])
                     for t in range(len(IOU_THRESHOLDS))]
     mean_acc_iobb = [_mean([r["acc_iobb"][t] for r in loc_rows])
@@ -282,6 +283,10 @@ def compute_metrics(data: EvalData, n_boot: int = 1000, seed: int = 0) -> dict[s
     if data.n_other_gt:
         notes.append(f"{data.n_other_gt} ground-truth box(es) of findings outside the 8 box "
                      "findings ignored")
+    if any_k is not None:
+        notes.append(f"any of K = {any_k['k']}: a ground-truth box also counts as hit when "
+                     "any of the K ranked boxes of its (image, finding) reaches T (an extra "
+                     "column; the protocol's figures score the top box only)")
     return {
         "round": data.round,
         "split": data.split,
@@ -309,10 +314,31 @@ def compute_metrics(data: EvalData, n_boot: int = 1000, seed: int = 0) -> dict[s
             "mean_acc_iou": mean_acc_iou,
             "mean_acc_iobb": mean_acc_iobb,
             "mean_loc_acc": mean_loc_acc,
+            "any_of_k": any_k,
         },
         "headline": {"mean_auc": mean_auc, "mean_loc_acc": mean_loc_acc},
         "notes": notes,
     }
+
+
+def _any_of_k(data: EvalData, loc_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The "any of K" column (``cam --max-boxes K``, K > 1): per finding, accuracy at each
+    T(IoU) when any of the K ranked boxes may hit, and the mean IoU of the best of K; added to
+    ``loc_rows`` as ``any_of_k``. None when the round has no ranked boxes (K = 1)."""
+    if data.max_boxes <= 1:
+        return None
+    best = any_of_k_iou(data.pair_pred_k, data.pair_gt)
+    for k, row in enumerate(loc_rows):
+        sel = data.pair_finding == k
+        row["any_of_k"] = {
+            "acc_iou": [_num(a) for a in accuracy_at(best[sel], IOU_THRESHOLDS)],
+            "mean_iou": _num(np.nan_to_num(best[sel], nan=0.0).mean()) if sel.any() else None,
+        }
+    per_t = [_mean([r["any_of_k"]["acc_iou"][t] for r in loc_rows])
+             for t in range(len(IOU_THRESHOLDS))]
+    return {"k": int(data.max_boxes), "mean_acc_iou": per_t, "mean_loc_acc": _mean(per_t),
+            "n_ranked_boxes": int(np.isfinite(data.ranked).all(axis=-1).sum())
+            if data.ranked is not None else 0}
 
 
 def metric_rows(doc: dict[str, Any], run_id: str | None) -> list[tuple]:
@@ -337,12 +363,18 @@ def metric_rows(doc: dict[str, Any], run_id: str | None) -> list[tuple]:
             add("loc_acc_iobb", c["finding"], t, a, n=c["n"])
         add("mean_iou", c["finding"], None, c["mean_iou"], n=c["n"])
         add("mean_iobb", c["finding"], None, c["mean_iobb"], n=c["n"])
+        if c.get("any_of_k") is not None:  # K is in metrics.json (localization.any_of_k.k)
+            for t, a in zip(loc["iou_thresholds"], c["any_of_k"]["acc_iou"], strict=True):
+                add("loc_acc_iou_any_of_k", c["finding"], t, a, n=c["n"])
+            add("mean_iou_any_of_k", c["finding"], None, c["any_of_k"]["mean_iou"], n=c["n"])
     n_loc = sum(1 for c in loc["findings"] if c["n"])
     for t, a in zip(loc["iou_thresholds"], loc["mean_acc_iou"], strict=True):
         add("mean_loc_acc_iou", ALL, t, a, n=n_loc)
     for t, a in zip(loc["iobb_thresholds"], loc["mean_acc_iobb"], strict=True):
         add("mean_loc_acc_iobb", ALL, t, a, n=n_loc)
     add("mean_loc_acc", ALL, None, loc["mean_loc_acc"], n=n_loc)
+    if loc.get("any_of_k") is not None:
+        add("mean_loc_acc_any_of_k", ALL, None, loc["any_of_k"]["mean_loc_acc"], n=n_loc)
     add("n_images", ALL, None, doc["n_images"], n=doc["n_images"])
     add("n_loc_pairs", ALL, None, loc["n_pairs"], n=loc["n_pairs"])
     add("n_loc_excluded_images", ALL, None, loc["n_excluded_images"],

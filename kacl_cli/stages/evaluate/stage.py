@@ -95,14 +95,18 @@ def ensure_cams(ws: Workspace, round_: int, split: str, device: str = "auto",
 
 
 def fingerprint(ws: Workspace, round_: int, split: str) -> str:
-    """Digest of the evaluation's inputs: the round's cam runs and cam_boxes of the split,
-    the split's labels, its GT boxes and the box-supervision set."""
+    """Digest of the evaluation's inputs: the round's cam runs, cam_boxes and ranked boxes of
+    the split, the split's labels, its GT boxes and the box-supervision set."""
     cat = ws.catalog
+    cat.ensure_tables("cam_boxes_ranked")
     parts = [
         cat.query("SELECT string_agg(run_id, ',' ORDER BY run_id) FROM runs "
                   "WHERE stage = 'cam' AND round = ? AND status = 'done'", [round_]),
         cat.query("SELECT count(*), bit_xor(hash(c.image_id, c.finding, c.probability, c.x, c.y, "
                   "c.w, c.h)) FROM cam_boxes c JOIN images i USING (image_id) "
+                  "WHERE c.round = ? AND i.split = ?", [round_, split]),
+        cat.query("SELECT count(*), bit_xor(hash(c.image_id, c.finding, c.rank, c.x, c.y, c.w, "
+                  "c.h)) FROM cam_boxes_ranked c JOIN images i USING (image_id) "
                   "WHERE c.round = ? AND i.split = ?", [round_, split]),
         cat.query(f"SELECT count(*), bit_xor(hash(i.image_id, i.row, i.orig_width, i.orig_height, "
                   f"{label_columns_sql()})) FROM images i JOIN labels l USING (image_id) "
