@@ -149,6 +149,18 @@ CREATE TABLE IF NOT EXISTS metrics (
     finding VARCHAR NOT NULL, threshold DOUBLE, value DOUBLE,
     ci_low DOUBLE, ci_high DOUBLE, n INTEGER, run_id VARCHAR
 );
+-- `kacl compare A B` results, kept in A's catalog (long format: one row per metric; a new
+-- compare of the same A, B and split replaces them); evaluate's reports list them
+CREATE TABLE IF NOT EXISTS comparisons (
+    a VARCHAR NOT NULL, b VARCHAR NOT NULL,            -- the targets as given
+    a_root VARCHAR NOT NULL, round_a INTEGER NOT NULL, -- resolved workspace and round
+    b_root VARCHAR NOT NULL, round_b INTEGER NOT NULL,
+    split VARCHAR NOT NULL, metric VARCHAR NOT NULL,   -- mean_auc | loc_acc | mean_iou | auc/F
+    delta DOUBLE, ci_low DOUBLE, ci_high DOUBLE,       -- A - B and its paired-bootstrap CI
+    n_images INTEGER NOT NULL, n_boot INTEGER NOT NULL, seed INTEGER,
+    compared_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (a_root, round_a, b_root, round_b, split, metric)
+);
 """
 
 

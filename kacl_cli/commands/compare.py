@@ -35,6 +35,9 @@ def render(doc: dict[str, Any]) -> None:
         if x["delta"] == x["delta"]:
             t.add_row(*_row(f"AUC {f}", x))
     out.print(t)
+    if doc.get("recorded_in"):
+        out.print(f"recorded in {doc['recorded_in']} (comparisons): `kacl evaluate` lists it "
+                  "in the report's 'Paired comparisons'", highlight=False, markup=False)
 
 
 @handle_errors
@@ -47,7 +50,8 @@ def command(
     as_json: JsonOpt = False,
 ) -> None:
     """Paired comparison A - B on the same images: delta mean AUC, per-finding AUC, mean IoU
-    and localization accuracy, each with a 95% paired-bootstrap CI.
+    and localization accuracy, each with a 95% paired-bootstrap CI. The result is kept in
+    A's catalog; `kacl evaluate` lists it in the report's "Paired comparisons".
 
     Refuses (exit 1) when the test images, labels or vocabularies differ, or a round is
     missing.

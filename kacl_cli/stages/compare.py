@@ -1,6 +1,7 @@
 """`kacl compare A B` as a stage: resolve two ``workspace[:round]`` targets, refuse what
 cannot be paired (other test images, another vocabulary, a missing round), make sure both
-rounds have their cam boxes, and run the paired bootstrap (pure: evaluate/paired.py)."""
+rounds have their cam boxes, and run the paired bootstrap (pure: evaluate/paired.py). The
+result is recorded in A's catalog (evaluate/comparisons.py) for evaluate's HTML report."""
 
 from __future__ import annotations
 
@@ -61,8 +62,10 @@ def _split_ids(text: str, split: str) -> list[str]:
         "SELECT image_id FROM images WHERE split = ? ORDER BY image_id", [split])]
 
 
-def compare(a: str, b: str, split: str = "test", n_boot: int = 2000, seed: int = 0
-            ) -> dict[str, Any]:
+def compare(a: str, b: str, split: str = "test", n_boot: int = 2000, seed: int = 0,
+            record: bool = True) -> dict[str, Any]:
+    """A - B (see module docstring); with ``record``, the result is also kept in A's catalog
+    for evaluate's "Paired comparisons" report section. A refused compare records nothing."""
     from kacl_cli.stages.evaluate.paired import CompareError, pair_eval, paired_bootstrap
 
     va, vb = _vocabulary(a), _vocabulary(b)
@@ -76,4 +79,20 @@ def compare(a: str, b: str, split: str = "test", n_boot: int = 2000, seed: int =
     da, ra = load_target(a, split)
     db, rb = load_target(b, split)
     res = paired_bootstrap(pair_eval(da, db), n_boot, seed)
-    return {"a": a, "b": b, "round_a": ra, "round_b": rb, "split": split, **res}
+    doc = {"a": a, "b": b, "round_a": ra, "round_b": rb, "split": split, "seed": seed, **res}
+    if record:
+        doc["recorded_in"] = _record(doc)
+    return doc
+
+
+def _record(doc: dict[str, Any]) -> str:
+    """Keep the result in A's catalog (table ``comparisons``), where evaluate's report finds
+    it; returns that catalog's path."""
+    from kacl_cli.lock import workspace_lock
+    from kacl_cli.stages.evaluate.comparisons import record
+    from kacl_cli.workspace import Workspace
+
+    ws = Workspace(parse_target(doc["a"])[0])
+    with workspace_lock(ws.root, "compare"):  # a writer of A's catalog (kacl_cli.lock)
+        record(ws, doc, parse_target(doc["b"])[0])
+    return str(ws.catalog.path)

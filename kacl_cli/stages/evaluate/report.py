@@ -25,6 +25,7 @@ from sklearn.metrics import roc_curve
 
 from kacl_cli import boxes as bx
 from kacl_cli.findings import BOX_FINDINGS, FINDINGS
+from kacl_cli.stages.evaluate import comparisons
 from kacl_cli.stages.evaluate.baselines import (
     IOU_THRESHOLDS,
     OTHER_MEAN_AUC,
@@ -345,6 +346,45 @@ def baseline_loc_table(kind: str) -> str:
                   caption=caption, css_class="published")
 
 
+def _signed(x: dict[str, Any] | None) -> tuple[str, str]:
+    """(delta, "[lo, hi]") of one compare metric, signed: A - B."""
+    if not x or x.get("delta") is None:
+        return NA, NA
+    lo, hi = x["ci"]
+
+    def s(v: float | None) -> str:
+        return NA if v is None else f"{v:+.4f}"
+
+    return s(x["delta"]), f"[{s(lo)}, {s(hi)}]"
+
+
+def comparisons_section(found: list[dict[str, Any]]) -> str:
+    """The "Paired comparisons" section: every recorded ``kacl compare`` involving the
+    report's round(s) (:mod:`~kacl_cli.stages.evaluate.comparisons`); "" when there is none."""
+    if not found:
+        return ""
+    rows = []
+    for c in found:
+        cells = [f"<code>{_e(c['a'])}</code> (round {c['round_a']})",
+                 f"<code>{_e(c['b'])}</code> (round {c['round_b']})"]
+        for key in comparisons.HEADLINE:
+            cells += list(_signed(c.get(key)))
+        cells += [str(c["n_images"]), str(c["n_boot"]), _e(c["compared_at"][:19])]
+        rows.append(cells)
+    table = _table(["A", "B", "Δ mean AUC", "95% CI", "Δ loc. acc. T(IoU) 0.1–0.7", "95% CI",
+                    "Δ mean IoU", "95% CI", "images", "resamples", "compared (UTC)"],
+                   rows, table_id="comparisons",
+                   caption="A − B on the same test images, paired bootstrap (images resampled "
+                   "once for both); a CI that excludes 0 is a difference the test set resolves")
+    per = _table(["finding"] + [f"{c['a']} − {c['b']}" for c in found],
+                 [[_e(f)] + [" ".join(_signed(c["per_finding_auc"].get(f))) for c in found]
+                  for f in FINDINGS],
+                 table_id="comparisons-auc", caption="Δ AUC per finding [95% CI]")
+    return (f'<h2 id="paired-comparisons">Paired comparisons</h2><p>Recorded by '
+            f"<code>kacl compare A B</code> (kept in A's catalog, table <code>comparisons"
+            f"</code>).</p>{table}{per}")
+
+
 def render_round_html(ws: Workspace, doc: dict[str, Any], figures: dict[str, str | None]) -> str:
     """The round report's HTML from its metrics document and embedded figures."""
     loc = doc["localization"]
@@ -387,6 +427,7 @@ display), the ground-truth box in green and the predicted box in red (dashed), b
 original to store pixel coordinates.</p>
 {fig('overlays', 'Grad-CAM overlays',
      'No overlays: no ground-truth boxes on this split, or no stored maps for this round.')}
+{comparisons_section(comparisons.load(ws, doc['round'], doc['split']))}
 """
     return _page(f"kacl round {doc['round']} ({doc['split']})", body)
 
@@ -495,6 +536,7 @@ probabilities and Grad-CAM boxes.</p>
 {table}
 {plot}
 <div class="side">{per_finding}{per_loc}</div>
+{comparisons_section(comparisons.load(ws, None, split))}
 """
     _write(path, _page(f"kacl rounds ({split})", body))
     return path

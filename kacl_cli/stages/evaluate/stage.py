@@ -19,6 +19,7 @@ from kacl_cli.catalog import insert_rows, label_columns_sql
 from kacl_cli.errors import KaclError, NotReadyError
 from kacl_cli.models.checkpoint_files import META_FILE
 from kacl_cli.progress import Note, note_stderr
+from kacl_cli.stages.evaluate import comparisons
 from kacl_cli.stages.evaluate.config import EvaluateConfig
 from kacl_cli.stages.evaluate.data import load_eval_data
 from kacl_cli.stages.evaluate.metrics import compute_metrics, metric_rows
@@ -96,7 +97,8 @@ def ensure_cams(ws: Workspace, round_: int, split: str, device: str = "auto",
 
 def fingerprint(ws: Workspace, round_: int, split: str) -> str:
     """Digest of the evaluation's inputs: the round's cam runs, cam_boxes and ranked boxes of
-    the split, the split's labels, its GT boxes and the box-supervision set."""
+    the split, the split's labels, its GT boxes, the box-supervision set and the recorded
+    paired comparisons of the round (``kacl compare``)."""
     cat = ws.catalog
     cat.ensure_tables("cam_boxes_ranked")
     parts = [
@@ -114,6 +116,7 @@ def fingerprint(ws: Workspace, round_: int, split: str) -> str:
         cat.query("SELECT count(*), bit_xor(hash(g.image_id, g.finding, g.x, g.y, g.w, g.h)) "
                   "FROM gt_boxes g JOIN images i USING (image_id) WHERE i.split = ?", [split]),
         cat.query("SELECT count(*), bit_xor(hash(image_id)) FROM box_supervision"),
+        comparisons.digest(ws, round_, split),  # the report lists them: a new one rewrites it
     ]
     return hashlib.sha256(stable_json(parts).encode()).hexdigest()[:16]
 
