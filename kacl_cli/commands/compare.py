@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from kacl_cli.cli import JsonOpt, emit, handle_errors, out
+from kacl_cli.cli import JsonOpt, emit, err, handle_errors, out
 from kacl_cli.stages.compare import compare
 
 NAME = "compare"
@@ -38,6 +38,8 @@ def render(doc: dict[str, Any]) -> None:
     if doc.get("recorded_in"):
         out.print(f"recorded in {doc['recorded_in']} (comparisons): `kacl evaluate` lists it "
                   "in the report's 'Paired comparisons'", highlight=False, markup=False)
+    elif doc.get("not_recorded"):
+        err.print(f"not recorded: {doc['not_recorded']}", highlight=False, markup=False)
 
 
 @handle_errors

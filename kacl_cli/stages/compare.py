@@ -81,7 +81,11 @@ def compare(a: str, b: str, split: str = "test", n_boot: int = 2000, seed: int =
     res = paired_bootstrap(pair_eval(da, db), n_boot, seed)
     doc = {"a": a, "b": b, "round_a": ra, "round_b": rb, "split": split, "seed": seed, **res}
     if record:
-        doc["recorded_in"] = _record(doc)
+        try:
+            doc["recorded_in"] = _record(doc)
+        except KaclError as exc:  # e.g. A busy with a writer: the result still stands
+            doc["recorded_in"] = None
+            doc["not_recorded"] = str(exc)
     return doc
 
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from kacl_cli.app import app
 from kacl_cli.errors import KaclError
 from kacl_cli.findings import FINDINGS
+from kacl_cli.lock import LOCK_NAME
 from kacl_cli.models.checkpoint import model_meta, save_checkpoint
 from kacl_cli.models.image_net import GRAY_MEAN, GRAY_STD, build_image_net
 from kacl_cli.stages.compare import compare
@@ -115,6 +116,13 @@ def test_a_refused_compare_writes_nothing(two_rounds, tiny_workspace, fakes) -> 
         compare(f"{other.root}:0", f"{ws.root}:0", n_boot=100)
     with pytest.raises(KaclError, match="round 5 is missing"):
         compare(f"{ws.root}:5", f"{ws.root}:0", n_boot=100)
+    # A busy with a writer on another host: the result stands, unrecorded, and says why
+    (ws.root / LOCK_NAME).write_text(json.dumps({
+        "pid": 1, "host": "elsewhere", "command": "contrast", "started": "T"}))
+    busy = compare(f"{ws.root}:0", f"{ws.root}:1", n_boot=100)
+    assert busy["recorded_in"] is None and "busy" in busy["not_recorded"]
+    assert busy["mean_auc"]["delta"] > 0
+    (ws.root / LOCK_NAME).write_text("")
     for w in (ws, other):
         assert comparisons.load(w, None, "test") == []
     doc = evaluate_round(other, 0, n_boot=0, overlays=0)
