@@ -27,6 +27,8 @@ from kacl_cli.errors import InputError
 from kacl_cli.workspace import config_hash
 
 DEFAULT_PARAMS = Path(__file__).with_name("default_params.yaml")
+# The defaults with pyradiomics' normalize on (the exposure confound; docs/radiomics-fast.md)
+NORMALIZED_PARAMS = Path(__file__).with_name("normalized_params.yaml")
 
 # The classes kacl supports, in column order. "shape" (3D) is meaningless on a 2D X-ray.
 CLASS_ORDER: tuple[str, ...] = (
