@@ -19,8 +19,9 @@ batched numpy over all ROIs of a chunk instead of one SimpleITK round trip per R
 Exploited assumptions, all true for kacl's ROIs: the ROI is a whole rectangle of a 2D uint8
 image, the image type is Original, distances is [1] and there is no resampling,
 re-segmentation or GLCM weighting. Normalisation (``normalize``, ``normalizeScale``,
-``removeOutliers``) is over the whole stored image, as in the pyradiomics backend. Settings outside that are refused with a
-message pointing at ``--backend pyradiomics`` rather than silently computed differently.
+``removeOutliers``) is over the whole stored image, as in the pyradiomics backend.
+Settings outside that are refused with a message pointing at ``--backend pyradiomics``
+rather than silently computed differently.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ DENSE_BYTES = 256 << 20  # cap on the n x 4 x G x G co-occurrence array of a chu
 # Settings that cannot change the features of a whole-rectangle ROI on the Original image.
 NEUTRAL_SETTINGS = frozenset({
     "label", "label_channel", "additionalInfo", "geometryTolerance", "correctMask",
-    "padDistance", "preCrop", "interpolator", "force2Ddimension", "resegmentMode", "resegmentShape", "sigma", "start_level", "level",
+    "padDistance", "preCrop", "interpolator", "force2Ddimension", "resegmentMode",
+    "resegmentShape", "sigma", "start_level", "level",
     "wavelet", "gradientUseSpacing", "lbp2DRadius", "lbp2DSamples", "lbp2DMethod",
     "lbp3DLevels", "lbp3DIcosphereRadius", "lbp3DIcosphereSubdivision",
 })
