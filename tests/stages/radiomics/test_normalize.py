@@ -116,3 +116,25 @@ def test_normalized_binwidth_is_fine_with_a_bin_count(tmp_path) -> None:
     img = smooth_image(5)
     res = FastBackend().extract([img], [(0, 0, 20, 20)], custom)
     assert res.reasons == [None]
+
+
+def test_image_key_sees_views_of_one_image_as_one() -> None:
+    batch = np.stack([smooth_image(6), smooth_image(7)])
+    assert N.image_key(batch[0]) == N.image_key(batch[0])  # two view objects, same pixels
+    assert N.image_key(batch[0]) != N.image_key(batch[1])
+    assert N.image_key(batch[0]) != N.image_key(batch[0, :10])
+
+
+def test_image_stats_are_itks_bit_for_bit() -> None:
+    rng = np.random.default_rng(9)
+    images = [rng.integers(0, 256, (h, w)).astype(np.uint8)
+              for h, w in rng.integers(2, 300, size=(40, 2))]
+    images += [smooth_image(k, size=int(s)) for k, s in enumerate(rng.integers(8, 512, 10))]
+    for img in images:
+        stats = sitk.StatisticsImageFilter()
+        stats.Execute(sitk.GetImageFromArray(img.astype(np.float64)))
+        assert N.image_stats(img) == (stats.GetMean(), stats.GetSigma())
+    float_img = images[0].astype(np.float32) / 7
+    stats = sitk.StatisticsImageFilter()
+    stats.Execute(sitk.GetImageFromArray(float_img.astype(np.float64)))
+    assert N.image_stats(float_img) == (stats.GetMean(), stats.GetSigma())

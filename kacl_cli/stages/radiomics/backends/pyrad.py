@@ -123,18 +123,18 @@ class PyradiomicsBackend(Backend):
     ) -> None:
         extractor = self._extractor(settings)
         normalize = norm_mod.Normalization.from_setting(settings["setting"]) is not None
-        normed: dict[int, np.ndarray] = {}  # id(image) -> normalised image (images repeat)
+        normed: dict[tuple, np.ndarray] = {}  # image -> normalised image (images repeat)
         out, reasons = result.features, result.reasons
         for i, (image, box, spacing) in enumerate(zip(images, boxes, spacings, strict=True)):
-            source = image
             image = np.asarray(image)
             reason = roi_problem(image, box)
             if reason is None and normalize:
                 reason = norm_mod.image_problem(image)
                 if reason is None:
-                    if id(source) not in normed:
-                        normed[id(source)] = norm_mod.normalized_image(image, settings["setting"])
-                    image = normed[id(source)]
+                    key = norm_mod.image_key(image)
+                    if key not in normed:
+                        normed[key] = norm_mod.normalized_image(image, settings["setting"])
+                    image = normed[key]
             if reason is None:
                 try:
                     out[i] = self._one(extractor, image, box, spacing, names)

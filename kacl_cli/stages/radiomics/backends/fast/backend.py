@@ -180,21 +180,21 @@ class FastBackend(Backend):
         fast_kernel.use_kernel()  # a bad KACL_RADIOMICS_KERNEL fails the call, not each ROI
         out, reasons = result.features, result.reasons
         norm = opts.normalization
-        tables: dict[int, np.ndarray | str] = {}  # id(image) -> value table or reason
+        tables: dict[tuple, np.ndarray | str] = {}  # image -> value table or reason
         todo: list[int] = []
         crops: list[np.ndarray] = []
         values: list[np.ndarray] = []
         for i, (image, box) in enumerate(zip(images, boxes, strict=True)):
-            source = image
             image = np.asarray(image)
             reason = roi_problem(image, box)
             if reason is None:
                 x0, y0, x1, y1 = (int(v) for v in box)
                 reason = opts.mask_problem(y1 - y0, x1 - x0) or _pixel_problem(image)
             if reason is None and norm is not None:
-                if id(source) not in tables:
-                    tables[id(source)] = _image_table(image, norm)
-                table = tables[id(source)]
+                key = norm_mod.image_key(image)
+                if key not in tables:
+                    tables[key] = _image_table(image, norm)
+                table = tables[key]
                 reason = table if isinstance(table, str) else None
             if reason is not None:
                 reasons[i] = reason
