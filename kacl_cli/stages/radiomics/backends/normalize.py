@@ -72,8 +72,14 @@ def image_stats(image: np.ndarray) -> tuple[float, float]:
         stats = sitk.StatisticsImageFilter()
         stats.Execute(sitk.GetImageFromArray(pixels.astype(np.float64)))
         return float(stats.GetMean()), float(stats.GetSigma())
-    wide = pixels.astype(np.int64).ravel()
-    total, squares, n = float(wide.sum()), float(np.dot(wide, wide)), float(wide.size)
+    if pixels.dtype == np.uint8:  # the store's pixels: sums from the 256-bin histogram
+        hist = np.bincount(pixels.ravel(), minlength=256)
+        levels = np.arange(256, dtype=np.int64)
+        total, squares = float(hist @ levels), float(hist @ (levels * levels))
+    else:
+        wide = pixels.astype(np.int64).ravel()
+        total, squares = float(wide.sum()), float(np.dot(wide, wide))
+    n = float(pixels.size)
     return total / n, float(np.sqrt((squares - total * total / n) / (n - 1.0)))
 
 
