@@ -251,7 +251,7 @@ def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run,
         summary = steps.radiomics(src, roi, None if box_ids else "train")
         info["radiomics"] = _brief(summary)
         try:  # this run's settings, not whichever ran last on the round
-            pos = load_positive_features(ws, src, summary.get("settings_hash"))
+            pos = load_positive_features(ws, src, settings_hash=summary.get("settings_hash"))
         except NotReadyError:
             # The stage ran, so missing statistics mean no training image had a usable ROI.
             raise KaclError(
