@@ -401,7 +401,7 @@ def normalized(settings: dict, **setting) -> dict:
     [
         NORMALIZED,
         {"normalize": True, "normalizeScale": 100, "binWidth": 25},  # no outlier clipping
-        {"normalize": True, "binWidth": 0.05},  # normalizeScale 1: pyradiomics' default
+        {"normalize": True, "binWidth": 0.2},  # normalizeScale 1: pyradiomics' default
         {"normalize": True, "normalizeScale": 100, "removeOutliers": 2, "binCount": 16},
         {**NORMALIZED, "voxelArrayShift": 300},
     ],
