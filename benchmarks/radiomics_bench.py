@@ -16,7 +16,9 @@ measured rates for a few ROIs-per-image assumptions (1 = the positive ROI only; 
 second confident finding on half the images; 14 = every finding's CAM box).
 
 Usage: .venv/bin/python -m benchmarks.radiomics_bench [--rois 240] [--sizes 256,512]
-       [--workers 1,2] [--repeats 3] [--sample ../shared/nih-sample]
+       [--workers 1,2] [--repeats 3] [--sample ../shared/nih-sample] [--params FILE]
+(``--params kacl_cli/stages/radiomics/normalized_params.yaml``: the same with pyradiomics'
+intensity normalisation, whose cost is one image statistic per image and per-ROI tables.)
 """
 
 from __future__ import annotations
@@ -120,15 +122,18 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--sample", type=Path, default=DEFAULT_SAMPLE)
     ap.add_argument("--repeats", type=int, default=3, help="timings of the fast backend")
+    ap.add_argument("--params", type=Path, default=None,
+                    help="radiomics params file (default: kacl's defaults)")
     args = ap.parse_args()
     if not (args.sample / "images").is_dir():
         print(f"NIH sample not found at {args.sample}: nothing to measure")
         return
     workers = [int(w) for w in args.workers.split(",")]
-    settings = S.load_settings()
+    settings = S.load_settings(args.params)
     _JOB["settings"] = settings
     kernel = "compiled kernel" if fast_kernel.use_kernel() else "numpy path (kernel not built)"
-    print(f"{len(S.feature_names(settings))} features (default settings), {os.cpu_count()} cpu "
+    which = "default settings" if args.params is None else f"settings of {args.params.name}"
+    print(f"{len(S.feature_names(settings))} features ({which}), {os.cpu_count()} cpu "
           f"cores, {args.rois} ROIs per size; fast backend: {kernel}")
     rows, rates = [], {}
     for size in [int(s) for s in args.sizes.split(",")]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -127,6 +128,10 @@ def command(
         "--radiomics-backend", help="fast (default: pyradiomics' values, compiled and "
         "batched) | pyradiomics (the reference, ~70x slower).")]
     = RadiomicsBackend(_DEFAULTS.radiomics_backend),
+    radiomics_params: Annotated[Path | None, typer.Option(
+        "--radiomics-params", help="pyradiomics-format YAML params file for the rounds' "
+        "radiomics (as `kacl radiomics --params`), e.g. kacl_cli/stages/radiomics/"
+        "normalized_params.yaml (intensity normalisation).")] = None,
     backbone_lr_scale: Annotated[float, typer.Option(
         "--backbone-lr-scale", help="Image network learning rate = this x --lr (the new "
         "heads use --lr).")] = _DEFAULTS.backbone_lr_scale,
@@ -168,6 +173,7 @@ def command(
         workers=auto_workers(workers), force=force,
         positive_roi=positive_roi.value, normal_positive=normal_positive.value,
         shuffle_positives=shuffle_positives, label_fraction=label_fraction,
+        radiomics_params=None if radiomics_params is None else str(radiomics_params.resolve()),
     )
     ws = Workspace(workspace)
     result = run_contrast(ws, cfg, note=lambda text: err.print(text, highlight=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -80,6 +81,9 @@ def command(
     = "predicted",
     normal_positive: Annotated[str, typer.Option("--normal-positive", help="skip | lung")]
     = "skip",
+    radiomics_params: Annotated[Path | None, typer.Option(
+        "--radiomics-params", help="pyradiomics-format YAML params file for the radiomics "
+        "cells' radiomics, e.g. kacl_cli/stages/radiomics/normalized_params.yaml.")] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=100)] = 1000,
     device: DeviceOpt = "cpu",
     workers: Annotated[int, typer.Option(help="DataLoader workers / radiomics processes.")]
@@ -107,7 +111,8 @@ def command(
         augment=augment,
         rounds=rounds, epochs_per_round=epochs_per_round, lr=lr, lam=lam,
         batch_size=batch_size, label_fraction=label_fraction, positive_roi=positive_roi,
-        normal_positive=normal_positive, device=device, workers=workers, n_boot=bootstrap)
+        normal_positive=normal_positive, device=device, workers=workers, n_boot=bootstrap,
+        radiomics_params=None if radiomics_params is None else str(radiomics_params.resolve()))
     doc = run_study(Workspace(workspace), cfg, note=lambda t: err.print(t, highlight=False))
     emit(doc, as_json, lambda: render(doc))
     failed = [(r["setting"], r["seeds_failed"]) for r in doc["rows"] if r["seeds_failed"]]

@@ -74,6 +74,7 @@ class StudyConfig:
     positive_roi: str = "predicted"  # of the radiomics settings (oracle has its own)
     normal_positive: str = "skip"
     radiomics_backend: str = "fast"
+    radiomics_params: str | None = None  # --radiomics-params of the radiomics cells
     device: str = "cpu"
     workers: int = 0
     n_boot: int = 1000
@@ -98,6 +99,11 @@ class StudyConfig:
         d = asdict(self)
         for k in ("seeds", "settings", "device", "workers", "n_boot"):
             d.pop(k)
+        params = d.pop("radiomics_params")
+        if params is not None:  # absent at the default: earlier studies keep their identity
+            from kacl_cli.stages.contrast.config import radiomics_settings_hash
+
+            d["radiomics_params"] = radiomics_settings_hash(params)
         return d
 
 
@@ -209,6 +215,7 @@ class Study:
         if extra.get("positives") == "radiomics":
             extra.setdefault("positive_roi", c.positive_roi)
             extra["normal_positive"] = c.normal_positive
+            extra["radiomics_params"] = c.radiomics_params
         if c.lam is not None:
             extra["lam"] = c.lam
         return ContrastConfig(rounds=c.rounds, epochs_per_round=c.epochs_per_round, lr=c.lr,

@@ -189,3 +189,29 @@ def test_lambda_temperature_and_proj_dim_reach_the_objective_and_meta(ws, monkey
     assert con > 0.1
     assert total == pytest.approx(cls + 0.3 * con, rel=1e-4)
     assert total != pytest.approx(cls + con, rel=1e-2)
+
+
+def test_radiomics_params_reach_the_rounds_radiomics(ws, tmp_path) -> None:
+    """--radiomics-params: the rounds' radiomics use the file's settings (here the shipped
+    normalised ones), and the positives are read with those settings."""
+    from kacl_cli.stages.radiomics import settings as S
+
+    res = _contrast(ws, "--rounds", "1", "--radiomics-params", str(S.NORMALIZED_PARAMS),
+                    "--json")
+    assert res.exit_code == 0, res.stderr
+    normalized = S.settings_hash(S.load_settings(S.NORMALIZED_PARAMS))
+    hashes = {h for (h,) in ws.catalog.query("SELECT DISTINCT settings_hash FROM radiomics")}
+    assert hashes == {normalized}
+    _, meta = read_checkpoint(ws.checkpoint_dir(1))
+    assert normalized in json.dumps(meta)  # the positives' settings travel with the model
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("setting: {normalize: true}\n")  # binWidth 25 on a 1-SD scale
+    for path, message in ((bad, "gray-level bins"), (tmp_path / "none.yaml", "no such file")):
+        res = _contrast(ws, "--rounds", "2", "--radiomics-params", str(path))
+        assert res.exit_code != 0 and message in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    res = _contrast(ws, "--rounds", "2", "--positives", "none", "--radiomics-params",
+                    str(S.NORMALIZED_PARAMS))
+    assert res.exit_code != 0 and "--positives radiomics" in res.stderr
+    assert ws.finished_rounds() == [0, 1]  # none of the refusals trained anything

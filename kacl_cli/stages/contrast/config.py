@@ -17,7 +17,7 @@ EXECUTION_FIELDS = ("rounds", "from_round", "force", "device", "workers", "cam_b
 # Fields added after runs were recorded: kept out of the hash at these defaults, so runs made
 # before they existed are still recognised.
 NEW_DEFAULTS = {"label_fraction": 1.0, "positive_roi": "predicted", "normal_positive": "skip",
-                "shuffle_positives": False}
+                "shuffle_positives": False, "radiomics_params": None}
 # --positive-roi -> the radiomics stage's ROI mode
 POSITIVE_ROIS = {"predicted": "cam", "labelled": "labelled", "oracle": "oracle"}
 
@@ -52,13 +52,19 @@ class ContrastConfig:
     positive_roi: str = "predicted"  # predicted | labelled | oracle (the positive control)
     normal_positive: str = "skip"  # skip | lung (labelled/oracle ROIs of finding-free images)
     shuffle_positives: bool = False  # the negative control
+    # --radiomics-params: a pyradiomics params file for the rounds' radiomics (None: defaults);
+    # hashed by the settings it resolves to, not by its path
+    radiomics_params: str | None = None
 
     def hashed(self) -> dict[str, Any]:
         # box_loss_weight only when on, the newer fields only off their defaults: runs from
         # before these options keep their hashes.
-        return {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS
-                and not (k in NEW_DEFAULTS and v == NEW_DEFAULTS[k])
-                and not (k == "box_loss_weight" and not v)}
+        out = {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS
+               and not (k in NEW_DEFAULTS and v == NEW_DEFAULTS[k])
+               and not (k == "box_loss_weight" and not v)}
+        if self.radiomics_params is not None:
+            out["radiomics_params"] = radiomics_settings_hash(self.radiomics_params)
+        return out
 
     def validate(self) -> None:
         if self.rounds < 1:
@@ -101,6 +107,18 @@ class ContrastConfig:
                                               or self.shuffle_positives):
             raise InputError("--positive-roi and --shuffle-positives choose radiomics "
                              "positives: they need --positives radiomics")
+        if self.radiomics_params is not None:
+            if self.positives != "radiomics":
+                raise InputError("--radiomics-params sets the radiomics positives' features: "
+                                 "it needs --positives radiomics")
+            radiomics_settings_hash(self.radiomics_params)  # a bad file: one line, now
         if self.box_supervision > 0 and self.positive_roi != "predicted":
             raise InputError("--box-supervision uses its own ROI rule (cam+gt): it needs "
                              "--positive-roi predicted")
+
+
+def radiomics_settings_hash(params: str) -> str:
+    """The settings hash of a ``--radiomics-params`` file (InputError when it is bad)."""
+    from kacl_cli.stages.radiomics import settings as settings_mod
+
+    return settings_mod.settings_hash(settings_mod.load_settings(params))

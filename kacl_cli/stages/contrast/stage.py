@@ -171,6 +171,7 @@ class _Steps:
         self.note(f"contrast: radiomics --round {round_} --roi {roi} "
                   f"({self.cfg.radiomics_backend})")
         return run_radiomics_stage(self.ws, round_, roi=roi, backend=self.cfg.radiomics_backend,
+                                   params=self.cfg.radiomics_params,
                                    workers=max(1, self.cfg.workers), split=split,
                                    force=self._force("radiomics", round_),
                                    label_fraction=self.cfg.label_fraction,
@@ -247,9 +248,10 @@ def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run,
         info["cam"] = _brief(steps.cam(src))
         roi = "cam+gt" if box_ids else POSITIVE_ROIS[cfg.positive_roi]
         # Only training images' radiomics are used; box supervision may pull test images in.
-        info["radiomics"] = _brief(steps.radiomics(src, roi, None if box_ids else "train"))
-        try:
-            pos = load_positive_features(ws, src)
+        summary = steps.radiomics(src, roi, None if box_ids else "train")
+        info["radiomics"] = _brief(summary)
+        try:  # this run's settings, not whichever ran last on the round
+            pos = load_positive_features(ws, src, settings_hash=summary.get("settings_hash"))
         except NotReadyError:
             # The stage ran, so missing statistics mean no training image had a usable ROI.
             raise KaclError(

@@ -27,6 +27,8 @@ from kacl_cli.errors import InputError
 from kacl_cli.workspace import config_hash
 
 DEFAULT_PARAMS = Path(__file__).with_name("default_params.yaml")
+# The defaults with pyradiomics' normalize on (the exposure confound; docs/radiomics-fast.md)
+NORMALIZED_PARAMS = Path(__file__).with_name("normalized_params.yaml")
 
 # The classes kacl supports, in column order. "shape" (3D) is meaningless on a 2D X-ray.
 CLASS_ORDER: tuple[str, ...] = (
@@ -129,6 +131,7 @@ def _check_setting(spec: Any, where: str) -> dict[str, Any]:
     unknown = [k for k in spec if known and k not in known]
     if unknown:
         raise InputError(f"{where}: unknown pyradiomics setting(s) {', '.join(map(str, unknown))}")
+    _check_normalize(spec, where)
     _check_bins(spec, where)
     if spec.get("force2D"):
         raise InputError(
@@ -143,6 +146,37 @@ def _check_setting(spec: Any, where: str) -> dict[str, Any]:
 # default binWidth 25 gives 11 bins.
 MAX_BINS = 1024
 INTENSITY_RANGE = 256.0
+# With ``normalize`` the values are in standard deviations of the image times normalizeScale;
+# the nominal range is +-removeOutliers SD when clipped, else +-3 SD (>99% of an X-ray's
+# pixels). Below 2 bins over it, texture is one flat level: a binWidth meant for 0..255.
+NORMALIZED_SPAN_SD = 6.0
+MIN_NORMALIZED_BINS = 2
+
+
+def _positive(spec: dict[str, Any], key: str, where: str) -> float:
+    v = spec[key]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+        raise InputError(f"{where}: {key} must be a positive number, got {v!r}")
+    return float(v)
+
+
+def _check_normalize(spec: dict[str, Any], where: str) -> None:
+    """pyradiomics' schema for normalize/normalizeScale/removeOutliers, as one-line errors."""
+    if "normalize" in spec and not isinstance(spec["normalize"], bool):
+        raise InputError(f"{where}: normalize must be true or false, got {spec['normalize']!r}")
+    for key in ("normalizeScale", "removeOutliers"):
+        if key in spec and not (key == "removeOutliers" and spec[key] is None):
+            _positive(spec, key, where)
+
+
+def intensity_range(spec: dict[str, Any]) -> tuple[float, str]:
+    """The nominal intensity range binWidth divides, and how to say it."""
+    if not spec.get("normalize"):
+        return INTENSITY_RANGE, "the 8-bit range"
+    scale = float(spec.get("normalizeScale", 1) or 1)
+    outliers = spec.get("removeOutliers")
+    span = 2 * float(outliers) if outliers else NORMALIZED_SPAN_SD
+    return span * scale, f"the normalised range (+-{span / 2:g} SD x normalizeScale {scale:g})"
 
 
 def _check_bins(spec: dict[str, Any], where: str) -> None:
@@ -150,14 +184,16 @@ def _check_bins(spec: dict[str, Any], where: str) -> None:
     for key in ("binWidth", "binCount"):
         if key not in spec:
             continue
-        v = spec[key]
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
-                or v <= 0:
-            raise InputError(f"{where}: {key} must be a positive number, got {v!r}")
-        bins = INTENSITY_RANGE / v if key == "binWidth" else v
+        v = _positive(spec, key, where)
+        span, what = intensity_range(spec)
+        bins = span / v if key == "binWidth" else v
         if bins > MAX_BINS:
-            raise InputError(f"{where}: {key} {v:g} gives {bins:.0f} gray-level bins over the "
-                             f"8-bit range; at most {MAX_BINS} are allowed")
+            raise InputError(f"{where}: {key} {v:g} gives {bins:.0f} gray-level bins over "
+                             f"{what}; at most {MAX_BINS} are allowed")
+        if key == "binWidth" and spec.get("normalize") and "binCount" not in spec \
+                and bins < MIN_NORMALIZED_BINS:
+            raise InputError(f"{where}: binWidth {v:g} gives {bins:.2g} gray-level bins over "
+                             f"{what}; lower binWidth or raise normalizeScale")
 
 
 def _check_kacl(spec: Any, where: str) -> dict[str, Any]:
@@ -216,6 +252,7 @@ def load_settings(params: Path | str | None = None) -> dict[str, Any]:
     settings["setting"].update(user["setting"])
     settings["kacl"].update(user["kacl"])
     settings["imageType"] = user["imageType"]
+    _check_bins(settings["setting"], str(params))  # the file's normalize with default bins
     return settings
 
 

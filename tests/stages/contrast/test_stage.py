@@ -178,7 +178,7 @@ def test_no_positive_roi_is_a_clear_error(ws, monkeypatch) -> None:
     monkeypatch.setattr(contrast._Steps, "cam", lambda self, r: {})
     monkeypatch.setattr(contrast._Steps, "radiomics", lambda self, r, roi, split: {})
 
-    def none_found(ws_, round_):
+    def none_found(ws_, round_, settings_hash=None):
         raise NotReadyError("no radiomics statistics")
 
     monkeypatch.setattr(contrast, "load_positive_features", none_found)

@@ -359,7 +359,7 @@ def test_every_code_path_matches_pyradiomics(settings: dict, mixed_rois, monkeyp
 
 @pytest.mark.parametrize(
     "setting",
-    [{"distances": [1, 2]}, {"weightingNorm": "euclidean"}, {"normalize": True},
+    [{"distances": [1, 2]}, {"weightingNorm": "euclidean"},
      {"resampledPixelSpacing": [1, 1]}, {"resegmentRange": [0, 100]}],
     ids=lambda s: next(iter(s)),
 )
@@ -381,3 +381,86 @@ def test_bad_pixels_become_reasons(settings: dict) -> None:
     assert res.reasons[2] is None
     np.testing.assert_array_equal(
         res.features[2], FastBackend().extract([img], [(0, 0, 8, 8)], settings).features[0])
+
+
+# ------------------------------------------------------------------ normalize (whole image)
+
+NORMALIZED = {"normalize": True, "normalizeScale": 100, "removeOutliers": 3, "binWidth": 20}
+
+
+def normalized(settings: dict, **setting) -> dict:
+    custom = copy.deepcopy(settings)
+    custom["setting"].update(setting)
+    if "binCount" in setting:
+        custom["setting"].pop("binWidth")
+    return custom
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        NORMALIZED,
+        {"normalize": True, "normalizeScale": 100, "binWidth": 25},  # no outlier clipping
+        {"normalize": True, "binWidth": 0.2},  # normalizeScale 1: pyradiomics' default
+        {"normalize": True, "normalizeScale": 100, "removeOutliers": 2, "binCount": 16},
+        {**NORMALIZED, "voxelArrayShift": 300},
+    ],
+    ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items() if k != "normalize"),
+)
+@pytest.mark.usefixtures("kernel")
+def test_normalized_features_match_pyradiomics(settings: dict, setting: dict) -> None:
+    """Every texture family, borders and flat images (a reason in both backends)."""
+    images, boxes, spacings = synthetic(45, seed=sum(map(ord, str(setting))))
+    ref, got = check_parity(images, boxes, normalized(settings, **setting), spacings)
+    flat = [k for k, img in enumerate(images) if img.min() == img.max()]
+    assert flat and all("one grey level" in (got.reasons[k] or "") for k in flat)
+    assert np.isfinite(got.features).mean() > 0.8
+
+
+@pytest.mark.usefixtures("kernel")
+def test_normalized_phantom_rois_share_their_image_statistics(settings: dict) -> None:
+    """Several ROIs per phantom: each is normalised by its whole image, not by its crop."""
+    phantoms = pytest.importorskip("kacl_cli.stages.prepare.phantoms")
+    rng = np.random.default_rng(5)
+    images, boxes = [], []
+    for spec in phantoms.plan(4, seed=3):
+        pixels, _ = phantoms.render(spec, 128)
+        for _ in range(8):
+            w, h = rng.integers(4, 60, size=2)
+            x, y = rng.integers(0, 128 - w), rng.integers(0, 128 - h)
+            boxes.append((int(x), int(y), int(x + w), int(y + h)))
+            images.append(pixels)
+    custom = normalized(settings, **NORMALIZED)
+    _, got = check_parity(images, boxes, custom)
+    # the same rectangle alone on a canvas of its own pixels gets other statistics
+    x0, y0, x1, y1 = boxes[0]
+    alone = FastBackend().extract([images[0][y0:y1, x0:x1].copy()], [(0, 0, x1 - x0, y1 - y0)],
+                                  custom)
+    assert not np.allclose(alone.features[0], got.features[0], rtol=1e-3, equal_nan=True)
+
+
+def test_pyrad_backend_normalizes_like_pyradiomics_on_the_whole_image(settings: dict) -> None:
+    """The reference backend crops after normalising: the same values as pyradiomics given
+    the whole image and a whole-image mask with ``normalize`` on (its own definition)."""
+    from kacl_cli.stages.radiomics.backends.pyrad import make_extractor, to_sitk
+
+    custom = normalized(settings, **NORMALIZED)
+    rng = np.random.default_rng(8)
+    img = texture("smooth", 48, rng)
+    boxes = [(3, 4, 20, 30), (0, 0, 48, 10), (30, 30, 48, 48)]
+    extractor = make_extractor(custom)
+    extractor.settings["normalize"] = True  # make_extractor turns it off for the backend
+    names = S.feature_names(custom)
+    ref = []
+    for x0, y0, x1, y1 in boxes:
+        mask = np.zeros(img.shape, np.uint8)
+        mask[y0:y1, x0:x1] = 1
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            res = extractor.execute(*to_sitk(img.astype(np.float64), mask), label=1)
+        ref.append([float(res[n]) for n in names])
+    got = PyradiomicsBackend().extract([img] * 3, boxes, custom)
+    bad = mismatches(np.array(ref), got.features, names)
+    assert not bad, "\n".join(bad)
+    assert got.features[0, names.index("original_firstorder_Mean")] != pytest.approx(
+        float(img[4:30, 3:20].mean()), rel=1e-2)  # normalised, not raw

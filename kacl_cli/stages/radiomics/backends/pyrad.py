@@ -12,6 +12,10 @@ How an ROI is handed to pyradiomics (each choice is checked by tests/radiomics/t
   bounding box anyway, so the features are identical and the copy is much cheaper), padded
   with non-ROI pixels so the mask never covers the whole image: pyradiomics refuses an
   all-ones mask with "No labels found in this mask".
+- ``normalize``: pyradiomics normalises the image it is given, and it is given a crop; so
+  the backend normalises the whole stored image itself, with pyradiomics' own
+  ``normalizeImage``, crops the result and turns the extractor's ``normalize`` off
+  (:mod:`.normalize`: the statistics come from the whole image, as in the fast backend).
 - pyradiomics' logging is silenced; per-ROI failures become reasons (see :mod:`.backend`).
 """
 
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from kacl_cli.stages.radiomics import settings as settings_mod
+from kacl_cli.stages.radiomics.backends import normalize as norm_mod
 from kacl_cli.stages.radiomics.backends.base import (
     Backend,
     BatchResult,
@@ -80,11 +85,12 @@ def to_sitk(pixels: np.ndarray, mask: np.ndarray, spacing: Spacing = (1.0, 1.0))
 
 
 def make_extractor(settings: dict[str, Any]):
-    """A configured ``RadiomicsFeatureExtractor`` (diagnostics off: they are not features)."""
+    """A configured ``RadiomicsFeatureExtractor`` (diagnostics off: they are not features;
+    ``normalize`` off: :class:`PyradiomicsBackend` normalises the whole image before cropping)."""
     from radiomics import featureextractor
 
     silence_pyradiomics()
-    setting = {**settings["setting"], "additionalInfo": False}
+    setting = {**settings["setting"], "additionalInfo": False, "normalize": False}
     extractor = featureextractor.RadiomicsFeatureExtractor(**setting)
     extractor.disableAllFeatures()
     extractor.enableFeaturesByName(**{c: list(n) for c, n in settings["featureClass"].items()})
@@ -116,10 +122,19 @@ class PyradiomicsBackend(Backend):
         names: list[str],
     ) -> None:
         extractor = self._extractor(settings)
+        normalize = norm_mod.Normalization.from_setting(settings["setting"]) is not None
+        normed: dict[tuple, np.ndarray] = {}  # image -> normalised image (images repeat)
         out, reasons = result.features, result.reasons
         for i, (image, box, spacing) in enumerate(zip(images, boxes, spacings, strict=True)):
             image = np.asarray(image)
             reason = roi_problem(image, box)
+            if reason is None and normalize:
+                reason = norm_mod.image_problem(image)
+                if reason is None:
+                    key = norm_mod.image_key(image)
+                    if key not in normed:
+                        normed[key] = norm_mod.normalized_image(image, settings["setting"])
+                    image = normed[key]
             if reason is None:
                 try:
                     out[i] = self._one(extractor, image, box, spacing, names)

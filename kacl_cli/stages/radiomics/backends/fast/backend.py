@@ -6,7 +6,8 @@ batched numpy over all ROIs of a chunk instead of one SimpleITK round trip per R
 
 1. the ROIs of a chunk are packed into one canvas (:mod:`.fast_mosaic`), and every ROI's
    256-bin histogram gives its first-order features exactly (pixels are uint8) and
-   pyradiomics' bin edges;
+   pyradiomics' bin edges; with ``normalize`` each ROI also carries its image's 256-entry
+   table of normalised values (:mod:`..normalize`), through which the histogram is read;
 2. the texture matrices of all ROIs are counted by the compiled kernel
    (:mod:`.fast_kernel`, ``_texture.c``) or, where it is not built or
    ``KACL_RADIOMICS_KERNEL=numpy``, by whole-canvas numpy/scipy passes
@@ -17,8 +18,10 @@ batched numpy over all ROIs of a chunk instead of one SimpleITK round trip per R
 
 Exploited assumptions, all true for kacl's ROIs: the ROI is a whole rectangle of a 2D uint8
 image, the image type is Original, distances is [1] and there is no resampling,
-normalisation, re-segmentation or GLCM weighting. Settings outside that are refused with a
-message pointing at ``--backend pyradiomics`` rather than silently computed differently.
+re-segmentation or GLCM weighting. Normalisation (``normalize``, ``normalizeScale``,
+``removeOutliers``) is over the whole stored image, as in the pyradiomics backend.
+Settings outside that are refused with a message pointing at ``--backend pyradiomics``
+rather than silently computed differently.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 
 from kacl_cli.errors import InputError
 from kacl_cli.stages.radiomics import settings as settings_mod
+from kacl_cli.stages.radiomics.backends import normalize as norm_mod
 from kacl_cli.stages.radiomics.backends.base import (
     REASON_ERROR,
     Backend,
@@ -55,14 +59,13 @@ DENSE_BYTES = 256 << 20  # cap on the n x 4 x G x G co-occurrence array of a chu
 # Settings that cannot change the features of a whole-rectangle ROI on the Original image.
 NEUTRAL_SETTINGS = frozenset({
     "label", "label_channel", "additionalInfo", "geometryTolerance", "correctMask",
-    "padDistance", "preCrop", "interpolator", "force2Ddimension", "normalizeScale",
-    "removeOutliers", "resegmentMode", "resegmentShape", "sigma", "start_level", "level",
+    "padDistance", "preCrop", "interpolator", "force2Ddimension", "resegmentMode",
+    "resegmentShape", "sigma", "start_level", "level",
     "wavelet", "gradientUseSpacing", "lbp2DRadius", "lbp2DSamples", "lbp2DMethod",
     "lbp3DLevels", "lbp3DIcosphereRadius", "lbp3DIcosphereSubdivision",
 })
 # Settings the fast backend implements only at these values.
 FIXED_SETTINGS: dict[str, Any] = {
-    "normalize": False,
     "resampledPixelSpacing": None,
     "resegmentRange": None,
     "force2D": False,
@@ -70,7 +73,7 @@ FIXED_SETTINGS: dict[str, Any] = {
 }
 HANDLED_SETTINGS = frozenset({
     "binWidth", "binCount", "voxelArrayShift", "symmetricalGLCM", "gldm_a", "distances",
-    "minimumROIDimensions", "minimumROISize",
+    "minimumROIDimensions", "minimumROISize", "normalize", "normalizeScale", "removeOutliers",
 })
 TEXTURE = ("glcm", "glrlm", "glszm", "gldm", "ngtdm")
 
@@ -86,6 +89,7 @@ class FastOptions:
     gldm_a: int
     min_dims: int
     min_size: float | None
+    normalization: norm_mod.Normalization | None = None
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> FastOptions:
@@ -122,13 +126,17 @@ class FastOptions:
             gldm_a=int(alpha),
             min_dims=int(setting.get("minimumROIDimensions", 2) or 1),
             min_size=None if min_size is None else float(min_size),
+            normalization=norm_mod.Normalization.from_setting(setting),
         )
 
-    def max_levels(self) -> int:
-        """An upper bound on the grey levels of a uint8 ROI (sizes the dense arrays)."""
+    def max_levels(self, values: np.ndarray | None = None) -> int:
+        """An upper bound on the grey levels of a uint8 ROI (sizes the dense arrays);
+        ``values``: the n x 256 normalised value tables, when normalising."""
         if self.bin_count is not None:
             return self.bin_count
-        return int(math.ceil(256 / float(self.bin_width))) + 1
+        span = 256.0 if values is None or not len(values) else float(
+            np.max(values[:, -1] - values[:, 0]))
+        return int(math.ceil(span / float(self.bin_width))) + 2
 
     def mask_problem(self, height: int, width: int) -> str | None:
         """pyradiomics' ``checkMask`` verdict for a whole-rectangle mask, worded the same."""
@@ -171,14 +179,23 @@ class FastBackend(Backend):
         opts = FastOptions.from_settings(settings)
         fast_kernel.use_kernel()  # a bad KACL_RADIOMICS_KERNEL fails the call, not each ROI
         out, reasons = result.features, result.reasons
+        norm = opts.normalization
+        tables: dict[tuple, np.ndarray | str] = {}  # image -> value table or reason
         todo: list[int] = []
         crops: list[np.ndarray] = []
+        values: list[np.ndarray] = []
         for i, (image, box) in enumerate(zip(images, boxes, strict=True)):
             image = np.asarray(image)
             reason = roi_problem(image, box)
             if reason is None:
                 x0, y0, x1, y1 = (int(v) for v in box)
                 reason = opts.mask_problem(y1 - y0, x1 - x0) or _pixel_problem(image)
+            if reason is None and norm is not None:
+                key = norm_mod.image_key(image)
+                if key not in tables:
+                    tables[key] = _image_table(image, norm)
+                table = tables[key]
+                reason = table if isinstance(table, str) else None
             if reason is not None:
                 reasons[i] = reason
                 continue
@@ -187,18 +204,29 @@ class FastBackend(Backend):
             except ValueError as exc:
                 reasons[i] = f"{REASON_ERROR}: {exc}"
                 continue
+            if norm is not None:
+                values.append(table)
             todo.append(i)
         if not todo:
             return
         sp = [spacings[i] for i in todo]
+        vals = np.stack(values) if norm is not None else None
         try:
-            out[todo] = extract_rois(crops, settings, sp, names=names)
+            out[todo] = extract_rois(crops, settings, sp, names=names, values=vals)
         except Exception:  # noqa: BLE001 - isolate the ROI that breaks the batch
             for k, i in enumerate(todo):
                 try:
-                    out[i] = extract_rois([crops[k]], settings, [sp[k]], names=names)[0]
+                    one = None if vals is None else vals[k:k + 1]
+                    out[i] = extract_rois([crops[k]], settings, [sp[k]], names=names,
+                                          values=one)[0]
                 except Exception as exc:  # noqa: BLE001 - one bad ROI must not end the batch
                     reasons[i] = error_reason(exc)
+
+
+def _image_table(image: np.ndarray, norm: norm_mod.Normalization) -> np.ndarray | str:
+    """The whole image's normalised value table, or the reason it has none."""
+    problem = norm_mod.image_problem(image)
+    return problem if problem is not None else norm_mod.image_table(image, norm)
 
 
 def _pixel_problem(image: np.ndarray) -> str | None:
@@ -222,12 +250,16 @@ def extract_rois(
     settings: dict[str, Any],
     spacings: Sequence[Spacing] | None = None,
     names: list[str] | None = None,
+    values: np.ndarray | None = None,
 ) -> np.ndarray:
     """Features (n x F, columns = ``names`` or the settings' names) of whole uint8 crops.
 
     The lower-level entry point: each crop *is* a rectangular ROI (no mask). Crops of a
     single pixel give NaN rows (pyradiomics refuses them); 1-pixel-wide lines give what
     pyradiomics gives with ``minimumROIDimensions: 1``. No other per-ROI checks happen here.
+    With ``normalize`` in the settings, ``values`` (n x 256) is each crop's image's table of
+    normalised values (:func:`..normalize.image_table` of the whole image; a crop alone
+    does not know its image's statistics); without it, ``values`` must be None.
     """
     opts = FastOptions.from_settings(settings)
     names = settings_mod.feature_names(settings) if names is None else names
@@ -235,20 +267,27 @@ def extract_rois(
     sp = np.ones((n, 2)) if spacings is None else np.asarray(spacings, dtype=np.float64)
     if sp.shape != (n, 2):
         raise ValueError(f"{n} crops but spacings of shape {sp.shape}")
+    if (values is None) != (opts.normalization is None):
+        raise ValueError("normalize needs each crop's value table (values=), and only it does")
+    if values is not None:
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (n, 256):
+            raise ValueError(f"{n} crops but value tables of shape {values.shape}")
     crops = [np.asarray(c) for c in crops]
     for c in crops:
         if c.ndim != 2 or c.size == 0 or c.dtype != np.uint8:
             raise ValueError(f"crops must be non-empty 2D uint8 arrays (got {c.dtype} {c.shape})")
     classes = {name.split("_")[1] for name in names}
     out = np.full((n, len(names)), np.nan, dtype=np.float64)
-    g = opts.max_levels()
+    g = opts.max_levels(values)
     max_rois = max(1, DENSE_BYTES // (texture.N_ANGLES * g * g * 8))
     compiled = fast_kernel.use_kernel()
     chunk_pixels = KERNEL_CHUNK_PIXELS if compiled else CHUNK_PIXELS
     for chunk in _chunks([c.shape for c in crops], max_rois, chunk_pixels):
-        values = _features([crops[i] for i in chunk], sp[chunk], opts, classes, compiled)
+        tables = None if values is None else values[chunk]
+        found = _features([crops[i] for i in chunk], sp[chunk], opts, classes, compiled, tables)
         for j, name in enumerate(names):
-            out[chunk, j] = values[name]
+            out[chunk, j] = found[name]
     single = np.array([c.size == 1 for c in crops], dtype=bool)
     out[single] = np.nan
     return out
@@ -272,13 +311,13 @@ def _chunks(
 
 def _features(
     crops: list[np.ndarray], spacing: np.ndarray, opts: FastOptions, classes: set[str],
-    compiled: bool,
+    compiled: bool, values: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     if compiled:
-        m = fast_kernel.build_raw(crops, opts.bin_width, opts.bin_count)
+        m = fast_kernel.build_raw(crops, opts.bin_width, opts.bin_count, values)
         fast_kernel.fill(m, classes & set(TEXTURE), opts.gldm_a)
     else:
-        m = build(crops, opts.bin_width, opts.bin_count)
+        m = build(crops, opts.bin_width, opts.bin_count, values)
     found: dict[str, dict[str, np.ndarray]] = {}
     area = spacing[:, 0] * spacing[:, 1]
     if "firstorder" in classes:
@@ -305,40 +344,46 @@ def _features(
 # ------------------------------------------------------------------------------ first order
 
 
-def _percentile(cum: np.ndarray, count: np.ndarray, q: float) -> np.ndarray:
-    """numpy's default ('linear') percentile, read off cumulative histograms of 0..255."""
+def _percentile(cum: np.ndarray, count: np.ndarray, q: float, v: np.ndarray) -> np.ndarray:
+    """numpy's default ('linear') percentile, read off cumulative histograms of 0..255.
+
+    ``v`` (n x 256 or 1 x 256) is the value of each raw level: the order statistics of the
+    values are the values of the raw order statistics, as ``v`` is non-decreasing."""
     virtual = (count - 1) * np.true_divide(q, 100)
     below = np.floor(virtual)
     gamma = virtual - below
     lo = below.astype(np.int64)
     hi = np.minimum(lo + 1, count.astype(np.int64) - 1)
-    a = (cum > lo[:, None]).argmax(axis=1).astype(np.float64)
-    b = (cum > hi[:, None]).argmax(axis=1).astype(np.float64)
+    rows = np.arange(len(cum)) % len(v)
+    a = v[rows, (cum > lo[:, None]).argmax(axis=1)]
+    b = v[rows, (cum > hi[:, None]).argmax(axis=1)]
     diff = b - a
     return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
 
 
 def first_order(m: Mosaic, pixel_area: np.ndarray, shift: float = 0.0) -> dict[str, np.ndarray]:
-    """pyradiomics firstorder from each ROI's exact 256-bin histogram."""
+    """pyradiomics firstorder from each ROI's exact 256-bin histogram (of raw values,
+    read through the ROI's normalised value table ``m.values`` when there is one)."""
     c = m.hist.astype(np.float64)
-    v = np.arange(256, dtype=np.float64)
+    v = np.arange(256, dtype=np.float64)[None, :] if m.values is None else m.values
+    rows = np.arange(len(c)) % len(v)
     count = c.sum(axis=1)
     cum = np.cumsum(m.hist, axis=1)
-    mean = (c @ v) / count
+    mean = (c * v).sum(axis=1) / count
     present = m.hist > 0
-    vmin = present.argmax(axis=1).astype(np.float64)
-    vmax = (255 - present[:, ::-1].argmax(axis=1)).astype(np.float64)
-    dev = v[None, :] - mean[:, None]
+    vmin = v[rows, present.argmax(axis=1)]
+    vmax = v[rows, 255 - present[:, ::-1].argmax(axis=1)]
+    dev = v - mean[:, None]
     dev2 = dev * dev
     m2 = (c * dev2).sum(axis=1) / count
     m3 = (c * dev2 * dev).sum(axis=1) / count
     m4 = (c * dev2 * dev2).sum(axis=1) / count
     m2_safe = np.where(m2 == 0, 1.0, m2)
-    energy = c @ ((v + shift) * (v + shift))
-    p10, p25, p50, p75, p90 = (_percentile(cum, count, q) for q in (10, 25, 50, 75, 90))
-    robust = (v[None, :] - p10[:, None] >= 0) & (v[None, :] - p90[:, None] <= 0)
+    energy = (c * ((v + shift) * (v + shift))).sum(axis=1)
+    p10, p25, p50, p75, p90 = (_percentile(cum, count, q, v) for q in (10, 25, 50, 75, 90))
+    robust = (v - p10[:, None] >= 0) & (v - p90[:, None] <= 0)
     cr = np.where(robust, c, 0.0)
-    mean_r = (cr @ v) / cr.sum(axis=1)
+    mean_r = (cr * v).sum(axis=1) / cr.sum(axis=1)
     p = m.level_counts[:, 1:] / count[:, None]
     f = {
         "10Percentile": p10,
@@ -353,7 +398,7 @@ def first_order(m: Mosaic, pixel_area: np.ndarray, shift: float = 0.0) -> dict[s
         "Median": p50,
         "Minimum": vmin,
         "Range": vmax - vmin,
-        "RobustMeanAbsoluteDeviation": (cr * np.abs(v[None, :] - mean_r[:, None])).sum(1)
+        "RobustMeanAbsoluteDeviation": (cr * np.abs(v - mean_r[:, None])).sum(1)
         / cr.sum(axis=1),
         "RootMeanSquared": np.sqrt(energy / count),
         "Skewness": m3 / m2_safe**1.5,

@@ -55,10 +55,12 @@ def _index(a: np.ndarray) -> np.ndarray:
 
 
 def build_raw(
-    crops: Sequence[np.ndarray], bin_width: float | None, bin_count: int | None
+    crops: Sequence[np.ndarray], bin_width: float | None, bin_count: int | None,
+    values: np.ndarray | None = None,
 ) -> Mosaic:
     """A mosaic for the kernel: crops copied raw (one C call for all of them, which also
-    histograms them), plus each ROI's level table; no level or code canvas."""
+    histograms them), plus each ROI's level table; no level or code canvas. ``values``:
+    each ROI's normalised value table (``normalize``), see :func:`.mosaic.level_tables`."""
     if _texture is None:
         raise RuntimeError("kacl_cli.stages.radiomics.backends.fast._texture is not built")
     n = len(crops)
@@ -69,9 +71,9 @@ def build_raw(
     hist = np.zeros((n, 256), dtype=np.int64)
     crops = [c if c.strides[1] == 1 else np.ascontiguousarray(c) for c in crops]
     _texture.place(crops, raw, _index(ys), _index(xs), hist)
-    tables, ng, level_counts = discretise(hist, bin_width, bin_count)
+    tables, ng, level_counts = discretise(hist, bin_width, bin_count, values)
     return Mosaic(None, None, hist, level_counts, ng, heights, widths, bands, ys, xs,
-                  raw=raw, tables=np.ascontiguousarray(tables))
+                  raw=raw, tables=np.ascontiguousarray(tables), values=values)
 
 
 def fill(m: Mosaic, classes: set[str], alpha: int = 0) -> None:

@@ -19,7 +19,9 @@ float64 values the reference backend passes): with ``binWidth`` the edges are
 depends on that lower bound; with ``binCount`` they are ``histogram([min, max], binCount)``
 edges with the last one raised by 1, so they depend on (min, max). Since the pixels are
 uint8, each distinct bound gives one 256-entry look-up table, applied to each crop as it is
-copied into the canvas.
+copied into the canvas. With ``normalize`` the values are each ROI's image's normalised
+values of 0..255 (``values``, n x 256, non-decreasing); the tables are then computed per
+distinct (value table, bounds), with the same ``arange``/``histogram`` edges on those values.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Mosaic:
     xs: np.ndarray  # n int: canvas column of each ROI's top-left pixel
     raw: np.ndarray | None = None  # raw mosaic only: H x W uint8 pixels as cropped
     tables: np.ndarray | None = None  # raw mosaic only: n x 256 raw value -> level
+    values: np.ndarray | None = None  # n x 256 normalised value of each raw value (normalize)
     cache: dict = field(default_factory=dict)
 
     @property
@@ -109,14 +112,63 @@ def pack(
     bands.append(slice(y - 1, y + shelf + 1))
     return ys, xs, y + shelf + 1, width, bands
 
+def _edges(lo: float, hi: float, bin_width: float | None, bin_count: int | None) -> np.ndarray:
+    """pyradiomics' ``getBinEdges`` for an ROI whose values run from ``lo`` to ``hi``."""
+    if bin_count is not None:
+        edges = np.histogram(np.array([lo, hi], dtype=np.float64), bin_count)[1]
+        edges[-1] += 1
+        return edges
+    width = float(bin_width if bin_width is not None else 25)
+    low = np.float64(lo) - np.mod(np.float64(lo), width)
+    edges = np.arange(low, np.float64(hi) + 2 * width, width)
+    if len(edges) == 1:  # pyradiomics' flat-region rule
+        edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
+    return edges
+
+
+def _value_level_tables(
+    hist: np.ndarray, values: np.ndarray, bin_width: float | None, bin_count: int | None
+) -> np.ndarray:
+    """Level tables of ROIs whose raw values 0..255 stand for ``values`` (n x 256).
+
+    One ``digitize`` per distinct (value table, lower edge) (binWidth; the upper bound only
+    lengthens ``arange``, whose elements do not depend on it, so the group's highest maximum
+    serves all) or (value table, min, max) (binCount); ROIs of one image share a table.
+    """
+    n = hist.shape[0]
+    present = hist > 0
+    rows = np.arange(n)
+    lo = values[rows, present.argmax(axis=1)]
+    hi = values[rows, 255 - present[:, ::-1].argmax(axis=1)]
+    table = np.zeros((n, 256), dtype=np.int64)
+    groups: dict[tuple, list[int]] = {}
+    for i in range(n):
+        if bin_count is not None:
+            key = (values[i].tobytes(), float(lo[i]), float(hi[i]))
+        else:
+            width = float(bin_width if bin_width is not None else 25)
+            key = (values[i].tobytes(), float(lo[i] - np.mod(lo[i], width)))
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        first = members[0]
+        top = float(hi[members].max())
+        table[members] = np.digitize(values[first], _edges(lo[first], top, bin_width, bin_count))
+    return table
+
+
 def level_tables(
-    hist: np.ndarray, bin_width: float | None, bin_count: int | None
+    hist: np.ndarray, bin_width: float | None, bin_count: int | None,
+    values: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-ROI 256-entry grey-level tables (n x 256, 0 for values the ROI lacks) and Ng."""
+    """Per-ROI 256-entry grey-level tables (n x 256, 0 for values the ROI lacks) and Ng;
+    ``values``: each ROI's normalised value of every raw value (``normalize``), else None."""
     n = hist.shape[0]
     present = hist > 0
     vmin = present.argmax(axis=1)
     vmax = 255 - present[:, ::-1].argmax(axis=1)
+    if values is not None:
+        table = np.where(present, _value_level_tables(hist, values, bin_width, bin_count), 0)
+        return table, table[np.arange(n), vmax]
     values = np.arange(256, dtype=np.float64)
     if bin_count is not None:
         keys = vmin * 256 + vmax
@@ -144,11 +196,12 @@ def level_tables(
 
 
 def discretise(
-    hist: np.ndarray, bin_width: float | None, bin_count: int | None
+    hist: np.ndarray, bin_width: float | None, bin_count: int | None,
+    values: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-ROI level tables (n x 256, uint8/uint16), Ng and pixels per level (n x (G + 1))."""
     n = hist.shape[0]
-    table, ng = level_tables(hist, bin_width, bin_count)
+    table, ng = level_tables(hist, bin_width, bin_count, values)
     top = int(ng.max()) if n else 1
     g1 = top + 1
     pair = np.repeat(np.arange(n) * g1, 256) + table.ravel()
@@ -159,9 +212,11 @@ def discretise(
 
 
 def build(
-    crops: Sequence[np.ndarray], bin_width: float | None, bin_count: int | None
+    crops: Sequence[np.ndarray], bin_width: float | None, bin_count: int | None,
+    values: np.ndarray | None = None,
 ) -> Mosaic:
-    """Pack uint8 crops (each one whole rectangular ROI) and discretise them."""
+    """Pack uint8 crops (each one whole rectangular ROI) and discretise them (``values``:
+    see :func:`level_tables`)."""
     n = len(crops)
     heights = np.array([c.shape[0] for c in crops], dtype=np.intp)
     widths = np.array([c.shape[1] for c in crops], dtype=np.intp)
@@ -169,7 +224,7 @@ def build(
     hist = np.zeros((n, 256), dtype=np.int64)
     for i, crop in enumerate(crops):
         hist[i] = np.bincount(crop.ravel(), minlength=256)
-    level_table, ng, level_counts = discretise(hist, bin_width, bin_count)
+    level_table, ng, level_counts = discretise(hist, bin_width, bin_count, values)
     g1 = level_counts.shape[1]
     code_dtype = np.uint16 if n * g1 < 1 << 16 else np.uint32 if n * g1 < 1 << 32 else np.intp
     code_table = (level_table + (np.arange(n, dtype=np.intp) * g1)[:, None]).astype(code_dtype)
@@ -180,4 +235,5 @@ def build(
         h, w = crop.shape
         np.take(code_table[i], crop, out=codes[y:y + h, x:x + w], mode="clip")
         np.take(level_table[i], crop, out=levels[y:y + h, x:x + w], mode="clip")
-    return Mosaic(codes, levels, hist, level_counts, ng, heights, widths, bands, ys, xs)
+    return Mosaic(codes, levels, hist, level_counts, ng, heights, widths, bands, ys, xs,
+                  values=values)
