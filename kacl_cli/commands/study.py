@@ -43,8 +43,10 @@ def render(doc: dict[str, Any]) -> None:
         lines.append(f"{r['setting']:<22} {seeds:>11} {_f(r['mean_auc'], '.4f'):>9} "
                      f"{_ci(vs, 'mean_auc'):>27} {_ci(vs, 'loc_acc'):>27} "
                      f"{_ci(vs, 'mean_iou'):>27} {_f(r['seconds'], '.0f'):>7}")
-    d = doc["decision"]
-    lines += [f"decision rule: {d['rule']}", f"result: {d['verdict']}"]
+    decisions = doc.get("decisions") or {"mean_auc": doc["decision"]}
+    lines.append(f"decision rule: {doc['decision']['rule']}")
+    names = {"mean_auc": "mean AUC", "loc_acc": "loc acc"}
+    lines += [f"result ({names.get(m, m)}): {d['verdict']}" for m, d in decisions.items()]
     for line in lines:
         out.print(line, highlight=False, markup=False, soft_wrap=True)
 

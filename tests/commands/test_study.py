@@ -62,6 +62,8 @@ def test_study_end_to_end_resumes_a_failed_cell(prepared) -> None:
     assert (cell / "cell.json").stat().st_mtime == oracle_mtime  # done cells untouched
     assert [n for n in notes if n.endswith("...")] == ["study seed 0: shuffled ..."]
     assert doc["decision"]["valid"] in (True, False)
+    assert set(doc["decisions"]) == {"mean_auc", "loc_acc"}
+    assert doc["decisions"]["mean_auc"] == doc["decision"]
     assert set(doc["rows"][1]["vs_none"]) >= {"mean_auc", "mean_iou", "loc_acc",
                                                "per_finding_auc"}
     # another config refuses to continue the same study directory
@@ -114,3 +116,11 @@ def test_decision_rule() -> None:
         "help (CI above 0)")
     bad = decide(doc([-0.01, 0.03], [0.01, 0.02], [0.0, 0.1]))
     assert bad["valid"] is False and "oracle" in bad["verdict"] and "shuffled" in bad["verdict"]
+    # each metric is judged on its own CIs
+    both = {"rows": [{"setting": n, "complete": True,
+                      "vs_none": {"mean_auc": {"ci": [-0.02, 0.01]}, "loc_acc": {"ci": ci}}}
+                     for n, ci in (("oracle", [0.01, 0.04]), ("shuffled", [-0.01, 0.01]),
+                                   ("radiomics", [-0.03, -0.01]))]}
+    assert decide(both)["valid"] is False
+    loc = decide(both, "loc_acc")
+    assert loc["valid"] is True and loc["verdict"].endswith("hurt (CI below 0)")
