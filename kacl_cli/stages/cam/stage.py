@@ -100,9 +100,10 @@ def run_cam_stage(
     if batch_size < 1 or chunk_size < 1 or workers < 0:
         raise InputError("--batch-size must be >= 1 and --workers >= 0")
     ws.require()
-    ws.catalog.ensure_tables("box_rules", "box_rule_images", "cam_boxes_ranked")
-    resolve_splits(split)
-    round_ = resolve_round(ws, round_)
+    with ws.catalog.session():  # one catalog open for both look-ups (Catalog.session)
+        ws.catalog.ensure_tables("box_rules", "box_rule_images", "cam_boxes_ranked")
+        resolve_splits(split)
+        round_ = resolve_round(ws, round_)
     if rules is None:
         # Before sharding: every part must cut its maps with the same rules.
         rules = box_rules_for(ws, round_, ws.checkpoint_dir(round_), threshold, device,
@@ -116,10 +117,17 @@ def run_cam_stage(
     return whole(ws)
 
 
-def _run_whole(ws: Workspace, *, round_: int, split: str | None, batch_size: int,
-               threshold: float | None, device: str, force: bool, workers: int,
-               chunk_size: int, max_boxes: int, rules: br.FittedRules) -> dict[str, Any]:
-    """The stage on ``ws`` (the workspace, or a shard's part), never sharded again."""
+def _run_whole(ws: Workspace, **kwargs: Any) -> dict[str, Any]:
+    """The stage on ``ws`` (the workspace, or a shard's part), never sharded again; its
+    bookkeeping shares one catalog connection, released while the model runs."""
+    with ws.catalog.session():
+        return _run_whole_session(ws, **kwargs)
+
+
+def _run_whole_session(ws: Workspace, *, round_: int, split: str | None, batch_size: int,
+                       threshold: float | None, device: str, force: bool, workers: int,
+                       chunk_size: int, max_boxes: int, rules: br.FittedRules
+                       ) -> dict[str, Any]:
     split_name, splits = resolve_splits(split)
     ckpt = ws.checkpoint_dir(round_)
     images = _images(ws, splits)
@@ -214,6 +222,7 @@ def _work(
     with progress.bar(len(pending), f"cam round {round_}") as pb:
         for start in range(0, len(pending), chunk_size):
             idx = pending[start:start + chunk_size]
+            ws.catalog.release()  # readers may open the catalog while the model runs
             t0 = time.perf_counter()
             rows_out, maps, probs = _infer_chunk(
                 ws, model, meta, dev, np.asarray(images["row"])[idx], batch_size, workers, pb,

@@ -158,6 +158,7 @@ class FastBackend(Backend):
 
     name = "fast"
     rois_per_task = 2048  # ~0.5 s at 256 px on one core: commits stay a few % of a task
+    seconds_per_roi = 4e-4  # 500 real NIH ROIs at 256 px: 0.17 s (benchmarks/fixed_cost.py)
 
     def _extract_into(
         self,

@@ -34,9 +34,6 @@ from collections.abc import Iterator
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-from scipy import ndimage
-from scipy.sparse import coo_array
-from scipy.sparse.csgraph import connected_components
 
 from kacl_cli.stages.radiomics.backends.fast.mosaic import Mosaic
 
@@ -515,6 +512,8 @@ def _label_mask(mask: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, int]:
     half the runs, hence fewer components: when that bound fits, uint16 labels make
     ``ndimage.label`` ~15% faster (large ROIs have long runs, so this is the common case).
     """
+    from scipy import ndimage  # here: the compiled kernel never needs it (~0.3 s to import)
+
     dtype = np.uint16 if start.size // 2 < np.iinfo(np.uint16).max else np.int32
     labels = np.empty(mask.shape, dtype=dtype)
     count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool), output=labels)
@@ -599,6 +598,9 @@ def _merge_runs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Zones from labelled components (``comp`` per run, -1 if none) and ``loose`` runs,
     joined by union-find to every equal-code run above or below them: (code, size)."""
+    from scipy.sparse import coo_array  # numpy path only, as ndimage in _label_mask
+    from scipy.sparse.csgraph import connected_components
+
     # bin 0 collects the runs without a component (-1): no masking passes over all runs
     comp_size = np.bincount(comp + 1, length, n_comp + 1)[1:].astype(np.int64)
     comp_code = np.empty(n_comp + 1, dtype=np.intp)
