@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #define N_ANGLES 4
 #define N_DEP 9 /* 0..8 neighbours */
@@ -617,8 +618,97 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(glrlm_sums_doc,
+"glrlm_sums(rows, rl_long, g1, out)\n\n"
+"The per-(roi, angle) sums every GLRLM feature is a ratio of, from the GLRLM cells that\n"
+"counts() returns: rows = int64 (roi * 4 + angle, level, length, count), sorted by\n"
+"roi * 4 + angle (every one present); rl_long = int64 longest run per (roi, angle);\n"
+"out = float64 (n * 4) x 15, overwritten with: Nr, Np, sum c/r^2, c r^2, c/g^2, c g^2,\n"
+"c/(r^2 g^2), c g^2/r^2, c r^2/g^2, c r^2 g^2, sum c (r - mu_r)^2, sum p log2(p + eps)\n"
+"(p = c / Nr), sum_g P(g)^2, sum_r P(r)^2 and the grey-level variance of P(g) / Nr.\n"
+"Sequential sums in row order (the numpy formulas' order up to rounding).");
+
+static PyObject *glrlm_sums(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *rows_o, *long_o, *out_o;
+    Py_ssize_t g1;
+    if (!PyArg_ParseTuple(args, "OOnO", &rows_o, &long_o, &g1, &out_o)) return NULL;
+    Py_buffer rv, lv, ov;
+    int hr = 0, hl = 0, ho = 0;
+    PyObject *result = NULL;
+    double *pg = NULL, *pr = NULL;
+    if (g1 < 1) { PyErr_SetString(PyExc_ValueError, "g1 must be >= 1"); return NULL; }
+    if (get_buffer(rows_o, &rv, 0, 0, "rows", 0, &hr) < 0) goto done;
+    if (get_buffer(long_o, &lv, 0, 0, "rl_long", 0, &hl) < 0) goto done;
+    const Py_ssize_t na = lv.len / 8, nrows = rv.len / 32;
+    if (get_buffer(out_o, &ov, 1, na * 15 * 8, "out", 0, &ho) < 0) goto done;
+    const int64_t *r = rv.buf, *longest = lv.buf;
+    double *out = ov.buf;
+    int64_t top = 1;
+    for (Py_ssize_t a = 0; a < na; a++) if (longest[a] > top) top = longest[a];
+    pg = calloc((size_t)g1, sizeof(double));
+    pr = calloc((size_t)top, sizeof(double));
+    if (!pg || !pr) { PyErr_NoMemory(); goto done; }
+    const double eps = 2.220446049250313e-16; /* np.spacing(1) */
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t k = 0;
+    for (Py_ssize_t a = 0; a < na && !bad; a++) {
+        const Py_ssize_t start = k;
+        double s[10] = {0};
+        while (k < nrows && r[4 * k] == a) {
+            const int64_t gl = r[4 * k + 1], rl = r[4 * k + 2];
+            if (gl < 0 || gl >= g1 || rl < 1 || rl > longest[a]) { bad = 1; break; }
+            const double c = (double)r[4 * k + 3], rf = (double)rl, g2 = (double)(gl * gl);
+            const double r2 = rf * rf, sr = c / r2, lr = c * r2;
+            s[0] += c; s[1] += c * rf; s[2] += sr; s[3] += lr; s[4] += c / g2;
+            s[5] += c * g2; s[6] += sr / g2; s[7] += sr * g2; s[8] += lr / g2; s[9] += lr * g2;
+            pg[gl] += c;
+            pr[rl - 1] += c;
+            k++;
+        }
+        if (bad) break;
+        if (k < nrows && r[4 * k] < a) { bad = 2; break; } /* not sorted */
+        const double nr = s[0] > 0 ? s[0] : 1.0, mu_r = s[1] / nr;
+        double var = 0, ent = 0, gln = 0, rln = 0, mu = 0, glv = 0;
+        for (Py_ssize_t j = start; j < k; j++) {
+            const double c = (double)r[4 * j + 3], dev = (double)r[4 * j + 2] - mu_r;
+            const double p = c / nr;
+            var += c * dev * dev;
+            ent += p * log2(p + eps);
+        }
+        for (Py_ssize_t g = 0; g < g1; g++) { gln += pg[g] * pg[g]; mu += pg[g] / nr * g; }
+        for (Py_ssize_t g = 0; g < g1; g++) {
+            const double d = g - mu;
+            glv += pg[g] / nr * d * d;
+            pg[g] = 0;
+        }
+        for (int64_t l = 0; l < longest[a]; l++) { rln += pr[l] * pr[l]; pr[l] = 0; }
+        double *o = out + 15 * a;
+        memcpy(o, s, sizeof(s));
+        o[10] = var; o[11] = ent; o[12] = gln; o[13] = rln; o[14] = glv;
+    }
+    if (!bad && k != nrows) bad = 2;
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, bad == 1 ? "a GLRLM cell outside its level or run range"
+                        : "GLRLM rows are not sorted by roi * 4 + angle");
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    free(pg);
+    free(pr);
+    if (hr) PyBuffer_Release(&rv);
+    if (hl) PyBuffer_Release(&lv);
+    if (ho) PyBuffer_Release(&ov);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"counts", counts, METH_VARARGS, counts_doc},
+    {"glrlm_sums", glrlm_sums, METH_VARARGS, glrlm_sums_doc},
     {"place", place, METH_VARARGS, place_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -290,7 +290,7 @@ def _features(
         if "glcm" in classes:
             found["glcm"] = texture.glcm(m, opts.symmetric)
         if "glrlm" in classes:
-            found["glrlm"] = texture.glrlm(m)
+            found["glrlm"] = texture.glrlm(m, fast_kernel.glrlm_sums(m) if compiled else None)
         if "glszm" in classes:
             found["glszm"] = texture.glszm(m)
         if "gldm" in classes:

@@ -99,6 +99,7 @@ def fill(m: Mosaic, classes: set[str], alpha: int = 0) -> None:
         # (roi * 4 + angle, level, length, count) rows -> contiguous columns
         ra, level, length, count = np.frombuffer(rows, dtype=np.int64).reshape(-1, 4).T.copy()
         m.cache["glrlm"] = (ra, level, length, count)
+        m.cache["glrlm_rows"] = rows
     if gldm is not None:
         m.cache[("gldm", alpha)] = gldm
     if ngtdm is not None:
@@ -106,3 +107,14 @@ def fill(m: Mosaic, classes: set[str], alpha: int = 0) -> None:
     if zones is not None:
         roi, level, size = np.frombuffer(zones, dtype=np.int64).reshape(-1, 3).T.copy()
         m.cache["zones"] = (roi, level, size)
+
+
+def glrlm_sums(m: Mosaic) -> np.ndarray:
+    """:func:`texture.glrlm_sums` of a mosaic :func:`fill` counted, in one compiled pass over
+    the GLRLM cells instead of a dozen whole-array numpy passes (~15% of a chunk's time)."""
+    if _texture is None:
+        raise RuntimeError("kacl_cli.stages.radiomics.backends.fast._texture is not built")
+    out = np.empty((m.n * texture.N_ANGLES, texture.GLRLM_SUMS))
+    _texture.glrlm_sums(m.cache["glrlm_rows"], _index(texture.longest_runs(m)),
+                        m.n_levels + 1, out)
+    return out
