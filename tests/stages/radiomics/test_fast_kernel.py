@@ -108,6 +108,18 @@ def test_kernel_glrlm_sums_equal_the_numpy_sums(bin_width, bin_count) -> None:
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_kernel_glcm_features_equal_the_numpy_formulas(symmetric) -> None:
+    """GLCM features computed in C (_texture.glcm_features) against texture.glcm on the same
+    counts, asymmetric matrices included (MCC's exact path)."""
+    m, _ = kernel_counts(crops_of(seed=7), None, 16, 0)
+    got, ref = fast_kernel.glcm(m, symmetric), T.glcm(m, symmetric)
+    assert set(got) == set(ref)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-11, atol=1e-12,
+                                   equal_nan=True, err_msg=name)
+
+
 def test_kernel_glrlm_sums_refuse_cells_they_cannot_place() -> None:
     m, _ = kernel_counts(crops_of(seed=6, n=4), 25, None, 0)
     rows = np.frombuffer(m.cache["glrlm_rows"], dtype=np.int64).reshape(-1, 4).copy()

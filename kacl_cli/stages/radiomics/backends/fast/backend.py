@@ -288,7 +288,8 @@ def _features(
         found["shape2D"] = shape2d(m.heights, m.widths, spacing[:, 0], spacing[:, 1])
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if "glcm" in classes:
-            found["glcm"] = texture.glcm(m, opts.symmetric)
+            found["glcm"] = (fast_kernel.glcm(m, opts.symmetric) if compiled
+                             else texture.glcm(m, opts.symmetric))
         if "glrlm" in classes:
             found["glrlm"] = texture.glrlm(m, fast_kernel.glrlm_sums(m) if compiled else None)
         if "glszm" in classes:
