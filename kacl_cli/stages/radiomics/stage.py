@@ -50,6 +50,9 @@ from kacl_cli.store import ImageReader
 from kacl_cli.workspace import StageRun, Workspace, stable_json
 
 STAGE = "radiomics"
+# Work (estimated one-core seconds) short enough to keep the stage's catalog connection
+# open across it: reopening costs ~50 ms, and other processes wait at most this long.
+HOLD_CATALOG_S = 1.0
 
 
 # -- worker side ----------------------------------------------------------------------------
@@ -216,8 +219,9 @@ def _compute(ws: Workspace, run: StageRun, round_: int, todo: list[Roi], backend
             if written < len(chunks):  # more to compute: let other processes read meanwhile
                 ws.catalog.release()
 
-        ws.catalog.release()  # the bookkeeping's shared connection (see Catalog.session)
         est_s = len(todo) * get_backend(backend).seconds_per_roi
+        if est_s > HOLD_CATALOG_S:  # else the catalog stays open across this short compute
+            ws.catalog.release()
         if workers <= 1 or len(tasks) <= 1 or not pool_pays(est_s, workers):
             _init_worker(*init_args)
             try:
@@ -283,11 +287,17 @@ def run_radiomics_stage(
     return whole(ws)
 
 
-def _run_whole(ws: Workspace, *, round_: int, roi: str, backend: str,
-               params: Path | str | None, workers: int, splits: list[str] | None,
-               force: bool, min_prob: float, chunk: int | None, label_fraction: float,
-               normal_positive: str) -> dict[str, Any]:
-    """The stage on ``ws`` (the workspace, or a shard's part), never sharded again."""
+def _run_whole(ws: Workspace, **kwargs: Any) -> dict[str, Any]:
+    """The stage on ``ws`` (the workspace, or a shard's part), never sharded again; its
+    bookkeeping shares one catalog connection (:meth:`Catalog.session`)."""
+    with ws.catalog.session():
+        return _run_whole_session(ws, **kwargs)
+
+
+def _run_whole_session(ws: Workspace, *, round_: int, roi: str, backend: str,
+                       params: Path | str | None, workers: int, splits: list[str] | None,
+                       force: bool, min_prob: float, chunk: int | None, label_fraction: float,
+                       normal_positive: str) -> dict[str, Any]:
     settings = settings_mod.load_settings(params)
     impl = get_backend(backend)  # fail early when a backend is unavailable
     names = impl.feature_names(settings)
@@ -307,9 +317,8 @@ def _run_whole(ws: Workspace, *, round_: int, roi: str, backend: str,
     fingerprint = _roi_fingerprint(rois, ws.store.n_rows(), size)
     # "done" is only worth skipping while every ROI still has its row with these settings:
     # a run with other settings since then replaced them (kacl_cli.skips).
-    with ws.catalog.session(), ws.stage_run(
-            STAGE, config, fingerprint, round_=round_, force=force,
-            intact=lambda done: not _todo(ws, round_, rois, shash, impl.name)) as run:
+    with ws.stage_run(STAGE, config, fingerprint, round_=round_, force=force,
+                      intact=lambda done: not _todo(ws, round_, rois, shash, impl.name)) as run:
         if run.skipped:
             return run.result()
         t0 = time.perf_counter()
