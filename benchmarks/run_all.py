@@ -17,6 +17,7 @@ BENCHMARKS = [
     "cam_bench",
     "radiomics_pyrad_bench",
     "radiomics_bench",
+    "fixed_cost",
     "scaling_bench",
     "evaluate_bench",
     "catalog_insert_bench",

@@ -8,6 +8,8 @@ coordinates are the S x S store image's. The mapping is a per-axis scale
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -40,11 +42,25 @@ def to_pixel_slices(box_xywh: np.ndarray, width: int, height: int) -> tuple[int,
     one pixel wide, so a tiny box still addresses a pixel.
     """
     x, y, w, h = (float(v) for v in box_xywh)
-    x0 = int(np.clip(np.floor(x), 0, width - 1))
-    y0 = int(np.clip(np.floor(y), 0, height - 1))
-    x1 = int(np.clip(np.ceil(x + w), x0 + 1, width))
-    y1 = int(np.clip(np.ceil(y + h), y0 + 1, height))
+    # plain floats, not np.clip: ~20x faster per box (the radiomics stage maps every ROI)
+    x0 = _clamp(_floor(x), 0, width - 1)
+    y0 = _clamp(_floor(y), 0, height - 1)
+    x1 = _clamp(_ceil(x + w), x0 + 1, width)
+    y1 = _clamp(_ceil(y + h), y0 + 1, height)
     return x0, y0, x1, y1
+
+
+def _floor(v: float) -> float:
+    return float(math.floor(v)) if math.isfinite(v) else v  # +-inf clamps like np.floor's
+
+
+def _ceil(v: float) -> float:
+    return float(math.ceil(v)) if math.isfinite(v) else v
+
+
+def _clamp(v: float, lo: float, hi: float) -> int:
+    """``int(np.clip(v, lo, hi))``, NaN included (ValueError from ``int``)."""
+    return int(min(max(v, lo), hi))
 
 
 def intersection(a_xywh: np.ndarray, b_xywh: np.ndarray) -> np.ndarray:

@@ -56,3 +56,15 @@ def process_pool(workers: int, initializer: Callable[..., Any] | None = ignore_s
     else:  # pragma: no cover - Windows
         ctx = mp.get_context("spawn")
     return ctx.Pool(workers, initializer=initializer, initargs=tuple(initargs))
+
+
+# Seconds to start and stop a pool of 2 radiomics workers (forkserver, preloaded stage module,
+# per-worker store reader and backend), measured on the 2-core machine (benchmarks/fixed_cost.py).
+POOL_START_S = 1.5
+
+
+def pool_pays(work_s: float, workers: int) -> bool:
+    """Whether ``workers`` processes finish ``work_s`` seconds of one-core work sooner than
+    this process alone, once the pool's start-up (:data:`POOL_START_S`) is paid: a small job
+    (a few hundred ROIs of the fast backend) is done in-process before a pool would be up."""
+    return workers > 1 and work_s * (1.0 - 1.0 / workers) > POOL_START_S

@@ -107,3 +107,31 @@ def test_insert_into_catalog_tables(tmp_path: Path) -> None:
     rows = cat.query("SELECT image_id, features, n_nonfinite, reason FROM radiomics "
                      "ORDER BY image_id")
     assert rows == [("a", [1.0, math.inf], 1, None), ("b", None, 0, "empty ROI")]
+
+
+def test_session_shares_one_connection_and_drops_a_failed_transaction(tmp_path, monkeypatch):
+    import kacl_cli.catalog as catalog_mod
+
+    cat = Catalog(tmp_path / "c.duckdb")
+    cat.init()
+    cat.execute("CREATE TABLE x (v INTEGER)")
+    opened = []
+    real = catalog_mod._connect_with_retry
+    monkeypatch.setattr(catalog_mod, "_connect_with_retry",
+                        lambda *a, **k: opened.append(a) or real(*a, **k))
+    with cat.session():
+        cat.execute("INSERT INTO x VALUES (1)")
+        assert cat.query("SELECT count(*) FROM x") == [(1,)]  # read_only: the same connection
+        with cat.session():  # nested: still the same one
+            assert cat.count("x") == 1
+        assert len(opened) == 1
+        with pytest.raises(duckdb.Error), cat.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            con.execute("INSERT INTO x VALUES (2)")
+            con.execute("INSERT INTO nowhere VALUES (3)")
+        assert cat.count("x") == 1 and len(opened) == 2  # rolled back, reopened
+        cat.release()
+        assert cat.count("x") == 1 and len(opened) == 3
+    assert cat._held is None
+    cat.query("SELECT 1")
+    assert len(opened) == 4 and cat._held is None  # outside a session: one per use again

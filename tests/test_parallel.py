@@ -36,3 +36,11 @@ def test_process_pool_runs_the_initializer_in_other_processes() -> None:
         out = pool.map(_pid_and_mark, range(4))
     assert all(pid != os.getpid() for pid, _ in out)
     assert {mark for _, mark in out} == {"set"}
+
+
+def test_a_pool_only_pays_when_the_saved_time_exceeds_its_start_up(monkeypatch) -> None:
+    monkeypatch.setattr(parallel, "POOL_START_S", 1.0)
+    assert not parallel.pool_pays(100.0, 1)
+    assert not parallel.pool_pays(1.9, 2)  # saves 0.95 s < 1 s start-up
+    assert parallel.pool_pays(2.1, 2)
+    assert parallel.pool_pays(1.5, 4)  # saves 1.125 s

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -154,6 +155,8 @@ def ddp_sharding() -> bool:
     Asked only by a stage's dispatcher; the stage's inner run (what a part executes) never
     asks, so a part cannot shard again.
     """
+    if not any(os.environ.get(v) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return False  # not launched by torchrun: no torch import (seconds) for a CPU stage
     from kacl_cli.training import distributed  # torch: only for the stages that need it
 
     return distributed.from_env().active

@@ -100,26 +100,37 @@ def run_cam_stage(
     if batch_size < 1 or chunk_size < 1 or workers < 0:
         raise InputError("--batch-size must be >= 1 and --workers >= 0")
     ws.require()
-    ws.catalog.ensure_tables("box_rules", "box_rule_images", "cam_boxes_ranked")
-    resolve_splits(split)
-    round_ = resolve_round(ws, round_)
-    if rules is None:
-        # Before sharding: every part must cut its maps with the same rules.
-        rules = box_rules_for(ws, round_, ws.checkpoint_dir(round_), threshold, device,
-                              batch_size, workers)
-    whole = functools.partial(_run_whole, round_=round_, split=split, batch_size=batch_size,
-                              threshold=threshold, device=device, force=force,
-                              workers=workers, chunk_size=chunk_size, max_boxes=max_boxes,
-                              rules=rules)
-    if shard is not None or ddp_sharding():
-        return run_sharded(ws, HOOKS, round_, shard, whole, device=device, force=force)
-    return whole(ws)
+    sharded = shard is not None or ddp_sharding()
+    # One catalog connection for the look-ups and, unsharded, the whole run (Catalog.session);
+    # never held across a sharded run, whose other ranks read this catalog.
+    with ws.catalog.session():
+        ws.catalog.ensure_tables("box_rules", "box_rule_images", "cam_boxes_ranked")
+        resolve_splits(split)
+        round_ = resolve_round(ws, round_)
+        if rules is None:
+            # Before sharding: every part must cut its maps with the same rules.
+            rules = box_rules_for(ws, round_, ws.checkpoint_dir(round_), threshold, device,
+                                  batch_size, workers)
+        whole = functools.partial(_run_whole, round_=round_, split=split,
+                                  batch_size=batch_size, threshold=threshold, device=device,
+                                  force=force, workers=workers, chunk_size=chunk_size,
+                                  max_boxes=max_boxes, rules=rules)
+        if not sharded:
+            return whole(ws)
+    return run_sharded(ws, HOOKS, round_, shard, whole, device=device, force=force)
 
 
-def _run_whole(ws: Workspace, *, round_: int, split: str | None, batch_size: int,
-               threshold: float | None, device: str, force: bool, workers: int,
-               chunk_size: int, max_boxes: int, rules: br.FittedRules) -> dict[str, Any]:
-    """The stage on ``ws`` (the workspace, or a shard's part), never sharded again."""
+def _run_whole(ws: Workspace, **kwargs: Any) -> dict[str, Any]:
+    """The stage on ``ws`` (the workspace, or a shard's part), never sharded again; its
+    bookkeeping shares one catalog connection, released while the model runs."""
+    with ws.catalog.session():
+        return _run_whole_session(ws, **kwargs)
+
+
+def _run_whole_session(ws: Workspace, *, round_: int, split: str | None, batch_size: int,
+                       threshold: float | None, device: str, force: bool, workers: int,
+                       chunk_size: int, max_boxes: int, rules: br.FittedRules
+                       ) -> dict[str, Any]:
     split_name, splits = resolve_splits(split)
     ckpt = ws.checkpoint_dir(round_)
     images = _images(ws, splits)
@@ -214,6 +225,7 @@ def _work(
     with progress.bar(len(pending), f"cam round {round_}") as pb:
         for start in range(0, len(pending), chunk_size):
             idx = pending[start:start + chunk_size]
+            ws.catalog.release()  # readers may open the catalog while the model runs
             t0 = time.perf_counter()
             rows_out, maps, probs = _infer_chunk(
                 ws, model, meta, dev, np.asarray(images["row"])[idx], batch_size, workers, pb,
@@ -351,10 +363,12 @@ def box_rules_for(
             "SELECT count(*) FROM box_rules WHERE round = ? AND checkpoint = ?",
             [round_, ckpt_hash])[0][0]:
         return old
+    ws.catalog.release()  # the fit runs the model: let other processes read meanwhile
     dev = resolve_device(device)
     model, meta = load_image_net(ckpt, dev)
 
     def infer(rows: np.ndarray) -> np.ndarray:
+        ws.catalog.release()  # no open catalog while DataLoader workers fork
         with progress.bar(len(rows), f"cam round {round_}: box-rule fit") as pb:
             _, maps, _ = _infer_chunk(ws, model, meta, dev, rows, batch_size, workers, pb, ckpt)
         return maps.astype(np.float32)

@@ -31,7 +31,7 @@ import numpy as np
 from kacl_cli import progress
 from kacl_cli.catalog import insert_columns
 from kacl_cli.errors import InputError, KaclError, NotReadyError
-from kacl_cli.parallel import process_pool
+from kacl_cli.parallel import pool_pays, process_pool
 from kacl_cli.sharding.merge import run_sharded
 from kacl_cli.sharding.parts import Shard, ddp_sharding
 from kacl_cli.stages.radiomics import settings as settings_mod
@@ -50,6 +50,9 @@ from kacl_cli.store import ImageReader
 from kacl_cli.workspace import StageRun, Workspace, stable_json
 
 STAGE = "radiomics"
+# Work (estimated one-core seconds) short enough to keep the stage's catalog connection
+# open across it: reopening costs ~50 ms, and other processes wait at most this long.
+HOLD_CATALOG_S = 1.0
 
 
 # -- worker side ----------------------------------------------------------------------------
@@ -57,8 +60,10 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(store_path: str, backend_name: str, settings: dict[str, Any]) -> None:
-    """Per-process state: one open store reader and one backend (built once, not per chunk)."""
-    single_threaded_sitk()
+    """Per-process state: one open store reader and one backend (built once, not per chunk).
+    SimpleITK only for the backend that uses it (importing it costs ~0.2 s)."""
+    if backend_name == "pyradiomics":
+        single_threaded_sitk()
     _WORKER["reader"] = ImageReader(Path(store_path))
     _WORKER["backend"] = get_backend(backend_name)
     _WORKER["settings"] = settings
@@ -95,10 +100,10 @@ def _sync_rois(ws: Workspace, round_: int, rois: list[Roi], image_ids: list[str]
         con.execute("BEGIN TRANSACTION")
         # whole columns as list parameters: one statement instead of one per row
         # (executemany costs ~4 ms a row; a full NIH round has ~10^5 ROIs)
-        con.execute("CREATE TEMP TABLE scope AS SELECT unnest(?::VARCHAR[]) AS image_id",
+        con.execute("CREATE OR REPLACE TEMP TABLE scope AS SELECT unnest(?::VARCHAR[]) AS image_id",
                     [image_ids])
         con.execute(
-            "CREATE TEMP TABLE new_rois AS SELECT unnest(?::VARCHAR[]) AS image_id, "
+            "CREATE OR REPLACE TEMP TABLE new_rois AS SELECT unnest(?::VARCHAR[]) AS image_id, "
             "unnest(?::VARCHAR[]) AS finding, unnest(?::VARCHAR[]) AS source, "
             "unnest(?::INTEGER[]) AS x0, unnest(?::INTEGER[]) AS y0, "
             "unnest(?::INTEGER[]) AS x1, unnest(?::INTEGER[]) AS y1, "
@@ -198,20 +203,26 @@ def _compute(ws: Workspace, run: StageRun, round_: int, todo: list[Roi], backend
     chunks = _chunks(todo, chunk)
     tasks = [(i, [r.row for r in c], [r.box for r in c], [r.spacing for r in c])
              for i, c in enumerate(chunks)]
-    failed = nonfinite = 0
+    failed = nonfinite = written = 0
     reasons: Counter[str] = Counter()
     init_args = (str(ws.store.path), backend, settings)
     with progress.bar(len(todo), f"radiomics round {round_}", unit="roi") as pb:
         def consume(result: tuple[int, np.ndarray, list[str | None]]) -> None:
-            nonlocal failed, nonfinite
+            nonlocal failed, nonfinite, written
             cid, feats, why = result
             f, nf = _write_chunk(ws, run, round_, chunks[cid], feats, why, backend, shash)
             failed += f
             nonfinite += nf
             reasons.update(_reason_kind(w) for w in why if w is not None)
             pb.update(len(chunks[cid]))
+            written += 1
+            if written < len(chunks):  # more to compute: let other processes read meanwhile
+                ws.catalog.release()
 
-        if workers <= 1 or len(tasks) <= 1:
+        est_s = len(todo) * get_backend(backend).seconds_per_roi
+        if est_s > HOLD_CATALOG_S:  # else the catalog stays open across this short compute
+            ws.catalog.release()
+        if workers <= 1 or len(tasks) <= 1 or not pool_pays(est_s, workers):
             _init_worker(*init_args)
             try:
                 for task in tasks:
@@ -276,11 +287,17 @@ def run_radiomics_stage(
     return whole(ws)
 
 
-def _run_whole(ws: Workspace, *, round_: int, roi: str, backend: str,
-               params: Path | str | None, workers: int, splits: list[str] | None,
-               force: bool, min_prob: float, chunk: int | None, label_fraction: float,
-               normal_positive: str) -> dict[str, Any]:
-    """The stage on ``ws`` (the workspace, or a shard's part), never sharded again."""
+def _run_whole(ws: Workspace, **kwargs: Any) -> dict[str, Any]:
+    """The stage on ``ws`` (the workspace, or a shard's part), never sharded again; its
+    bookkeeping shares one catalog connection (:meth:`Catalog.session`)."""
+    with ws.catalog.session():
+        return _run_whole_session(ws, **kwargs)
+
+
+def _run_whole_session(ws: Workspace, *, round_: int, roi: str, backend: str,
+                       params: Path | str | None, workers: int, splits: list[str] | None,
+                       force: bool, min_prob: float, chunk: int | None, label_fraction: float,
+                       normal_positive: str) -> dict[str, Any]:
     settings = settings_mod.load_settings(params)
     impl = get_backend(backend)  # fail early when a backend is unavailable
     names = impl.feature_names(settings)

@@ -95,6 +95,44 @@ def test_kernel_counts_equal_the_numpy_path(bin_width, bin_count, alpha) -> None
     np.testing.assert_array_equal(got["ngtdm"], ref["ngtdm"])
 
 
+@pytest.mark.parametrize(("bin_width", "bin_count"), [(25, None), (None, 300)])
+def test_kernel_glrlm_sums_equal_the_numpy_sums(bin_width, bin_count) -> None:
+    """The GLRLM sums moved into C (_texture.glrlm_sums) against the numpy formulas, on the
+    same cells; the 1-pixel lines of crops_of give (roi, angle) blocks with no pairs."""
+    crops = crops_of(seed=5)
+    m_c, _ = kernel_counts(crops, bin_width, bin_count, 0)
+    got = fast_kernel.glrlm_sums(m_c)
+    m_c.cache.pop("glrlm_rows")
+    ref = T.glrlm_sums(m_c)  # numpy, from the kernel's cells (raw mosaic: no canvas pass)
+    assert got.shape == (len(crops) * T.N_ANGLES, T.GLRLM_SUMS)
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_kernel_glcm_features_equal_the_numpy_formulas(symmetric) -> None:
+    """GLCM features computed in C (_texture.glcm_features) against texture.glcm on the same
+    counts, asymmetric matrices included (MCC's exact path)."""
+    m, _ = kernel_counts(crops_of(seed=7), None, 16, 0)
+    got, ref = fast_kernel.glcm(m, symmetric), T.glcm(m, symmetric)
+    assert set(got) == set(ref)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-11, atol=1e-12,
+                                   equal_nan=True, err_msg=name)
+
+
+def test_kernel_glrlm_sums_refuse_cells_they_cannot_place() -> None:
+    m, _ = kernel_counts(crops_of(seed=6, n=4), 25, None, 0)
+    rows = np.frombuffer(m.cache["glrlm_rows"], dtype=np.int64).reshape(-1, 4).copy()
+    long_ = np.ascontiguousarray(T.longest_runs(m), dtype=np.int64)
+    out = np.empty((len(long_), T.GLRLM_SUMS))
+    bad = rows.copy()
+    bad[0, 2] = long_[bad[0, 0]] + 1  # a run longer than its line
+    with pytest.raises(ValueError, match="outside its level or run range"):
+        fast_kernel._texture.glrlm_sums(bad.tobytes(), long_, m.n_levels + 1, out)
+    with pytest.raises(ValueError, match="not sorted"):
+        fast_kernel._texture.glrlm_sums(rows[::-1].copy().tobytes(), long_, m.n_levels + 1, out)
+
+
 def test_strided_crops_are_copied_not_misread() -> None:
     rng = np.random.default_rng(3)
     img = rng.integers(0, 256, (64, 64)).astype(np.uint8)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from kacl_cli import parallel
 from kacl_cli.errors import NotReadyError
 from kacl_cli.findings import FINDINGS, normalise_finding
 from kacl_cli.imageio import load_for_store
@@ -224,14 +228,46 @@ def test_missing_cam_boxes_and_no_stats(tiny_workspace) -> None:
         load_positive_features(ws, 2)
 
 
-def test_two_workers_equal_one(tiny_workspace) -> None:
+def test_two_workers_equal_one(tiny_workspace, monkeypatch) -> None:
     ws = tiny_workspace(n=6)
     write_cams(ws)
     run_radiomics_stage(ws, 0, min_prob=0.0, workers=1)
     one = features_table(ws)
+    monkeypatch.setattr(parallel, "POOL_START_S", 0.0)  # a pool even for 12 ROIs
+    started = []
+    real_pool = stage_mod.process_pool
+    monkeypatch.setattr(stage_mod, "process_pool", lambda *a, **k: started.append(a) or
+                        real_pool(*a, **k))
     s = run_radiomics_stage(ws, 0, min_prob=0.0, workers=2, chunk=4, force=True)
-    assert s["computed"] == 12 and s["workers"] == 2
+    assert s["computed"] == 12 and s["workers"] == 2 and started
     assert features_table(ws) == one
+
+
+def test_a_job_smaller_than_a_pool_start_runs_in_process(tiny_workspace, monkeypatch) -> None:
+    ws = tiny_workspace(n=6)
+    write_cams(ws)
+
+    def no_pool(*_args, **_kwargs):
+        raise AssertionError("a pool for 12 ROIs of the fast backend")
+
+    monkeypatch.setattr(stage_mod, "process_pool", no_pool)
+    s = run_radiomics_stage(ws, 0, min_prob=0.0, workers=2, chunk=4)
+    assert s["computed"] == 12 and s["failed"] == 0
+
+
+def test_the_fast_stage_does_not_import_torch(tiny_workspace) -> None:
+    """torch (seconds) was a fixed cost of every radiomics run outside torchrun."""
+    ws = tiny_workspace(n=4)
+    write_cams(ws)
+    code = ("import sys; from kacl_cli.workspace import Workspace; "
+            "from kacl_cli.stages.radiomics.stage import run_radiomics_stage; "
+            f"s = run_radiomics_stage(Workspace({str(ws.root)!r}), 0, min_prob=0.0); "
+            "assert s['computed'] == 8, s; "
+            "print('torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[3], check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_gt_rois_split_filter(tiny_workspace) -> None:

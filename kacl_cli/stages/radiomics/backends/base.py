@@ -66,6 +66,9 @@ class Backend(ABC):
     # ROIs per stage task: each task ends in one catalog commit (~30-50 ms), so a fast backend
     # needs bigger tasks for the commit not to dominate
     rois_per_task: int = 256
+    # One core's seconds per ROI at 256 px, an upper estimate: a job below ~1.5 s of work
+    # runs in-process even with --workers N (kacl_cli.parallel.pool_pays)
+    seconds_per_roi: float = 0.05
 
     def feature_names(self, settings: dict[str, Any]) -> list[str]:
         """pyradiomics key names of the columns, diagnostics excluded, in the fixed order."""

@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #define N_ANGLES 4
 #define N_DEP 9 /* 0..8 neighbours */
@@ -617,8 +618,247 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(glrlm_sums_doc,
+"glrlm_sums(rows, rl_long, g1, out)\n\n"
+"The per-(roi, angle) sums every GLRLM feature is a ratio of, from the GLRLM cells that\n"
+"counts() returns: rows = int64 (roi * 4 + angle, level, length, count), sorted by\n"
+"roi * 4 + angle (every one present); rl_long = int64 longest run per (roi, angle);\n"
+"out = float64 (n * 4) x 15, overwritten with: Nr, Np, sum c/r^2, c r^2, c/g^2, c g^2,\n"
+"c/(r^2 g^2), c g^2/r^2, c r^2/g^2, c r^2 g^2, sum c (r - mu_r)^2, sum p log2(p + eps)\n"
+"(p = c / Nr), sum_g P(g)^2, sum_r P(r)^2 and the grey-level variance of P(g) / Nr.\n"
+"Sequential sums in row order (the numpy formulas' order up to rounding).");
+
+static PyObject *glrlm_sums(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *rows_o, *long_o, *out_o;
+    Py_ssize_t g1;
+    if (!PyArg_ParseTuple(args, "OOnO", &rows_o, &long_o, &g1, &out_o)) return NULL;
+    Py_buffer rv, lv, ov;
+    int hr = 0, hl = 0, ho = 0;
+    PyObject *result = NULL;
+    double *pg = NULL, *pr = NULL;
+    if (g1 < 1) { PyErr_SetString(PyExc_ValueError, "g1 must be >= 1"); return NULL; }
+    if (get_buffer(rows_o, &rv, 0, 0, "rows", 0, &hr) < 0) goto done;
+    if (get_buffer(long_o, &lv, 0, 0, "rl_long", 0, &hl) < 0) goto done;
+    const Py_ssize_t na = lv.len / 8, nrows = rv.len / 32;
+    if (get_buffer(out_o, &ov, 1, na * 15 * 8, "out", 0, &ho) < 0) goto done;
+    const int64_t *r = rv.buf, *longest = lv.buf;
+    double *out = ov.buf;
+    int64_t top = 1;
+    for (Py_ssize_t a = 0; a < na; a++) if (longest[a] > top) top = longest[a];
+    pg = calloc((size_t)g1, sizeof(double));
+    pr = calloc((size_t)top, sizeof(double));
+    if (!pg || !pr) { PyErr_NoMemory(); goto done; }
+    const double eps = 2.220446049250313e-16; /* np.spacing(1) */
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t k = 0;
+    for (Py_ssize_t a = 0; a < na && !bad; a++) {
+        const Py_ssize_t start = k;
+        double s[10] = {0};
+        while (k < nrows && r[4 * k] == a) {
+            const int64_t gl = r[4 * k + 1], rl = r[4 * k + 2];
+            if (gl < 0 || gl >= g1 || rl < 1 || rl > longest[a]) { bad = 1; break; }
+            const double c = (double)r[4 * k + 3], rf = (double)rl, g2 = (double)(gl * gl);
+            const double r2 = rf * rf, sr = c / r2, lr = c * r2;
+            s[0] += c; s[1] += c * rf; s[2] += sr; s[3] += lr; s[4] += c / g2;
+            s[5] += c * g2; s[6] += sr / g2; s[7] += sr * g2; s[8] += lr / g2; s[9] += lr * g2;
+            pg[gl] += c;
+            pr[rl - 1] += c;
+            k++;
+        }
+        if (bad) break;
+        if (k < nrows && r[4 * k] < a) { bad = 2; break; } /* not sorted */
+        const double nr = s[0] > 0 ? s[0] : 1.0, mu_r = s[1] / nr;
+        double var = 0, ent = 0, gln = 0, rln = 0, mu = 0, glv = 0;
+        for (Py_ssize_t j = start; j < k; j++) {
+            const double c = (double)r[4 * j + 3], dev = (double)r[4 * j + 2] - mu_r;
+            const double p = c / nr;
+            var += c * dev * dev;
+            ent += p * log2(p + eps);
+        }
+        for (Py_ssize_t g = 0; g < g1; g++) { gln += pg[g] * pg[g]; mu += pg[g] / nr * g; }
+        for (Py_ssize_t g = 0; g < g1; g++) {
+            const double d = g - mu;
+            glv += pg[g] / nr * d * d;
+            pg[g] = 0;
+        }
+        for (int64_t l = 0; l < longest[a]; l++) { rln += pr[l] * pr[l]; pr[l] = 0; }
+        double *o = out + 15 * a;
+        memcpy(o, s, sizeof(s));
+        o[10] = var; o[11] = ent; o[12] = gln; o[13] = rln; o[14] = glv;
+    }
+    if (!bad && k != nrows) bad = 2;
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, bad == 1 ? "a GLRLM cell outside its level or run range"
+                        : "GLRLM rows are not sorted by roi * 4 + angle");
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    free(pg);
+    free(pr);
+    if (hr) PyBuffer_Release(&rv);
+    if (hl) PyBuffer_Release(&lv);
+    if (ho) PyBuffer_Release(&ov);
+    return result;
+}
+
+/* Columns of glcm_features' output, in the order fast_kernel.GLCM_COLUMNS names them. */
+#define GLCM_NF 24
+
+PyDoc_STRVAR(glcm_features_doc,
+"glcm_features(counts, ng, symmetric, feats, p, px, py)\n\n"
+"The GLCM features of every (roi, angle) but MCC, from raw co-occurrence counts (float64\n"
+"n x 4 x G x G, as counts() fills them): symmetrised when asked, normalised, then the\n"
+"numpy formulas of fast_texture._glcm_features, into feats (float64 n x 4 x 24, column\n"
+"order fast_kernel.GLCM_COLUMNS). p (n x 4 x G x G), px and py (n x 4 x G) receive the\n"
+"normalised matrix and its marginals, which MCC reads. ng: float64 n, the ROI's level count.");
+
+static PyObject *glcm_features(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *c_o, *ng_o, *f_o, *p_o, *px_o, *py_o;
+    int symmetric;
+    if (!PyArg_ParseTuple(args, "OOpOOOO", &c_o, &ng_o, &symmetric, &f_o, &p_o, &px_o, &py_o))
+        return NULL;
+    Py_buffer cv, nv, fv, pv, xv, yv;
+    int hc = 0, hn = 0, hf = 0, hp = 0, hx = 0, hy = 0;
+    PyObject *result = NULL;
+    double *scratch = NULL;
+    if (get_buffer(c_o, &cv, 0, 0, "counts", 0, &hc) < 0) goto done;
+    if (cv.ndim != 4 || cv.itemsize != 8 || cv.shape[1] != N_ANGLES || cv.shape[2] != cv.shape[3]) {
+        PyErr_SetString(PyExc_ValueError, "counts must be float64 n x 4 x G x G");
+        goto done;
+    }
+    const Py_ssize_t n = cv.shape[0], G = cv.shape[2], GG = G * G;
+    if (get_buffer(ng_o, &nv, 0, n * 8, "ng", 0, &hn) < 0) goto done;
+    if (get_buffer(f_o, &fv, 1, n * N_ANGLES * GLCM_NF * 8, "feats", 0, &hf) < 0) goto done;
+    if (get_buffer(p_o, &pv, 1, n * N_ANGLES * GG * 8, "p", 0, &hp) < 0) goto done;
+    if (get_buffer(px_o, &xv, 1, n * N_ANGLES * G * 8, "px", 0, &hx) < 0) goto done;
+    if (get_buffer(py_o, &yv, 1, n * N_ANGLES * G * 8, "py", 0, &hy) < 0) goto done;
+    scratch = malloc(sizeof(double) * (size_t)(3 * G + 1));
+    if (!scratch) { PyErr_NoMemory(); goto done; }
+    const double eps = 2.220446049250313e-16; /* np.spacing(1) */
+    const double *counts = cv.buf, *ngs = nv.buf;
+    double *feats = fv.buf, *pall = pv.buf, *pxall = xv.buf, *pyall = yv.buf;
+    Py_BEGIN_ALLOW_THREADS
+    double *pd = scratch, *ps = scratch + G; /* |i - j| = 0..G-1; i + j = 0..2G-2 */
+    for (Py_ssize_t ra = 0; ra < n * N_ANGLES; ra++) {
+        const double *c = counts + ra * GG;
+        double *p = pall + ra * GG, *px = pxall + ra * G, *py = pyall + ra * G;
+        double *f = feats + ra * GLCM_NF;
+        const double ngf = ngs[ra / N_ANGLES];
+        double total = 0;
+        for (Py_ssize_t i = 0; i < G; i++)
+            for (Py_ssize_t j = 0; j < G; j++) {
+                const double v = symmetric ? c[i * G + j] + c[j * G + i] : c[i * G + j];
+                p[i * G + j] = v;
+                total += v;
+            }
+        const double norm = total > 0 ? total : 1.0;
+        memset(scratch, 0, sizeof(double) * (size_t)(3 * G - 1));
+        for (Py_ssize_t i = 0; i < G; i++) { px[i] = 0; py[i] = 0; }
+        double autoc = 0, energy = 0, hxy = 0, pmax = 0;
+        for (Py_ssize_t i = 0; i < G; i++)
+            for (Py_ssize_t j = 0; j < G; j++) {
+                const double v = p[i * G + j] / norm;
+                p[i * G + j] = v;
+                px[i] += v;
+                py[j] += v;
+                pd[i > j ? i - j : j - i] += v;
+                ps[i + j] += v;
+                autoc += v * (double)(i + 1) * (double)(j + 1);
+                energy += v * v;
+                hxy -= v * log2(v + eps);
+                if (v > pmax) pmax = v;
+            }
+        double ux = 0, uy = 0;
+        for (Py_ssize_t i = 0; i < G; i++) { ux += px[i] * (i + 1); uy += py[i] * (i + 1); }
+        double vx = 0, vy = 0, hx = 0, hy = 0;
+        for (Py_ssize_t i = 0; i < G; i++) {
+            const double dx = (i + 1) - ux, dy = (i + 1) - uy;
+            vx += px[i] * dx * dx;
+            vy += py[i] * dy * dy;
+            hx -= px[i] * log2(px[i] + eps);
+            hy -= py[i] * log2(py[i] + eps);
+        }
+        double corm = 0, hxy1 = 0, hxy2 = 0;
+        for (Py_ssize_t i = 0; i < G; i++)
+            for (Py_ssize_t j = 0; j < G; j++) {
+                const double v = p[i * G + j], q = px[i] * py[j], lq = log2(q + eps);
+                corm += v * ((i + 1) - ux) * ((j + 1) - uy);
+                hxy1 -= v * lq;
+                hxy2 -= q * lq;
+            }
+        double prom = 0, shade = 0, tend = 0, savg = 0, sent = 0;
+        for (Py_ssize_t k = 0; k < 2 * G - 1; k++) {
+            const double ks = (double)(k + 2), ce = ks - (ux + uy), ce2 = ce * ce;
+            prom += ps[k] * ce2 * ce2;
+            shade += ps[k] * ce2 * ce;
+            tend += ps[k] * ce2;
+            savg += ps[k] * ks;
+            sent -= ps[k] * log2(ps[k] + eps);
+        }
+        double contrast = 0, davg = 0, dent = 0, idm = 0, idmn = 0, id = 0, idn = 0, ivar = 0;
+        for (Py_ssize_t k = 0; k < G; k++) {
+            const double kd = (double)k;
+            contrast += pd[k] * kd * kd;
+            davg += pd[k] * kd;
+            dent -= pd[k] * log2(pd[k] + eps);
+            idm += pd[k] / (1 + kd * kd);
+            idmn += pd[k] / (1 + kd * kd / (ngf * ngf));
+            id += pd[k] / (1 + kd);
+            idn += pd[k] / (1 + kd / ngf);
+            if (k > 0) ivar += pd[k] / (kd * kd);
+        }
+        double dvar = 0;
+        for (Py_ssize_t k = 0; k < G; k++) dvar += pd[k] * (k - davg) * (k - davg);
+        const double sigx = sqrt(vx), sigy = sqrt(vy), div = fmax(hx, hy);
+        f[0] = autoc;
+        f[1] = ux;
+        f[2] = prom;
+        f[3] = shade;
+        f[4] = tend;
+        f[5] = contrast;
+        f[6] = sigx * sigy == 0 ? 1.0 : corm / (sigx * sigy + eps);
+        f[7] = davg;
+        f[8] = dent;
+        f[9] = dvar;
+        f[10] = energy;
+        f[11] = hxy;
+        f[12] = div != 0 ? (hxy - hxy1) / div : 0.0;
+        f[13] = hxy2 == hxy ? 0.0 : pow(1 - pow(M_E, -2 * (hxy2 - hxy)), 0.5);
+        f[14] = idm;
+        f[15] = idmn;
+        f[16] = id;
+        f[17] = idn;
+        f[18] = ivar;
+        f[19] = pmax;
+        f[20] = savg;
+        f[21] = sent;
+        f[22] = vx;
+        f[23] = total;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    free(scratch);
+    if (hc) PyBuffer_Release(&cv);
+    if (hn) PyBuffer_Release(&nv);
+    if (hf) PyBuffer_Release(&fv);
+    if (hp) PyBuffer_Release(&pv);
+    if (hx) PyBuffer_Release(&xv);
+    if (hy) PyBuffer_Release(&yv);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"counts", counts, METH_VARARGS, counts_doc},
+    {"glcm_features", glcm_features, METH_VARARGS, glcm_features_doc},
+    {"glrlm_sums", glrlm_sums, METH_VARARGS, glrlm_sums_doc},
     {"place", place, METH_VARARGS, place_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -101,6 +101,7 @@ def fill(m: Mosaic, classes: set[str], alpha: int = 0) -> None:
         # (roi * 4 + angle, level, length, count) rows -> contiguous columns
         ra, level, length, count = np.frombuffer(rows, dtype=np.int64).reshape(-1, 4).T.copy()
         m.cache["glrlm"] = (ra, level, length, count)
+        m.cache["glrlm_rows"] = rows
     if gldm is not None:
         m.cache[("gldm", alpha)] = gldm
     if ngtdm is not None:
@@ -108,3 +109,44 @@ def fill(m: Mosaic, classes: set[str], alpha: int = 0) -> None:
     if zones is not None:
         roi, level, size = np.frombuffer(zones, dtype=np.int64).reshape(-1, 3).T.copy()
         m.cache["zones"] = (roi, level, size)
+
+
+def glrlm_sums(m: Mosaic) -> np.ndarray:
+    """:func:`texture.glrlm_sums` of a mosaic :func:`fill` counted, in one compiled pass over
+    the GLRLM cells instead of a dozen whole-array numpy passes (~15% of a chunk's time)."""
+    if _texture is None:
+        raise RuntimeError("kacl_cli.stages.radiomics.backends.fast._texture is not built")
+    out = np.empty((m.n * texture.N_ANGLES, texture.GLRLM_SUMS))
+    _texture.glrlm_sums(m.cache["glrlm_rows"], _index(texture.longest_runs(m)),
+                        m.n_levels + 1, out)
+    return out
+
+
+# The columns of _texture.glcm_features, in its order (the last: the matrix's total count).
+GLCM_COLUMNS = (
+    "Autocorrelation", "JointAverage", "ClusterProminence", "ClusterShade", "ClusterTendency",
+    "Contrast", "Correlation", "DifferenceAverage", "DifferenceEntropy", "DifferenceVariance",
+    "JointEnergy", "JointEntropy", "Imc1", "Imc2", "Idm", "Idmn", "Id", "Idn",
+    "InverseVariance", "MaximumProbability", "SumAverage", "SumEntropy", "SumSquares",
+)
+
+
+def glcm(m: Mosaic, symmetric: bool = True) -> dict[str, np.ndarray]:
+    """:func:`texture.glcm` of a mosaic :func:`fill` counted: the per-(roi, angle) sums in one
+    compiled pass over each matrix (the numpy formulas made ~40 whole-array passes, a fifth
+    of a chunk's time at 256 px); MCC (eigenvalues) stays :func:`texture._mcc`."""
+    if _texture is None:
+        raise RuntimeError("kacl_cli.stages.radiomics.backends.fast._texture is not built")
+    counts = np.ascontiguousarray(m.cache["glcm"], dtype=np.float64)
+    n, a, g, _ = counts.shape
+    feats = np.empty((n, a, len(GLCM_COLUMNS) + 1))
+    p = np.empty_like(counts)
+    px = np.empty((n, a, g))
+    py = np.empty((n, a, g))
+    _texture.glcm_features(counts, np.ascontiguousarray(m.ng, dtype=np.float64), symmetric,
+                           feats, p, px, py)
+    valid = texture.angle_validity(m) & (feats[..., -1] > 0)
+    out = {name: texture._angle_mean(feats[..., k], valid)
+           for k, name in enumerate(GLCM_COLUMNS)}
+    out["MCC"] = texture._mcc(p, px, py, valid, m.level_counts[:, 1:] > 0, symmetric)
+    return out

@@ -34,9 +34,6 @@ from collections.abc import Iterator
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-from scipy import ndimage
-from scipy.sparse import coo_array
-from scipy.sparse.csgraph import connected_components
 
 from kacl_cli.stages.radiomics.backends.fast.mosaic import Mosaic
 
@@ -368,9 +365,18 @@ def glrlm_cells(m: Mosaic) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     return m.cache["glrlm"]
 
 
-def glrlm(m: Mosaic) -> dict[str, np.ndarray]:
+GLRLM_SUMS = 15  # columns of glrlm_sums: see glrlm_sums and _texture.glrlm_sums
+
+
+def glrlm_sums(m: Mosaic) -> np.ndarray:
+    """(n * 4) x 15: per (roi, angle) the sums every GLRLM feature is a ratio of.
+
+    Nr, Np, the eight emphasis sums (c/r^2, c r^2, c/g^2, c g^2, c/(r^2 g^2), c g^2/r^2,
+    c r^2/g^2, c r^2 g^2), sum c (r - mu_r)^2, sum p log2(p + eps), sum_g P(g)^2,
+    sum_r P(r)^2 and the grey-level variance of P(g) / Nr. The compiled kernel computes the
+    same columns in one pass over the cells (``_texture.glrlm_sums``).
+    """
     n, g1 = m.n, m.n_levels + 1
-    valid = angle_validity(m)
     longest = longest_runs(m)
     ra, gl, rl, count = glrlm_cells(m)
     c = count.astype(np.float64)
@@ -379,6 +385,7 @@ def glrlm(m: Mosaic) -> dict[str, np.ndarray]:
     rlf = rl.astype(np.float64)
     squares = np.arange(max(int(rl.max(initial=0)), g1) + 1, dtype=np.float64) ** 2
     g2, r2 = squares[gl], squares[rl]
+    out = np.empty((na, GLRLM_SUMS))
     # per-cell terms of the sums over the GLRLM, reduced per (roi, angle) in one call
     # (terms x cells: reduceat along the contiguous axis is 3x faster than across it);
     # written in place, row by row, instead of stacking ten temporaries
@@ -393,22 +400,33 @@ def glrlm(m: Mosaic) -> dict[str, np.ndarray]:
     np.multiply(terms[2], g2, out=terms[7])
     np.divide(terms[3], g2, out=terms[8])
     np.multiply(terms[3], g2, out=terms[9])
-    sums = np.add.reduceat(terms, starts, axis=1).T if na else np.zeros((0, terms.shape[0]))
-    nr, npix = sums[:, 0], sums[:, 1]
-    nr_safe = np.where(nr > 0, nr, 1.0)
-    mu_r = npix / nr_safe
+    out[:, :10] = np.add.reduceat(terms, starts, axis=1).T if na else 0.0
+    nr_safe = np.where(out[:, 0] > 0, out[:, 0], 1.0)
+    mu_r = out[:, 1] / nr_safe
     dev = rlf - mu_r[ra]
     prob = c / nr_safe[ra]
     extra = np.stack([c * dev * dev, prob * np.log2(prob + EPS)])
-    run_var, run_ent = np.add.reduceat(extra, starts, axis=1) if na else np.zeros((2, 0))
+    out[:, 10:12] = np.add.reduceat(extra, starts, axis=1).T if na else 0.0
     pg = np.bincount(ra * g1 + gl, c, na * g1).reshape(na, g1)
     off_len = np.concatenate(([0], np.cumsum(longest)))
     pr = np.bincount(off_len[ra] + rl - 1, c, int(off_len[-1]))
-    rln = np.add.reduceat(pr * pr, off_len[:-1]) if na else np.zeros(0)
-    gln = (pg * pg).sum(axis=1)
+    out[:, 12] = (pg * pg).sum(axis=1)
+    out[:, 13] = np.add.reduceat(pr * pr, off_len[:-1]) if na else 0.0
     pgn = pg / nr_safe[:, None]
     lv = np.arange(g1, dtype=np.float64)
     mu = pgn @ lv
+    out[:, 14] = (pgn * (lv[None, :] - mu[:, None]) ** 2).sum(axis=1)
+    return out
+
+
+def glrlm(m: Mosaic, sums: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """GLRLM features from :func:`glrlm_sums` (or the kernel's ``sums``, same columns)."""
+    n = m.n
+    valid = angle_validity(m)
+    sums = glrlm_sums(m) if sums is None else sums
+    nr, npix = sums[:, 0], sums[:, 1]
+    nr_safe = np.where(nr > 0, nr, 1.0)
+    gln, rln = sums[:, 12], sums[:, 13]
     f: dict[str, np.ndarray] = {
         "ShortRunEmphasis": sums[:, 2] / nr_safe,
         "LongRunEmphasis": sums[:, 3] / nr_safe,
@@ -417,9 +435,9 @@ def glrlm(m: Mosaic) -> dict[str, np.ndarray]:
         "RunLengthNonUniformity": rln / nr_safe,
         "RunLengthNonUniformityNormalized": rln / nr_safe**2,
         "RunPercentage": nr / np.where(npix > 0, npix, 1.0),
-        "GrayLevelVariance": (pgn * (lv[None, :] - mu[:, None]) ** 2).sum(axis=1),
-        "RunVariance": run_var / nr_safe,
-        "RunEntropy": -run_ent,
+        "GrayLevelVariance": sums[:, 14],
+        "RunVariance": sums[:, 10] / nr_safe,
+        "RunEntropy": -sums[:, 11],
         "LowGrayLevelRunEmphasis": sums[:, 4] / nr_safe,
         "HighGrayLevelRunEmphasis": sums[:, 5] / nr_safe,
         "ShortRunLowGrayLevelEmphasis": sums[:, 6] / nr_safe,
@@ -515,6 +533,8 @@ def _label_mask(mask: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, int]:
     half the runs, hence fewer components: when that bound fits, uint16 labels make
     ``ndimage.label`` ~15% faster (large ROIs have long runs, so this is the common case).
     """
+    from scipy import ndimage  # here: the compiled kernel never needs it (~0.3 s to import)
+
     dtype = np.uint16 if start.size // 2 < np.iinfo(np.uint16).max else np.int32
     labels = np.empty(mask.shape, dtype=dtype)
     count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool), output=labels)
@@ -599,6 +619,9 @@ def _merge_runs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Zones from labelled components (``comp`` per run, -1 if none) and ``loose`` runs,
     joined by union-find to every equal-code run above or below them: (code, size)."""
+    from scipy.sparse import coo_array  # numpy path only, as ndimage in _label_mask
+    from scipy.sparse.csgraph import connected_components
+
     # bin 0 collects the runs without a component (-1): no masking passes over all runs
     comp_size = np.bincount(comp + 1, length, n_comp + 1)[1:].astype(np.int64)
     comp_code = np.empty(n_comp + 1, dtype=np.intp)
