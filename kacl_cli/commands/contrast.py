@@ -22,8 +22,9 @@ from kacl_cli.cli import (
 )
 from kacl_cli.lock import writes_workspace
 from kacl_cli.models.contrast_spec import POSITIVES
-from kacl_cli.options import check_number
+from kacl_cli.options import check_choice, check_number
 from kacl_cli.stages.contrast.config import ContrastConfig
+from kacl_cli.training.config import BOX_LOSS_FORMS
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "contrast"
@@ -103,6 +104,11 @@ def command(
         "--box-loss-weight",
         help="Weight of the term that pulls each finding's CAM mass inside its GT box on "
         "box-supervised images (docs/cam.md). 0 = off.")] = _DEFAULTS.box_loss_weight,
+    box_loss_form: Annotated[str, typer.Option(
+        "--box-loss-form",
+        help="softmax (default: moves map evidence into the box without changing the logit) "
+        "| share (the relu mass share; measured to cost AUC). docs/cam.md.")]
+    = _DEFAULTS.box_loss_form,
     positives: Annotated[Positives, typer.Option(
         "--positives", help="radiomics (the method) | augment (SimCLR ablation) | none "
         "(classification only).")] = Positives(_DEFAULTS.positives),
@@ -164,10 +170,12 @@ def command(
     check_number("--backbone-lr-scale", backbone_lr_scale, lo=0.0, hi=1e6)
     check_number("--box-supervision", box_supervision, lo=0.0, hi=1.0)
     check_number("--box-loss-weight", box_loss_weight, lo=0.0, hi=1000.0)
+    check_choice("--box-loss-form", box_loss_form, list(BOX_LOSS_FORMS))
     cfg = ContrastConfig(
         rounds=rounds, from_round=from_round, epochs_per_round=epochs_per_round,
         temperature=temperature, lam=lam, proj_dim=proj_dim, box_supervision=box_supervision,
-        fold=fold, box_loss_weight=box_loss_weight, positives=positives.value, feedback=feedback,
+        fold=fold, box_loss_weight=box_loss_weight, box_loss_form=box_loss_form,
+        positives=positives.value, feedback=feedback,
         radiomics_backend=radiomics_backend.value, backbone_lr_scale=backbone_lr_scale,
         batch_size=batch_size, lr=lr, seed=seed, device=device,
         workers=auto_workers(workers), force=force,

@@ -13,7 +13,7 @@ from kacl_cli.options import check_choice, check_number
 from kacl_cli.parallel import auto_workers
 from kacl_cli.stages import pretrain as stage
 from kacl_cli.stages.pretrain import LR_FINETUNE, LR_SCRATCH, PretrainConfig
-from kacl_cli.training.config import TrainConfig
+from kacl_cli.training.config import BOX_LOSS_FORMS, TrainConfig
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "pretrain"
@@ -83,6 +83,11 @@ def command(
         "--box-loss-weight",
         help="Weight of the term that pulls each finding's CAM mass inside its GT box on "
         "box-supervised images (docs/cam.md). 0 = off.")] = _TRAIN.box_loss_weight,
+    box_loss_form: Annotated[str, typer.Option(
+        "--box-loss-form",
+        help="softmax (default: moves map evidence into the box without changing the logit) "
+        "| share (the relu mass share; measured to cost AUC). docs/cam.md.")]
+    = _TRAIN.box_loss_form,
     resume: Annotated[bool, typer.Option(
         "--resume/--no-resume", help="Continue a killed run from its last finished epoch.")]
     = _STAGE.resume,
@@ -112,6 +117,7 @@ def command(
     check_number("--box-supervision", box_supervision, lo=0.0, hi=1.0)
     check_number("--fold", fold, lo=0, hi=4)
     check_number("--box-loss-weight", box_loss_weight, lo=0.0, hi=1000.0)
+    check_choice("--box-loss-form", box_loss_form, list(BOX_LOSS_FORMS))
     # Under torchrun only rank 0 writes the catalog and checkpoints.
     main_rank = from_env().is_main
     ws = Workspace(workspace, writes=main_rank)
@@ -122,6 +128,7 @@ def command(
         focal_alpha=focal_alpha, focal_gamma=focal_gamma, image_size=image_size or 0,
         augment=augment, seed=seed, device=device,
         workers=auto_workers(workers), box_loss_weight=box_loss_weight,
+        box_loss_form=box_loss_form,
     )
     cfg = PretrainConfig(backbone=backbone, init=init, train=train, force=force, resume=resume,
                          label_fraction=label_fraction, box_supervision=box_supervision,

@@ -83,11 +83,13 @@ class ClassificationObjective(Objective):
         gamma: float = 2.0,
         pos_weight: torch.Tensor | None = None,
         box_loss_weight: float = 0.0,
+        box_loss_form: str = "softmax",
     ):
         super().__init__()
         # Weight of the CAM-mass-inside-the-box term (models/box_loss.py) on batches that
         # carry a ``box`` extra (F x 4 per image, network-input pixels, NaN = no box).
         self.box_loss_weight = float(box_loss_weight)
+        self.box_loss_form = box_loss_form
         if loss not in LOSSES:
             raise KaclError(f"--loss {loss!r}: expected one of {', '.join(LOSSES)}")
         self.loss = loss
@@ -129,7 +131,7 @@ class ClassificationObjective(Objective):
         from kacl_cli.models.box_loss import box_masks, cam_box_loss, class_maps
 
         masks = box_masks(batch["box"], tuple(fmap.shape[-2:]), batch["image"].shape[-1])
-        return cam_box_loss(class_maps(fmap, model.head.weight), masks)
+        return cam_box_loss(class_maps(fmap, model.head.weight), masks, self.box_loss_form)
 
     def forward(
         self, model: nn.Module, batch: dict[str, torch.Tensor]

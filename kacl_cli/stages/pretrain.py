@@ -153,6 +153,7 @@ def run(ws: Workspace, cfg: PretrainConfig, note: Note = note_stderr) -> dict[st
             train_cfg.loss, train_cfg.focal_alpha, train_cfg.focal_gamma,
             pos_weight=pos_weight_from_labels(train.labels) if train_cfg.loss == "bce" else None,
             box_loss_weight=train_cfg.box_loss_weight,
+            box_loss_form=train_cfg.box_loss_form,
         )
         if box_ids and train_cfg.box_loss_weight > 0:  # GT boxes train the maps
             extras = {**(extras or {}),

@@ -11,6 +11,8 @@ from typing import Any
 
 # Config fields that change how fast a run goes, not what it computes: left out of the hash,
 # so a finished run is not redone because it moved to another device or worker count.
+# Forms of the box term (models/box_loss.py); here so the CLI can list them without torch.
+BOX_LOSS_FORMS = ("softmax", "share")
 EXECUTION_FIELDS = ("device", "workers", "amp", "channels_last", "val_batch_size", "data_path")
 
 
@@ -41,12 +43,15 @@ class TrainConfig:
     # Weight of the CAM-mass-in-GT-box term on box-supervised images (models/box_loss.py);
     # 0 = off. Default by measurement (docs/cam.md, "Box supervision").
     box_loss_weight: float = 0.0
+    # Its form (models/box_loss.py: softmax | share); hashed only while the term is on.
+    box_loss_form: str = "softmax"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def hashed(self) -> dict[str, Any]:
-        # box_loss_weight only when on: runs from before the option keep their hashes.
+        # The box term's fields only when it is on: runs from before the option keep their hashes.
+        off = not self.box_loss_weight
         return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS
-                and not (k == "box_loss_weight" and not v)}
+                and not (off and k in ("box_loss_weight", "box_loss_form"))}

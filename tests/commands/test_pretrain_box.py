@@ -31,9 +31,11 @@ def test_box_loss_weight_is_recorded_and_its_term_reported(tiny_workspace) -> No
     res = _pretrain(ws, "--box-supervision", "1", "--box-loss-weight", "1", "--json")
     assert res.exit_code == 0, res.stderr
     summary = json.loads(res.stdout)
-    assert 0.0 < summary["box_loss"] <= 1.0  # share of CAM mass outside the GT boxes
+    # -log of the spatial-softmax share inside the GT boxes: > 0, and finite
+    assert 0.0 < summary["box_loss"] < 50.0
     config = _config(ws)
     assert config["box_loss_weight"] == 1.0 and config["box_supervision"] == 1.0
+    assert config["box_loss_form"] == "softmax"
     assert "box_loss" in read_meta(ws.checkpoint_dir(0))["metrics"]["history"][-1]
     n_box = ws.catalog.count("box_supervision")
     assert n_box > 0 and "box supervision" in res.stderr
@@ -48,6 +50,7 @@ def test_without_the_weight_the_hash_keys_and_the_term_stay_away(tiny_workspace)
     assert "box_loss" not in json.loads(res.stdout)
     config = _config(ws)
     assert "box_loss_weight" not in config and "box_supervision" not in config
+    assert "box_loss_form" not in config
 
 
 @pytest.mark.parametrize("args", [["--box-loss-weight", "-1"], ["--box-loss-weight", "nan"],

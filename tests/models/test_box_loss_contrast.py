@@ -35,7 +35,7 @@ def test_contrast_objectives_add_the_weighted_box_term(positives: str) -> None:
     base, parts0 = plain(model, _batch(True))
     assert "box" not in parts0  # weight 0: boxes ignored
     total, parts = boxed(model, _batch(True))
-    assert 0.0 < parts["box"].item() <= 1.0
+    assert parts["box"].item() > 0.0  # -log of an in-box probability below 1
     assert total.item() == pytest.approx(base.item() + 2.0 * parts["box"].item(), rel=1e-5)
     _, no_box = boxed(model, _batch(False))
     assert "box" not in no_box  # a batch without boxes (validation) has no term

@@ -36,6 +36,7 @@ class ContrastConfig:
     fold: int = 0
     # Weight of the CAM-mass-in-GT-box term on the box-supervised images (models/box_loss.py).
     box_loss_weight: float = TrainConfig.box_loss_weight
+    box_loss_form: str = TrainConfig.box_loss_form
     positives: str = "radiomics"
     feedback: bool = True
     radiomics_backend: str = DEFAULT_BACKEND
@@ -59,9 +60,10 @@ class ContrastConfig:
     def hashed(self) -> dict[str, Any]:
         # box_loss_weight only when on, the newer fields only off their defaults: runs from
         # before these options keep their hashes.
+        off = not self.box_loss_weight
         out = {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS
                and not (k in NEW_DEFAULTS and v == NEW_DEFAULTS[k])
-               and not (k == "box_loss_weight" and not v)}
+               and not (off and k in ("box_loss_weight", "box_loss_form"))}
         if self.radiomics_params is not None:
             out["radiomics_params"] = radiomics_settings_hash(self.radiomics_params)
         return out

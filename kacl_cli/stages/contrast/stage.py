@@ -304,7 +304,7 @@ def _train_round(ws: Workspace, k: int, cfg: ContrastConfig, steps: _Steps, run,
     classification = ClassificationObjective(
         tcfg.loss, tcfg.focal_alpha, tcfg.focal_gamma,
         pos_weight=pos_weight_from_labels(train.labels) if tcfg.loss == "bce" else None,
-        box_loss_weight=cfg.box_loss_weight)
+        box_loss_weight=cfg.box_loss_weight, box_loss_form=cfg.box_loss_form)
     spec = ContrastSpec(positives=cfg.positives, feature_dim=model.feature_dim,
                         proj_dim=cfg.proj_dim, temperature=cfg.temperature, lam=cfg.lam,
                         **spec_extra)
