@@ -43,6 +43,13 @@ def render(doc: dict[str, Any]) -> None:
         lines.append(f"{r['setting']:<22} {seeds:>11} {_f(r['mean_auc'], '.4f'):>9} "
                      f"{_ci(vs, 'mean_auc'):>27} {_ci(vs, 'loc_acc'):>27} "
                      f"{_ci(vs, 'mean_iou'):>27} {_f(r['seconds'], '.0f'):>7}")
+    net = [r for r in doc["rows"] if r.get("vs_shuffled")]
+    if net:  # the knowledge effect net of the contrastive term (same machinery, own radiomics)
+        lines.append("knowledge effect, setting - shuffled (paired, 95% CI):")
+        for r in net:
+            vs = r["vs_shuffled"]
+            lines.append(f"  {r['setting']:<20} {'':>11} {'':>9} {_ci(vs, 'mean_auc'):>27} "
+                         f"{_ci(vs, 'loc_acc'):>27} {_ci(vs, 'mean_iou'):>27}")
     decisions = doc.get("decisions") or {"mean_auc": doc["decision"]}
     lines.append(f"decision rule: {doc['decision']['rule']}")
     names = {"mean_auc": "mean AUC", "loc_acc": "loc acc"}

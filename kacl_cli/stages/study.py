@@ -50,6 +50,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "shuffled": {"positives": "radiomics", "shuffle_positives": True},
 }
 REFERENCE = "none"
+SHUFFLED = "shuffled"  # the negative control: also the reference of the knowledge effect
 CELL_FILE = "cell.json"
 Note = Callable[[str], None]
 
@@ -310,6 +311,10 @@ class Study:
         ref_ok = [s for s in self.cfg.seeds if cells[REFERENCE][s].get("status") == "done"]
         ref_data = {s: load_eval_data(Workspace(self.cell_dir(s, REFERENCE)), self.cfg.rounds,
                                       "test") for s in ref_ok}
+        shuffled_ok = [s for s in self.cfg.seeds
+                       if cells.get(SHUFFLED, {}).get(s, {}).get("status") == "done"]
+        shuffled_data = {s: load_eval_data(Workspace(self.cell_dir(s, SHUFFLED)),
+                                           self.cfg.rounds, "test") for s in shuffled_ok}
         rows = []
         for setting in self.cfg.settings:
             per = cells[setting]
@@ -326,10 +331,18 @@ class Study:
             complete = not failed and len(both) == len(self.cfg.seeds)
             row["complete"] = complete
             if setting != REFERENCE and both:
-                pairs = [pair_eval(load_eval_data(Workspace(self.cell_dir(s, setting)),
-                                                  self.cfg.rounds, "test"), ref_data[s])
-                         for s in both]
+                data = {s: load_eval_data(Workspace(self.cell_dir(s, setting)),
+                                          self.cfg.rounds, "test") for s in done}
+                pairs = [pair_eval(data[s], ref_data[s]) for s in both]
                 row["vs_none"] = pooled_bootstrap(pairs, self.cfg.n_boot, seed=0)
+                if setting != SHUFFLED and shuffled_data:
+                    # The knowledge effect net of the contrastive term itself: the same
+                    # machinery with the image's own radiomics against another image's.
+                    paired = [s for s in done if s in shuffled_data]
+                    if paired:
+                        row["vs_shuffled"] = pooled_bootstrap(
+                            [pair_eval(data[s], shuffled_data[s]) for s in paired],
+                            self.cfg.n_boot, seed=0)
             rows.append(row)
         r0_auc = _mean([round0[s].get("mean_auc") for s in self.cfg.seeds])
         r0_loc = _mean([round0[s].get("mean_loc_acc") for s in self.cfg.seeds])

@@ -63,6 +63,9 @@ def test_study_end_to_end_resumes_a_failed_cell(prepared) -> None:
     assert [n for n in notes if n.endswith("...")] == ["study seed 0: shuffled ..."]
     assert doc["decision"]["valid"] in (True, False)
     assert set(doc["decisions"]) == {"mean_auc", "loc_acc"}
+    # oracle (and radiomics) are also paired against the negative control
+    assert set(rows["oracle"]["vs_shuffled"]) >= {"mean_auc", "loc_acc", "mean_iou"}
+    assert "vs_shuffled" not in rows["shuffled"] and "vs_shuffled" not in rows["none"]
     assert doc["decisions"]["mean_auc"] == doc["decision"]
     assert set(doc["rows"][1]["vs_none"]) >= {"mean_auc", "mean_iou", "loc_acc",
                                                "per_finding_auc"}
