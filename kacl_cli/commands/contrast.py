@@ -24,7 +24,7 @@ from kacl_cli.lock import writes_workspace
 from kacl_cli.models.contrast_spec import POSITIVES
 from kacl_cli.options import check_choice, check_number
 from kacl_cli.stages.contrast.config import ContrastConfig
-from kacl_cli.training.config import BOX_LOSS_FORMS
+from kacl_cli.training.config import BOX_LOSS_FORMS, DEFAULT_BOX_LOSS_WEIGHT
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "contrast"
@@ -100,10 +100,11 @@ def command(
         "they leave every evaluation. 0 = no boxes.")] = _DEFAULTS.box_supervision,
     fold: Annotated[int, typer.Option(
         "--fold", min=0, max=4, help="Which of the 5 patient folds is held out.")] = _DEFAULTS.fold,
-    box_loss_weight: Annotated[float, typer.Option(
+    box_loss_weight: Annotated[float | None, typer.Option(
         "--box-loss-weight",
         help="Weight of the term that pulls each finding's CAM mass inside its GT box on "
-        "box-supervised images (docs/cam.md). 0 = off.")] = _DEFAULTS.box_loss_weight,
+        "box-supervised images (docs/cam.md). 0 = off. Default: "
+        f"{DEFAULT_BOX_LOSS_WEIGHT} with --box-supervision, else 0.", show_default=False)] = None,
     box_loss_form: Annotated[str, typer.Option(
         "--box-loss-form",
         help="softmax (default: moves map evidence into the box without changing the logit) "
@@ -169,6 +170,8 @@ def command(
     check_number("--lr", lr, lo=0.0, lo_open=True, hi=10.0)
     check_number("--backbone-lr-scale", backbone_lr_scale, lo=0.0, hi=1e6)
     check_number("--box-supervision", box_supervision, lo=0.0, hi=1.0)
+    if box_loss_weight is None:  # by measurement, and only where there are boxes to use
+        box_loss_weight = DEFAULT_BOX_LOSS_WEIGHT if box_supervision > 0 else 0.0
     check_number("--box-loss-weight", box_loss_weight, lo=0.0, hi=1000.0)
     check_choice("--box-loss-form", box_loss_form, list(BOX_LOSS_FORMS))
     cfg = ContrastConfig(

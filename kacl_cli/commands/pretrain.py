@@ -13,7 +13,7 @@ from kacl_cli.options import check_choice, check_number
 from kacl_cli.parallel import auto_workers
 from kacl_cli.stages import pretrain as stage
 from kacl_cli.stages.pretrain import LR_FINETUNE, LR_SCRATCH, PretrainConfig
-from kacl_cli.training.config import BOX_LOSS_FORMS, TrainConfig
+from kacl_cli.training.config import BOX_LOSS_FORMS, DEFAULT_BOX_LOSS_WEIGHT, TrainConfig
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "pretrain"
@@ -79,10 +79,11 @@ def command(
     = _STAGE.box_supervision,
     fold: Annotated[int, typer.Option(
         help="Which of 5 patient folds is held out of box supervision (0-4).")] = _STAGE.fold,
-    box_loss_weight: Annotated[float, typer.Option(
+    box_loss_weight: Annotated[float | None, typer.Option(
         "--box-loss-weight",
         help="Weight of the term that pulls each finding's CAM mass inside its GT box on "
-        "box-supervised images (docs/cam.md). 0 = off.")] = _TRAIN.box_loss_weight,
+        "box-supervised images (docs/cam.md). 0 = off. Default: "
+        f"{DEFAULT_BOX_LOSS_WEIGHT} with --box-supervision, else 0.", show_default=False)] = None,
     box_loss_form: Annotated[str, typer.Option(
         "--box-loss-form",
         help="softmax (default: moves map evidence into the box without changing the logit) "
@@ -116,6 +117,8 @@ def command(
     check_number("--workers", workers, lo=0, hi=256)
     check_number("--box-supervision", box_supervision, lo=0.0, hi=1.0)
     check_number("--fold", fold, lo=0, hi=4)
+    if box_loss_weight is None:  # by measurement, and only where there are boxes to use
+        box_loss_weight = DEFAULT_BOX_LOSS_WEIGHT if box_supervision > 0 else 0.0
     check_number("--box-loss-weight", box_loss_weight, lo=0.0, hi=1000.0)
     check_choice("--box-loss-form", box_loss_form, list(BOX_LOSS_FORMS))
     # Under torchrun only rank 0 writes the catalog and checkpoints.

@@ -67,3 +67,14 @@ def test_contrast_refuses_a_negative_box_loss_weight(tiny_workspace) -> None:
     ws = tiny_workspace(n=8, size=32)
     res = runner.invoke(app, ["contrast", "-w", str(ws.root), "--box-loss-weight", "-0.5"])
     assert res.exit_code == 2 and "--box-loss-weight" in res.stderr
+
+
+def test_box_supervision_alone_gets_the_measured_default_weight(tiny_workspace) -> None:
+    from kacl_cli.training.config import DEFAULT_BOX_LOSS_WEIGHT
+
+    ws = tiny_workspace(n=16, size=32)
+    res = _pretrain(ws, "--box-supervision", "1", "--json")
+    assert res.exit_code == 0, res.stderr
+    config = _config(ws)
+    assert config["box_loss_weight"] == DEFAULT_BOX_LOSS_WEIGHT > 0
+    assert "box_loss" in json.loads(res.stdout)
