@@ -21,8 +21,10 @@ from rich.markup import escape
 from typer._click.exceptions import ClickException  # Typer >= 0.26 vendors Click
 
 from kacl_cli.errors import InputError, KaclError
+from kacl_cli.options import check_choice, check_number
 from kacl_cli.sharding.parts import Shard
 from kacl_cli.stages.radiomics.backends.base import BACKENDS
+from kacl_cli.training.config import BOX_LOSS_FORMS, DEFAULT_BOX_LOSS_WEIGHT
 from kacl_cli.workspace import Workspace, json_default
 
 # Markup off by default: file names, CSV text and image ids reach these consoles, and
@@ -40,6 +42,28 @@ WorkspaceOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run even if this stage is done.")]
+# The box term of pretrain and contrast (models/box_loss.py); see resolve_box_loss_weight().
+BoxLossWeightOpt = Annotated[float | None, typer.Option(
+    "--box-loss-weight",
+    help="Weight of the term that pulls each finding's CAM evidence inside its GT box on "
+    "box-supervised images (docs/cam.md). 0 = off. Default: "
+    f"{DEFAULT_BOX_LOSS_WEIGHT} with --box-supervision, else 0.", show_default=False)]
+BoxLossFormOpt = Annotated[str, typer.Option(
+    "--box-loss-form",
+    help="softmax (default: moves map evidence into the box without changing the logit) "
+    "| share (the relu mass share; measured to cost AUC). docs/cam.md.")]
+
+
+def resolve_box_loss_weight(weight: float | None, form: str, box_supervision: float) -> float:
+    """The weight to use: the measured default where there are boxes to use, else 0; the
+    usage checks of both box options (exit 2)."""
+    if weight is None:
+        weight = DEFAULT_BOX_LOSS_WEIGHT if box_supervision > 0 else 0.0
+    check_number("--box-loss-weight", weight, lo=0.0, hi=1000.0)
+    check_choice("--box-loss-form", form, list(BOX_LOSS_FORMS))
+    return weight
+
+
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto picks CUDA if present).")
 ]

@@ -10,6 +10,8 @@ import typer
 from rich.table import Table
 
 from kacl_cli.cli import (
+    BoxLossFormOpt,
+    BoxLossWeightOpt,
     DeviceOpt,
     ForceOpt,
     JsonOpt,
@@ -19,12 +21,12 @@ from kacl_cli.cli import (
     err,
     handle_errors,
     out,
+    resolve_box_loss_weight,
 )
 from kacl_cli.lock import writes_workspace
 from kacl_cli.models.contrast_spec import POSITIVES
-from kacl_cli.options import check_choice, check_number
+from kacl_cli.options import check_number
 from kacl_cli.stages.contrast.config import ContrastConfig
-from kacl_cli.training.config import BOX_LOSS_FORMS, DEFAULT_BOX_LOSS_WEIGHT
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "contrast"
@@ -100,16 +102,8 @@ def command(
         "they leave every evaluation. 0 = no boxes.")] = _DEFAULTS.box_supervision,
     fold: Annotated[int, typer.Option(
         "--fold", min=0, max=4, help="Which of the 5 patient folds is held out.")] = _DEFAULTS.fold,
-    box_loss_weight: Annotated[float | None, typer.Option(
-        "--box-loss-weight",
-        help="Weight of the term that pulls each finding's CAM mass inside its GT box on "
-        "box-supervised images (docs/cam.md). 0 = off. Default: "
-        f"{DEFAULT_BOX_LOSS_WEIGHT} with --box-supervision, else 0.", show_default=False)] = None,
-    box_loss_form: Annotated[str, typer.Option(
-        "--box-loss-form",
-        help="softmax (default: moves map evidence into the box without changing the logit) "
-        "| share (the relu mass share; measured to cost AUC). docs/cam.md.")]
-    = _DEFAULTS.box_loss_form,
+    box_loss_weight: BoxLossWeightOpt = None,
+    box_loss_form: BoxLossFormOpt = _DEFAULTS.box_loss_form,
     positives: Annotated[Positives, typer.Option(
         "--positives", help="radiomics (the method) | augment (SimCLR ablation) | none "
         "(classification only).")] = Positives(_DEFAULTS.positives),
@@ -170,10 +164,7 @@ def command(
     check_number("--lr", lr, lo=0.0, lo_open=True, hi=10.0)
     check_number("--backbone-lr-scale", backbone_lr_scale, lo=0.0, hi=1e6)
     check_number("--box-supervision", box_supervision, lo=0.0, hi=1.0)
-    if box_loss_weight is None:  # by measurement, and only where there are boxes to use
-        box_loss_weight = DEFAULT_BOX_LOSS_WEIGHT if box_supervision > 0 else 0.0
-    check_number("--box-loss-weight", box_loss_weight, lo=0.0, hi=1000.0)
-    check_choice("--box-loss-form", box_loss_form, list(BOX_LOSS_FORMS))
+    box_loss_weight = resolve_box_loss_weight(box_loss_weight, box_loss_form, box_supervision)
     cfg = ContrastConfig(
         rounds=rounds, from_round=from_round, epochs_per_round=epochs_per_round,
         temperature=temperature, lam=lam, proj_dim=proj_dim, box_supervision=box_supervision,

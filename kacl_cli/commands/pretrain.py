@@ -7,13 +7,25 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from kacl_cli.cli import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, err, handle_errors, out, report
+from kacl_cli.cli import (
+    BoxLossFormOpt,
+    BoxLossWeightOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    WorkspaceOpt,
+    err,
+    handle_errors,
+    out,
+    report,
+    resolve_box_loss_weight,
+)
 from kacl_cli.lock import writes_workspace
 from kacl_cli.options import check_choice, check_number
 from kacl_cli.parallel import auto_workers
 from kacl_cli.stages import pretrain as stage
 from kacl_cli.stages.pretrain import LR_FINETUNE, LR_SCRATCH, PretrainConfig
-from kacl_cli.training.config import BOX_LOSS_FORMS, DEFAULT_BOX_LOSS_WEIGHT, TrainConfig
+from kacl_cli.training.config import TrainConfig
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "pretrain"
@@ -79,16 +91,8 @@ def command(
     = _STAGE.box_supervision,
     fold: Annotated[int, typer.Option(
         help="Which of 5 patient folds is held out of box supervision (0-4).")] = _STAGE.fold,
-    box_loss_weight: Annotated[float | None, typer.Option(
-        "--box-loss-weight",
-        help="Weight of the term that pulls each finding's CAM mass inside its GT box on "
-        "box-supervised images (docs/cam.md). 0 = off. Default: "
-        f"{DEFAULT_BOX_LOSS_WEIGHT} with --box-supervision, else 0.", show_default=False)] = None,
-    box_loss_form: Annotated[str, typer.Option(
-        "--box-loss-form",
-        help="softmax (default: moves map evidence into the box without changing the logit) "
-        "| share (the relu mass share; measured to cost AUC). docs/cam.md.")]
-    = _TRAIN.box_loss_form,
+    box_loss_weight: BoxLossWeightOpt = None,
+    box_loss_form: BoxLossFormOpt = _TRAIN.box_loss_form,
     resume: Annotated[bool, typer.Option(
         "--resume/--no-resume", help="Continue a killed run from its last finished epoch.")]
     = _STAGE.resume,
@@ -117,10 +121,7 @@ def command(
     check_number("--workers", workers, lo=0, hi=256)
     check_number("--box-supervision", box_supervision, lo=0.0, hi=1.0)
     check_number("--fold", fold, lo=0, hi=4)
-    if box_loss_weight is None:  # by measurement, and only where there are boxes to use
-        box_loss_weight = DEFAULT_BOX_LOSS_WEIGHT if box_supervision > 0 else 0.0
-    check_number("--box-loss-weight", box_loss_weight, lo=0.0, hi=1000.0)
-    check_choice("--box-loss-form", box_loss_form, list(BOX_LOSS_FORMS))
+    box_loss_weight = resolve_box_loss_weight(box_loss_weight, box_loss_form, box_supervision)
     # Under torchrun only rank 0 writes the catalog and checkpoints.
     main_rank = from_env().is_main
     ws = Workspace(workspace, writes=main_rank)
