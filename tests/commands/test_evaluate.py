@@ -112,3 +112,17 @@ def test_runs_the_cam_stage_when_maps_are_missing_or_older_than_the_checkpoint(
     assert res.exit_code == 0, res.output
     assert ws.catalog.count("runs", "stage = 'cam' AND status = 'done'") == 2
     assert not json.loads(res.stdout)["skipped"]
+
+
+def test_single_round_json_skip_still_prints_the_document(tiny_workspace, fakes) -> None:
+    """A script reading `evaluate --json` must get the metrics on a re-run too (skipped)."""
+    ws = tiny_workspace(n=48, size=32)
+    fakes.write_fake_round(ws, 0)
+    args = ("evaluate", "-w", str(ws.root), "--round", "0", "--bootstrap", "20", "--json")
+    first = kacl(*args)
+    assert first.exit_code == 0, first.output
+    again = kacl(*args)
+    assert again.exit_code == 0 and "done, skipping" in again.stderr
+    doc, doc0 = json.loads(again.stdout), json.loads(first.stdout)
+    assert doc["skipped"] is True and doc0["skipped"] is False
+    assert doc["headline"] == doc0["headline"]
