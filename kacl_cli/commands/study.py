@@ -50,10 +50,9 @@ def render(doc: dict[str, Any]) -> None:
             vs = r["vs_shuffled"]
             lines.append(f"  {r['setting']:<20} {'':>11} {'':>9} {_ci(vs, 'mean_auc'):>27} "
                          f"{_ci(vs, 'loc_acc'):>27} {_ci(vs, 'mean_iou'):>27}")
-    decisions = doc.get("decisions") or {"mean_auc": doc["decision"]}
     lines.append(f"decision rule: {doc['decision']['rule']}")
     names = {"mean_auc": "mean AUC", "loc_acc": "loc acc"}
-    lines += [f"result ({names.get(m, m)}): {d['verdict']}" for m, d in decisions.items()]
+    lines += [f"result ({names.get(m, m)}): {d['verdict']}" for m, d in doc["decisions"].items()]
     for line in lines:
         out.print(line, highlight=False, markup=False, soft_wrap=True)
 

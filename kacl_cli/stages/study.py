@@ -308,13 +308,15 @@ class Study:
                 cells.setdefault(setting, {})[seed] = st
         round0 = {s: _read_json(self.root / f"seed-{s}" / "round0.json") or {}
                   for s in self.cfg.seeds}
-        ref_ok = [s for s in self.cfg.seeds if cells[REFERENCE][s].get("status") == "done"]
-        ref_data = {s: load_eval_data(Workspace(self.cell_dir(s, REFERENCE)), self.cfg.rounds,
-                                      "test") for s in ref_ok}
-        shuffled_ok = [s for s in self.cfg.seeds
-                       if cells.get(SHUFFLED, {}).get(s, {}).get("status") == "done"]
-        shuffled_data = {s: load_eval_data(Workspace(self.cell_dir(s, SHUFFLED)),
-                                           self.cfg.rounds, "test") for s in shuffled_ok}
+        def loaded(setting: str) -> dict[int, Any]:
+            """Test-split eval data of a setting's done cells (each cell read once)."""
+            return {s: load_eval_data(Workspace(self.cell_dir(s, setting)), self.cfg.rounds,
+                                      "test")
+                    for s in self.cfg.seeds
+                    if cells.get(setting, {}).get(s, {}).get("status") == "done"}
+
+        ref_data = loaded(REFERENCE)
+        shuffled_data = loaded(SHUFFLED)
         rows = []
         for setting in self.cfg.settings:
             per = cells[setting]
@@ -331,8 +333,7 @@ class Study:
             complete = not failed and len(both) == len(self.cfg.seeds)
             row["complete"] = complete
             if setting != REFERENCE and both:
-                data = {s: load_eval_data(Workspace(self.cell_dir(s, setting)),
-                                          self.cfg.rounds, "test") for s in done}
+                data = shuffled_data if setting == SHUFFLED else loaded(setting)
                 pairs = [pair_eval(data[s], ref_data[s]) for s in both]
                 row["vs_none"] = pooled_bootstrap(pairs, self.cfg.n_boot, seed=0)
                 if setting != SHUFFLED and shuffled_data:

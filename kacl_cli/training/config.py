@@ -9,13 +9,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Config fields that change how fast a run goes, not what it computes: left out of the hash,
-# so a finished run is not redone because it moved to another device or worker count.
 # --box-loss-weight when --box-supervision is on and the weight is not given: measured on
 # 3 seeds (docs/cam.md, "Box supervision on the maps"). The loop's own default stays 0.
 DEFAULT_BOX_LOSS_WEIGHT = 0.1
 # Forms of the box term (models/box_loss.py); here so the CLI can list them without torch.
 BOX_LOSS_FORMS = ("softmax", "share")
+# The box term's config fields: hashed only while the term is on (weight > 0), so runs from
+# before the options keep their hashes (TrainConfig and ContrastConfig).
+BOX_TERM_FIELDS = ("box_loss_weight", "box_loss_form")
+# Config fields that change how fast a run goes, not what it computes: left out of the hash,
+# so a finished run is not redone because it moved to another device or worker count.
 EXECUTION_FIELDS = ("device", "workers", "amp", "channels_last", "val_batch_size", "data_path")
 
 
@@ -54,7 +57,6 @@ class TrainConfig:
         return asdict(self)
 
     def hashed(self) -> dict[str, Any]:
-        # The box term's fields only when it is on: runs from before the option keep their hashes.
-        off = not self.box_loss_weight
-        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS
-                and not (off and k in ("box_loss_weight", "box_loss_form"))}
+        off = BOX_TERM_FIELDS if not self.box_loss_weight else ()
+        return {k: v for k, v in self.to_dict().items()
+                if k not in EXECUTION_FIELDS and k not in off}

@@ -10,7 +10,7 @@ from kacl_cli.errors import InputError
 from kacl_cli.models.contrast_spec import POSITIVES, ContrastSpec
 from kacl_cli.stages.cam.config import CamConfig
 from kacl_cli.stages.radiomics.backends.base import DEFAULT_BACKEND
-from kacl_cli.training.config import TrainConfig
+from kacl_cli.training.config import BOX_TERM_FIELDS, TrainConfig
 
 # Fields of ContrastConfig that say how to run, not what to compute: kept out of the hash.
 EXECUTION_FIELDS = ("rounds", "from_round", "force", "device", "workers", "cam_batch_size")
@@ -60,10 +60,9 @@ class ContrastConfig:
     def hashed(self) -> dict[str, Any]:
         # box_loss_weight only when on, the newer fields only off their defaults: runs from
         # before these options keep their hashes.
-        off = not self.box_loss_weight
+        off = BOX_TERM_FIELDS if not self.box_loss_weight else ()
         out = {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS
-               and not (k in NEW_DEFAULTS and v == NEW_DEFAULTS[k])
-               and not (off and k in ("box_loss_weight", "box_loss_form"))}
+               and not (k in NEW_DEFAULTS and v == NEW_DEFAULTS[k]) and k not in off}
         if self.radiomics_params is not None:
             out["radiomics_params"] = radiomics_settings_hash(self.radiomics_params)
         return out
