@@ -18,9 +18,9 @@ def _f(v: Any, spec: str = "+.3f") -> str:
 
 
 def _ci(d: dict[str, Any] | None, key: str) -> str:
-    if not d:
+    x = (d or {}).get(key)
+    if not x:  # no pair, or a result document from before that metric existed
         return "-"
-    x = d[key]
     lo, hi = x["ci"]
     return f"{_f(x['delta'])} [{_f(lo)}, {_f(hi)}]"
 
@@ -31,27 +31,32 @@ def render(doc: dict[str, Any]) -> None:
     lines = [f"kacl study {cfg['name']}: {len(cfg['seeds'])} seed(s), {cfg['rounds']} round(s) "
              f"x {cfg['epochs_per_round']} epoch(s), label fraction {cfg['label_fraction']}; "
              "test split; d = setting - none, paired, 95% CI (images and seeds resampled)"]
-    head = (f"{'setting':<22} {'seeds':>11} {'test AUC':>9} {'d mean AUC [95% CI]':>27} "
+    head = (f"{'setting':<22} {'seeds':>11} {'test AUC':>9} {'probe AUC':>9} "
+            f"{'d mean AUC [95% CI]':>27} {'d probe AUC [95% CI]':>27} "
             f"{'d loc acc [95% CI]':>27} {'d mean IoU [95% CI]':>27} {'s/cell':>7}")
     lines += [head, "-" * len(head)]
-    lines.append(f"{'round 0':<22} {'':>11} {_f(doc['round0']['mean_auc'], '.4f'):>9}")
+    r0 = doc["round0"]
+    lines.append(f"{'round 0':<22} {'':>11} {_f(r0['mean_auc'], '.4f'):>9} "
+                 f"{_f(r0.get('probe_auc'), '.4f'):>9}")
     for r in doc["rows"]:
         seeds = f"{len(r['seeds_done'])}/{len(cfg['seeds'])}"
         if r["seeds_failed"]:
             seeds += f" {len(r['seeds_failed'])}FAIL"
         vs = r.get("vs_none")
         lines.append(f"{r['setting']:<22} {seeds:>11} {_f(r['mean_auc'], '.4f'):>9} "
-                     f"{_ci(vs, 'mean_auc'):>27} {_ci(vs, 'loc_acc'):>27} "
+                     f"{_f(r.get('probe_auc'), '.4f'):>9} {_ci(vs, 'mean_auc'):>27} "
+                     f"{_ci(vs, 'probe_auc'):>27} {_ci(vs, 'loc_acc'):>27} "
                      f"{_ci(vs, 'mean_iou'):>27} {_f(r['seconds'], '.0f'):>7}")
     net = [r for r in doc["rows"] if r.get("vs_shuffled")]
     if net:  # the knowledge effect net of the contrastive term (same machinery, own radiomics)
         lines.append("knowledge effect, setting - shuffled (paired, 95% CI):")
         for r in net:
             vs = r["vs_shuffled"]
-            lines.append(f"  {r['setting']:<20} {'':>11} {'':>9} {_ci(vs, 'mean_auc'):>27} "
+            lines.append(f"  {r['setting']:<20} {'':>11} {'':>9} {'':>9} "
+                         f"{_ci(vs, 'mean_auc'):>27} {_ci(vs, 'probe_auc'):>27} "
                          f"{_ci(vs, 'loc_acc'):>27} {_ci(vs, 'mean_iou'):>27}")
     lines.append(f"decision rule: {doc['decision']['rule']}")
-    names = {"mean_auc": "mean AUC", "loc_acc": "loc acc"}
+    names = {"mean_auc": "mean AUC", "loc_acc": "loc acc", "probe_auc": "probe AUC"}
     lines += [f"result ({names.get(m, m)}): {d['verdict']}" for m, d in doc["decisions"].items()]
     for line in lines:
         out.print(line, highlight=False, markup=False, soft_wrap=True)

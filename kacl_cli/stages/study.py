@@ -295,7 +295,7 @@ class Study:
     # -- the table -------------------------------------------------------------------------
     def table(self) -> dict[str, Any]:
         from kacl_cli.stages.evaluate.data import load_eval_data
-        from kacl_cli.stages.evaluate.paired import pair_eval, pooled_bootstrap
+        from kacl_cli.stages.evaluate.linear_probe import mean_auc, probe_eval
 
         cells: dict[str, dict[int, dict[str, Any]]] = {}
         for setting in self.cfg.settings:
@@ -315,8 +315,15 @@ class Study:
                     for s in self.cfg.seeds
                     if cells.get(setting, {}).get(s, {}).get("status") == "done"}
 
-        ref_data = loaded(REFERENCE)
-        shuffled_data = loaded(SHUFFLED)
+        def probed(setting: str) -> dict[int, Any]:
+            """The same cells under the linear probe (evaluate/linear_probe.py; cached)."""
+            return {s: probe_eval(Workspace(self.cell_dir(s, setting)), self.cfg.rounds,
+                                  self.cfg.label_fraction, device=self.cfg.device)
+                    for s in self.cfg.seeds
+                    if cells.get(setting, {}).get(s, {}).get("status") == "done"}
+
+        ref_data, ref_probe = loaded(REFERENCE), probed(REFERENCE)
+        shuffled_data, shuffled_probe = loaded(SHUFFLED), probed(SHUFFLED)
         rows = []
         for setting in self.cfg.settings:
             per = cells[setting]
@@ -329,26 +336,30 @@ class Study:
                 "mean_loc_acc": _mean([per[s].get("mean_loc_acc") for s in done]),
                 "seconds": _mean([per[s].get("seconds") for s in done]),
             }
+            probe = {REFERENCE: ref_probe, SHUFFLED: shuffled_probe}.get(setting) \
+                or probed(setting)
+            row["probe_auc"] = _mean([mean_auc(probe[s]) for s in done])
             both = [s for s in done if s in ref_data]
             complete = not failed and len(both) == len(self.cfg.seeds)
             row["complete"] = complete
             if setting != REFERENCE and both:
                 data = shuffled_data if setting == SHUFFLED else loaded(setting)
-                pairs = [pair_eval(data[s], ref_data[s]) for s in both]
-                row["vs_none"] = pooled_bootstrap(pairs, self.cfg.n_boot, seed=0)
+                row["vs_none"] = self._versus(data, ref_data, probe, ref_probe, both)
                 if setting != SHUFFLED and shuffled_data:
                     # The knowledge effect net of the contrastive term itself: the same
                     # machinery with the image's own radiomics against another image's.
                     paired = [s for s in done if s in shuffled_data]
                     if paired:
-                        row["vs_shuffled"] = pooled_bootstrap(
-                            [pair_eval(data[s], shuffled_data[s]) for s in paired],
-                            self.cfg.n_boot, seed=0)
+                        row["vs_shuffled"] = self._versus(data, shuffled_data, probe,
+                                                          shuffled_probe, paired)
             rows.append(row)
         r0_auc = _mean([round0[s].get("mean_auc") for s in self.cfg.seeds])
         r0_loc = _mean([round0[s].get("mean_loc_acc") for s in self.cfg.seeds])
+        bases = [self.root / f"seed-{s}" / "base" for s in self.cfg.seeds if round0[s]]
+        r0_probe = _mean([mean_auc(probe_eval(Workspace(b), 0, self.cfg.label_fraction,
+                                              device=self.cfg.device)) for b in bases])
         doc = {"study": str(self.root), "config": asdict(self.cfg), "rows": rows,
-               "round0": {"mean_auc": r0_auc, "mean_loc_acc": r0_loc},
+               "round0": {"mean_auc": r0_auc, "mean_loc_acc": r0_loc, "probe_auc": r0_probe},
                "cells": {k: {str(s): v for s, v in d.items()} for k, d in cells.items()}}
         # The paper claims both; each metric gets its own controls and verdict. "decision"
         # (mean AUC) stays the headline for scripts written before the per-metric verdicts.
@@ -357,19 +368,34 @@ class Study:
         return doc
 
 
+    def _versus(self, data: dict[int, Any], ref: dict[int, Any], probe: dict[int, Any],
+                ref_probe: dict[int, Any], seeds: list[int]) -> dict[str, Any]:
+        """Pooled paired differences, the linear probe's mean AUC (``probe_auc``) included."""
+        from kacl_cli.stages.evaluate.paired import pair_eval, pooled_bootstrap
+
+        out = pooled_bootstrap([pair_eval(data[s], ref[s]) for s in seeds], self.cfg.n_boot,
+                               seed=0)
+        out["probe_auc"] = pooled_bootstrap(
+            [pair_eval(probe[s], ref_probe[s]) for s in seeds], self.cfg.n_boot,
+            seed=0)["mean_auc"]
+        return out
+
+
 def _mean(values: list[Any]) -> float | None:
     vals = [float(v) for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
 
 
 DECISION_RULE = (
-    "per metric (mean test AUC; localization accuracy over T(IoU) 0.1-0.7), pooled over seeds: "
+    "per metric (mean test AUC of the model; localization accuracy over T(IoU) 0.1-0.7; mean "
+    "test AUC of a linear probe refit on the labelled training images), pooled over seeds: "
     "the benchmark is valid iff oracle - none > 0 with its 95% CI above 0 (it can detect useful "
     "knowledge) and shuffled - none has a CI containing 0 (image-unspecific radiomics do not "
     "fake an effect); only then: radiomics helps if radiomics - none has its CI above 0, hurts "
     "if below, otherwise no detectable effect")
-# The paper's two claims: classification and localization.
-DECISION_METRICS = ("mean_auc", "loc_acc")
+# The paper's two claims, classification and localization, and the probe that tells better
+# features from a head that kept up with them (evaluate/linear_probe.py).
+DECISION_METRICS = ("mean_auc", "loc_acc", "probe_auc")
 
 
 def decide(doc: dict[str, Any], metric: str = "mean_auc") -> dict[str, Any]:

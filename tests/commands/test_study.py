@@ -62,7 +62,12 @@ def test_study_end_to_end_resumes_a_failed_cell(prepared) -> None:
     assert (cell / "cell.json").stat().st_mtime == oracle_mtime  # done cells untouched
     assert [n for n in notes if n.endswith("...")] == ["study seed 0: shuffled ..."]
     assert doc["decision"]["valid"] in (True, False)
-    assert set(doc["decisions"]) == {"mean_auc", "loc_acc"}
+    assert set(doc["decisions"]) == {"mean_auc", "loc_acc", "probe_auc"}
+    # the linear probe: a test AUC per setting and round 0, paired like the model's
+    assert all(0.0 <= r["probe_auc"] <= 1.0 for r in doc["rows"])
+    assert 0.0 <= doc["round0"]["probe_auc"] <= 1.0
+    assert set(rows["oracle"]["vs_none"]["probe_auc"]) == {"delta", "ci"}
+    assert set(rows["oracle"]["vs_shuffled"]["probe_auc"]) == {"delta", "ci"}
     # oracle (and radiomics) are also paired against the negative control
     assert set(rows["oracle"]["vs_shuffled"]) >= {"mean_auc", "loc_acc", "mean_iou"}
     assert "vs_shuffled" not in rows["shuffled"] and "vs_shuffled" not in rows["none"]
