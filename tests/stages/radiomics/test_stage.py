@@ -256,18 +256,19 @@ def test_a_job_smaller_than_a_pool_start_runs_in_process(tiny_workspace, monkeyp
 
 
 def test_the_fast_stage_does_not_import_torch(tiny_workspace) -> None:
-    """torch (seconds) was a fixed cost of every radiomics run outside torchrun."""
+    """torch (seconds) was a fixed cost of every radiomics run outside torchrun, and
+    pyradiomics with SimpleITK (~0.2 s) one of every fast-backend run (feature names)."""
     ws = tiny_workspace(n=4)
     write_cams(ws)
     code = ("import sys; from kacl_cli.workspace import Workspace; "
             "from kacl_cli.stages.radiomics.stage import run_radiomics_stage; "
             f"s = run_radiomics_stage(Workspace({str(ws.root)!r}), 0, min_prob=0.0); "
             "assert s['computed'] == 8, s; "
-            "print('torch' in sys.modules)")
+            "print([m in sys.modules for m in ('torch', 'radiomics', 'SimpleITK')])")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[3], check=True)
-    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert out.stdout.strip().splitlines()[-1] == "[False, False, False]"
 
 
 def test_gt_rois_split_filter(tiny_workspace) -> None:
