@@ -149,8 +149,8 @@ def test_list_rows_store_what_binding_lists_stores(con) -> None:
     null = np.zeros(n, dtype=bool)
     null[[0, 6, n - 1]] = True
     base = {"flag": np.arange(n) % 3 == 0, "name": [f"n{i}" for i in range(n)]}
-    insert_columns(con, "t", {"id": np.arange(n), **base,
-                              "feats": [None if z else v.tolist() for v, z in zip(values, null)]})
+    listed = [None if z else v.tolist() for v, z in zip(values, null, strict=True)]
+    insert_columns(con, "t", {"id": np.arange(n), **base, "feats": listed})
     want = _rows(con)
     con.execute("DELETE FROM t")
     from kacl_cli.catalog import ListRows
