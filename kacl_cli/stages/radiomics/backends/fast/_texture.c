@@ -80,6 +80,7 @@ typedef struct {
     int64_t *run_size;
     int32_t *run_level;
     double *pg, *pr;   /* GLRLM sums: counts per level, per run length */
+    int64_t *pairs;    /* GLRLM sums: (level, level) GLCM pairs per level */
 } Scratch;
 
 static void scratch_free(Scratch *s)
@@ -87,6 +88,7 @@ static void scratch_free(Scratch *s)
     free(s->pad); free(s->last); free(s->at); free(s->cm); free(s->rl); free(s->tot);
     free(s->cnt); free(s->dep); free(s->dn); free(s->run_col); free(s->run_end);
     free(s->parent); free(s->run_size); free(s->run_level); free(s->pg); free(s->pr);
+    free(s->pairs);
 }
 
 static int scratch_alloc(Scratch *s, const Job *job, size_t itemsize)
@@ -116,7 +118,8 @@ static int scratch_alloc(Scratch *s, const Job *job, size_t itemsize)
     s->run_level = malloc(sizeof(int32_t) * (size_t)amax);
     s->pg = calloc(g1, sizeof(double));
     s->pr = calloc(ls, sizeof(double));
-    if (!s->pg || !s->pr || !s->pad || !s->last || !s->at || !s->cm || !s->rl || !s->tot || !s->cnt || !s->dep
+    s->pairs = calloc(g1, sizeof(int64_t));
+    if (!s->pg || !s->pr || !s->pairs || !s->pad || !s->last || !s->at || !s->cm || !s->rl || !s->tot || !s->cnt || !s->dep
         || !s->dn || !s->run_col || !s->run_end || !s->parent || !s->run_size
         || !s->run_level) {
         scratch_free(s);
@@ -342,18 +345,26 @@ static int zone_pass_##SUFFIX(const T *restrict B, int S, int h, int w, Py_ssize
  * rl[level * LS + length], visited in the order of the cells counts() lists (level, then
  * length, nonzero only), with glrlm_sums' arithmetic: the same values without building,
  * copying and re-reading ~360 cells per ROI (issue 18). pg (g1) and pr (>= longest) are
- * zero on entry and on return. Returns -1 for a run longer than `longest`.
+ * zero on entry and on return; nz_len, nz_count (>= the ROI's pixels) are scratch; pairs
+ * (g1, or NULL) gets each level's (level, level) GLCM pairs, sum of count * (length - 1).
+ * Returns -1 for a run longer than `longest`.
  */
 static int glrlm_sums_dense(const int32_t *rl, Py_ssize_t g1, Py_ssize_t LS, int64_t longest,
-                            double *pg, double *pr, double *o)
+                            double *pg, double *pr, int32_t *nz_len, int32_t *nz_count,
+                            int64_t *pairs, double *o)
 {
     const double eps = 2.220446049250313e-16; /* np.spacing(1) */
     double s[10] = {0};
+    Py_ssize_t nz = 0;
     for (Py_ssize_t gl = 1; gl < g1; gl++) {
         const int32_t *row = rl + gl * LS;
+        int64_t level_pairs = 0;
         for (Py_ssize_t k = 1; k < LS; k++) {
             if (!row[k]) continue;
             if (k > longest) return -1;
+            nz_len[nz] = (int32_t)k;
+            nz_count[nz++] = row[k];
+            level_pairs += (int64_t)row[k] * (k - 1);
             const double c = (double)row[k], rf = (double)k, g2 = (double)(gl * gl);
             const double r2 = rf * rf, sr = c / r2, lr = c * r2;
             s[0] += c; s[1] += c * rf; s[2] += sr; s[3] += lr; s[4] += c / g2;
@@ -361,17 +372,14 @@ static int glrlm_sums_dense(const int32_t *rl, Py_ssize_t g1, Py_ssize_t LS, int
             pg[gl] += c;
             pr[k - 1] += c;
         }
+        if (pairs) pairs[gl] = level_pairs;
     }
     const double nr = s[0] > 0 ? s[0] : 1.0, mu_r = s[1] / nr;
     double var = 0, ent = 0, gln = 0, rln = 0, mu = 0, glv = 0;
-    for (Py_ssize_t gl = 1; gl < g1; gl++) {
-        const int32_t *row = rl + gl * LS;
-        for (Py_ssize_t k = 1; k < LS; k++) {
-            if (!row[k]) continue;
-            const double c = (double)row[k], dev = (double)k - mu_r, p = c / nr;
-            var += c * dev * dev;
-            ent += p * log2(p + eps);
-        }
+    for (Py_ssize_t j = 0; j < nz; j++) { /* the same cells, in the same order */
+        const double c = (double)nz_count[j], dev = (double)nz_len[j] - mu_r, p = c / nr;
+        var += c * dev * dev;
+        ent += p * log2(p + eps);
     }
     for (Py_ssize_t g = 0; g < g1; g++) { gln += pg[g] * pg[g]; mu += pg[g] / nr * g; }
     for (Py_ssize_t g = 0; g < g1; g++) {
@@ -418,9 +426,19 @@ static void kernel_##SUFFIX(const uint8_t *raw, Job *job)                       
             memset(sc.rl, 0, sizeof(int32_t) * (size_t)(N_ANGLES * g1 * LS));                  \
             run_pass_##SUFFIX(B, (int)S, (int)h, (int)w, (int)g1, (int)LS, sc.cm, sc.rl,       \
                               sc.last, sc.at);                                                 \
+            /* GLRLM sums (and the GLCM's (level, level) pairs with them), else the pairs:   \
+             * length - 1 per run, from the run counts */                                     \
+            for (int a = 0; a < N_ANGLES && job->rl_sums; a++) {                               \
+                if (glrlm_sums_dense(sc.rl + a * g1 * LS, g1, LS,                              \
+                                     job->rl_long[r * N_ANGLES + a], sc.pg, sc.pr,             \
+                                     sc.run_col, sc.run_end, sc.pairs,                         \
+                                     job->rl_sums + (r * N_ANGLES + a) * 15) < 0)              \
+                    job->failed = 2;                                                           \
+                for (Py_ssize_t i = 1; i < g1 && job->glcm; i++)                               \
+                    sc.cm[(a * g1 + i) * g1 + i] += sc.pairs[i];                               \
+            }                                                                                  \
             if (job->glcm) {                                                                   \
-                /* the (level, level) pairs: length - 1 per run, from the run counts */       \
-                for (int a = 0; a < N_ANGLES; a++)                                             \
+                for (int a = 0; a < N_ANGLES && !job->rl_sums; a++)                            \
                     for (Py_ssize_t i = 1; i < g1; i++) {                                      \
                         const int32_t *rl = sc.rl + (a * g1 + i) * LS;                         \
                         int64_t pairs = 0;                                                     \
@@ -434,11 +452,6 @@ static void kernel_##SUFFIX(const uint8_t *raw, Job *job)                       
                             out[(a * G + i - 1) * G + j - 1] =                                 \
                                 (double)sc.cm[(a * g1 + i) * g1 + j];                          \
             }                                                                                  \
-            for (int a = 0; a < N_ANGLES && job->rl_sums; a++)                                 \
-                if (glrlm_sums_dense(sc.rl + a * g1 * LS, g1, LS,                              \
-                                     job->rl_long[r * N_ANGLES + a], sc.pg, sc.pr,             \
-                                     job->rl_sums + (r * N_ANGLES + a) * 15) < 0)              \
-                    job->failed = 2;                                                           \
             for (int a = 0; a < N_ANGLES && job->want_glrlm; a++) {                            \
                 const int64_t longest = job->rl_long[r * N_ANGLES + a];                        \
                 const int32_t *rl = sc.rl + a * g1 * LS;                                       \
@@ -835,7 +848,7 @@ static PyObject *glcm_features(PyObject *self, PyObject *args)
                 ps[i + j] += v;
                 autoc += v * (double)(i + 1) * (double)(j + 1);
                 energy += v * v;
-                hxy -= v * log2(v + eps);
+                if (v > 0) hxy -= v * log2(v + eps); /* a zero adds -0.0: skipped, same sum */
                 if (v > pmax) pmax = v;
             }
         double ux = 0, uy = 0;
@@ -851,10 +864,13 @@ static PyObject *glcm_features(PyObject *self, PyObject *args)
         double corm = 0, hxy1 = 0, hxy2 = 0;
         for (Py_ssize_t i = 0; i < G; i++)
             for (Py_ssize_t j = 0; j < G; j++) {
-                const double v = p[i * G + j], q = px[i] * py[j], lq = log2(q + eps);
+                const double v = p[i * G + j], q = px[i] * py[j];
                 corm += v * ((i + 1) - ux) * ((j + 1) - uy);
-                hxy1 -= v * lq;
-                hxy2 -= q * lq;
+                if (q > 0) { /* q = 0: an empty row or column, so v = 0 too: -0.0 terms */
+                    const double lq = log2(q + eps);
+                    hxy1 -= v * lq;
+                    hxy2 -= q * lq;
+                }
             }
         double prom = 0, shade = 0, tend = 0, savg = 0, sent = 0;
         for (Py_ssize_t k = 0; k < 2 * G - 1; k++) {
