@@ -359,7 +359,7 @@ def insert_columns(
     if scanned:
         sources.append(_INSERT_VIEW)
     types: dict[str, str] = {}
-    if listed or matrices:
+    if listed:
         types = {str(r[0]): str(r[1]) for r in con.execute(f"DESCRIBE {table}").fetchall()}
     if listed:
         sources.append("(SELECT " + ", ".join(
@@ -371,10 +371,10 @@ def insert_columns(
         source = f"(SELECT * FROM {source}) AS __kacl_base"
         for (view, rows), k in zip(views.items(), matrices, strict=True):
             elem = "FLOAT" if rows.values.dtype == np.float32 else "DOUBLE"
-            # the scan reads NaN as NULL; no element is NULL, so coalesce gives NaN back
+            # the scan reads NaN as NULL; no element is NULL, so coalesce gives NaN back;
+            # the INSERT casts the list to the column's type, as it casts a list parameter
             source += (f" LEFT JOIN (SELECT i AS {_ROW}, list(coalesce(v, 'NaN'::{elem}) "
-                       f"ORDER BY j)::{types[k]} AS {_q(k)} FROM {view} GROUP BY i) "
-                       f"USING ({_ROW})")
+                       f"ORDER BY j) AS {_q(k)} FROM {view} GROUP BY i) USING ({_ROW})")
         source += f" ORDER BY {_ROW}"
     sql = (f"INSERT {'OR REPLACE ' if replace else ''}INTO {table} ({cols}) SELECT {cols} FROM "
            + source)

@@ -187,11 +187,16 @@ def _write_chunk(ws: Workspace, run: StageRun, round_: int, rois: list[Roi],
     values = np.asarray(features, dtype=np.float64).reshape(len(rois), -1).astype(np.float32)
     counts = np.where(failed_row, 0, (~np.isfinite(features)).reshape(len(rois), -1).sum(1))
     with ws.catalog.connect() as con:
+        # numpy columns (scanned, no list parameters to bind: issue 18's fixed cost)
         insert_columns(con, "radiomics", {
-            "round": [round_] * len(rois), "image_id": [r.image_id for r in rois],
-            "finding": [r.finding for r in rois], "backend": [backend] * len(rois),
-            "settings_hash": [shash] * len(rois), "features": ListRows(values, failed_row),
-            "n_nonfinite": counts.astype(np.int64), "reason": list(reasons),
+            "round": np.full(len(rois), round_, dtype=np.int64),
+            "image_id": np.array([r.image_id for r in rois], dtype=object),
+            "finding": np.array([r.finding for r in rois], dtype=object),
+            "backend": np.full(len(rois), backend, dtype=object),
+            "settings_hash": np.full(len(rois), shash, dtype=object),
+            "features": ListRows(values, failed_row),
+            "n_nonfinite": counts.astype(np.int64),
+            "reason": np.array(list(reasons), dtype=object),
         }, replace=True)
     n_nonfinite = int(counts.sum())
     failed = [(f"{r.image_id}/{r.finding}", reason)

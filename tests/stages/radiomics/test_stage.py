@@ -334,3 +334,23 @@ def test_real_sample_gt_boxes_give_features(nih_sample: Path, tmp_path: Path) ->
     assert not math.isclose(float(np.std(mean)), 0.0)
     pf = load_positive_features(ws, 0)
     assert len(pf.image_ids) == n_images and pf.n_nonfinite == 0
+
+
+def test_statistics_do_not_depend_on_the_tables_physical_order(tiny_workspace) -> None:
+    """compute_stats sums in store-row order: the same bits after the radiomics rows are
+    rewritten in another physical order (a merge or a re-run lays them out differently)."""
+    from kacl_cli.stages.radiomics.stats import compute_stats
+
+    ws = tiny_workspace(n=24)
+    write_cams(ws)
+    s = run_radiomics_stage(ws, 0, min_prob=0.0)
+    stats_sql = "SELECT * FROM radiomics_stats ORDER BY feature_index"
+    before = ws.catalog.query(stats_sql)
+    with ws.catalog.connect() as con:
+        for table in ("radiomics", "rois", "images"):
+            con.execute(f"CREATE TEMP TABLE t_{table} AS SELECT * FROM {table} "
+                        "ORDER BY hash(image_id)")
+            con.execute(f"DELETE FROM {table}")
+            con.execute(f"INSERT INTO {table} SELECT * FROM t_{table}")
+    assert compute_stats(ws, 0, s["settings_hash"], s["features"]) == s["train_rows_for_stats"]
+    assert repr(ws.catalog.query(stats_sql)) == repr(before)
