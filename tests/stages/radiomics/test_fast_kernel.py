@@ -246,3 +246,21 @@ def test_rois_wider_than_the_kernel_allows_are_refused() -> None:
     m = fast_kernel.build_raw([np.zeros((2, 65_001), np.uint8)], 25, None)
     with pytest.raises(ValueError, match="wider than 65000 px"):
         fast_kernel.fill(m, {"glcm"})
+
+
+def test_a_build_older_than_the_source_falls_back_to_the_numpy_path() -> None:
+    """A _texture built from an older _texture.c (no mcc_second; counts() without the GLRLM
+    sums) is not used: the numpy path serves, same values, instead of a TypeError."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, types; name = 'kacl_cli.stages.radiomics.backends.fast._texture'; "
+        "sys.modules[name] = types.ModuleType(name); "
+        "from kacl_cli.stages.radiomics.backends.fast import kernel; "
+        "print(kernel.available(), kernel.use_kernel())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[3])
+    assert out.stdout.split() == ["False", "False"]

@@ -28,6 +28,10 @@ try:
     from kacl_cli.stages.radiomics.backends.fast import _texture
 except ImportError:  # not built (e.g. a source tree on PYTHONPATH): the numpy path serves
     _texture = None
+if _texture is not None and not hasattr(_texture, "mcc_second"):
+    # built from an older _texture.c (not rebuilt after an update): its counts() lacks the
+    # GLRLM sums; the numpy path serves, with the same values, until `pip install -e .`
+    _texture = None
 
 KERNEL_ENV = "KACL_RADIOMICS_KERNEL"
 KERNELS = ("auto", "c", "numpy")
