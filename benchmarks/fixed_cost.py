@@ -16,6 +16,7 @@ second call ("warm": a long-lived process) and the pure work. fixed = stage - wo
 
 Usage: .venv/bin/python -m benchmarks.fixed_cost [--rois 500] [--images 100] [--repeats 3]
        [--workers 1] [--size 256] [--sample ../shared/nih-sample] [--only radiomics|cam]
+       [--compare OLD_TREE]
 """
 
 from __future__ import annotations
@@ -110,13 +111,13 @@ def child_radiomics(root: Path, workers: int) -> dict[str, float]:
     ws = Workspace(root)
     n = len(json.loads((root / "rois.json").read_text()))
 
-    def stage() -> float:
-        t = time.perf_counter()
+    def stage() -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
         s = run_radiomics_stage(ws, 0, min_prob=0.0, workers=workers, force=True)
         assert s["computed"] == n, s
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
-    cold, warm = stage(), stage()
+    (cold, cold_cpu), (warm, warm_cpu) = stage(), stage()
     from kacl_cli.stages.radiomics import settings as S
     from kacl_cli.stages.radiomics.backends.base import get_backend
 
@@ -126,10 +127,18 @@ def child_radiomics(root: Path, workers: int) -> dict[str, float]:
     settings, backend = S.load_settings(), get_backend("fast")
     work = []
     for _ in range(2):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         backend.extract(images, boxes, settings)
-        work.append(time.perf_counter() - t)
-    return {"cli": cli, "cold": cold, "warm": warm, "work": min(work)}
+        work.append((time.perf_counter() - t, time.process_time() - c))
+    return _result(cli, cold, warm, min(work), cold_cpu, warm_cpu)
+
+
+def _result(cli: float, cold: float, warm: float, work: tuple[float, float], cold_cpu: float,
+            warm_cpu: float) -> dict[str, float]:
+    """Wall seconds, and CPU seconds of the process (all its threads: DuckDB's too), which
+    other sessions' load on the shared cores inflates far less than wall time."""
+    return {"cli": cli, "cold": cold, "warm": warm, "work": work[0], "cold_cpu": cold_cpu,
+            "warm_cpu": warm_cpu, "work_cpu": work[1]}
 
 
 def child_cam(root: Path) -> dict[str, float]:
@@ -145,13 +154,13 @@ def child_cam(root: Path) -> dict[str, float]:
 
     ws = Workspace(root)
 
-    def stage() -> float:
-        t = time.perf_counter()
+    def stage() -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
         s = cam_stage.run_cam_stage(ws, 0, threshold=0.5, device="cpu", force=True)
         assert s["computed"] == ws.store.n_rows(), s
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
-    cold, warm = stage(), stage()
+    (cold, cold_cpu), (warm, warm_cpu) = stage(), stage()
     import numpy as np
 
     from kacl_cli.findings import FINDINGS
@@ -170,29 +179,33 @@ def child_cam(root: Path) -> dict[str, float]:
     orig = np.full(n, 1024)
     work = []
     for _ in range(2):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for lo in range(0, n, batch):
             x = preprocess(pixels[lo:lo + batch], meta, cpu)
             logits, maps = batched_gradcam(model, x)
             cam_stage._box_columns(0, ids[lo:lo + batch], torch.sigmoid(logits).double().numpy(),
                                    maps.to(torch.float16).numpy(), rules, orig[lo:lo + batch],
                                    orig[lo:lo + batch], size, cpu)
-        work.append(time.perf_counter() - t)
-    return {"cli": cli, "cold": cold, "warm": warm, "work": min(work)}
+        work.append((time.perf_counter() - t, time.process_time() - c))
+    return _result(cli, cold, warm, min(work), cold_cpu, warm_cpu)
 
 
-def _table(name: str, rows: list[dict[str, float]]) -> None:
+def _table(name: str, rows: list[tuple[str, dict[str, float]]]) -> None:
     print(f"{name:<10}{'repeat':>7}{'CLI start':>10}{'cold s':>8}{'warm s':>8}{'work s':>8}"
-          f"{'fixed cold':>11}{'fixed warm':>11}")
-    for i, r in enumerate(rows, 1):
-        print(f"{'':<10}{i:>7}{r['cli']:>10.2f}{r['cold']:>8.3f}{r['warm']:>8.3f}"
-              f"{r['work']:>8.3f}{r['cold'] - r['work']:>11.3f}{r['warm'] - r['work']:>11.3f}")
+          f"{'fixed cold':>11}{'fixed warm':>11}{'cpu: cold':>10}{'warm':>7}")
+    trees = len({tree for tree, _ in rows})
+    for i, (tree, r) in enumerate(rows):
+        print(f"{tree:<10}{i // trees + 1:>7}{r['cli']:>10.2f}{r['cold']:>8.3f}{r['warm']:>8.3f}"
+              f"{r['work']:>8.3f}{r['cold'] - r['work']:>11.3f}{r['warm'] - r['work']:>11.3f}"
+              f"{r['cold_cpu'] - r['work_cpu']:>10.3f}{r['warm_cpu'] - r['work_cpu']:>7.3f}")
 
 
-def _child(kind: str, root: Path, workers: int) -> dict[str, float]:
+def _child(kind: str, root: Path, workers: int, tree: Path | None = None) -> dict[str, float]:
+    """One fresh process; ``tree``: another source tree's kacl_cli (``--compare``)."""
+    env = dict(os.environ, PYTHONPATH=str(tree or Path(__file__).resolve().parents[1]))
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.fixed_cost", "--child", kind, "--root", str(root),
-         "--workers", str(workers)], check=True, capture_output=True, text=True)
+        [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--root", str(root),
+         "--workers", str(workers)], check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -206,6 +219,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sample", type=Path, default=DEFAULT_SAMPLE)
     ap.add_argument("--only", choices=("radiomics", "cam"), default=None)
+    ap.add_argument("--compare", type=Path, default=None, metavar="TREE",
+                    help="also time another source tree's kacl_cli (e.g. an older checkout), "
+                         "interleaved repeat by repeat so both see the same load")
     ap.add_argument("--child", choices=("radiomics", "cam"), help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -217,7 +233,9 @@ def main() -> None:
         return
     t_start = time.perf_counter()
     print(f"cpu cores {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}; CLI start = "
-          "import kacl_cli.app (+ torch for cam) in a fresh process, outside the stage")
+          "import kacl_cli.app (+ torch for cam) in a fresh process, outside the stage; "
+          "cpu = fixed CPU seconds of the process (all threads)"
+          + (f"; before = {args.compare}" if args.compare else ""))
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("radiomics", "cam"):
             if args.only not in (None, kind):
@@ -227,7 +245,12 @@ def main() -> None:
                     else make_cam(root, args.images, args.cam_size))
             print(f"{kind}: {what}" + (f", {args.workers} worker(s)" if kind == "radiomics"
                                         else ""))
-            _table(kind, [_child(kind, root, args.workers) for _ in range(args.repeats)])
+            rows = []
+            for _ in range(args.repeats):
+                if args.compare is not None:
+                    rows.append(("before", _child(kind, root, args.workers, args.compare)))
+                rows.append(("now", _child(kind, root, args.workers)))
+            _table(kind, rows)
     print(f"(benchmark took {time.perf_counter() - t_start:.0f} s, load average "
           f"{os.getloadavg()[0]:.2f})")
 

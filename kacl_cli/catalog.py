@@ -9,8 +9,10 @@ rank 0 / the merge step ever writes).
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +290,32 @@ quote_ident = _q
 
 # -- bulk inserts ---------------------------------------------------------------------------
 _INSERT_VIEW = "__kacl_insert_columns"
+_ROW = "__kacl_row"
+
+
+@dataclass(frozen=True)
+class ListRows:
+    """A list column given as a 2-D float array: row i of ``values`` is row i's list value,
+    NULL where ``null[i]`` (e.g. radiomics ``FLOAT[]`` features, NULL for a failed ROI).
+
+    Why: binding n x F Python floats as a nested list parameter costs ~1 us a value (~60 ms
+    for 500 ROIs x 102 features); the array is scanned flat instead (~0.1 us a value) and
+    regrouped into lists server-side. NaN and +-inf stay NaN and +-inf, exactly as binding.
+    """
+
+    values: np.ndarray
+    null: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.values.ndim != 2 or self.values.dtype.kind != "f":
+            raise ValueError(f"ListRows needs a 2-D float array, got {self.values.dtype} "
+                             f"{self.values.shape}")
+        if self.null is not None and self.null.shape != (len(self.values),):
+            raise ValueError(f"ListRows: null of shape {self.null.shape} for "
+                             f"{len(self.values)} rows")
+
+    def __len__(self) -> int:
+        return len(self.values)
 
 
 def insert_columns(
@@ -308,7 +336,9 @@ def insert_columns(
     - listed: everything else - Python lists, float arrays holding NaN (the numpy scan would
       read NaN as NULL), 2-D arrays (one list value per row, e.g. ``FLOAT[]`` features),
       timestamps. List parameters are cast to the target column's type, so None is NULL and
-      NaN/inf stay NaN/inf.
+      NaN/inf stay NaN/inf;
+    - :class:`ListRows`: a 2-D float array as one list value per row, scanned flat and
+      regrouped server-side (10x faster than listing it), joined to the rest by row number.
 
     ``replace=True`` is ``INSERT OR REPLACE``. Column names are the table's (quoted here);
     ``table`` is SQL as written (``metrics``, ``ws.images``).
@@ -320,26 +350,55 @@ def insert_columns(
     n = next(iter(lengths.values()), 0)
     if n == 0:
         return 0
+    matrices = [k for k in names if isinstance(columns[k], ListRows)]
     scanned = {k: v for k, v in columns.items() if _scannable(v)}
-    listed = [k for k in names if k not in scanned]
+    if matrices:  # joined to the rest by row number
+        scanned[_ROW] = np.arange(n, dtype=np.int64)
+    listed = [k for k in names if k not in scanned and k not in matrices]
     sources = []
     if scanned:
         sources.append(_INSERT_VIEW)
+    types: dict[str, str] = {}
     if listed:
         types = {str(r[0]): str(r[1]) for r in con.execute(f"DESCRIBE {table}").fetchall()}
+    if listed:
         sources.append("(SELECT " + ", ".join(
             f"unnest(?::{types[k]}[]) AS {_q(k)}" for k in listed) + ")")
     cols = ", ".join(_q(k) for k in names)
+    source = " POSITIONAL JOIN ".join(sources)
+    views = {f"{_INSERT_VIEW}_{j}": columns[k] for j, k in enumerate(matrices)}
+    if matrices:
+        source = f"(SELECT * FROM {source}) AS __kacl_base"
+        for (view, rows), k in zip(views.items(), matrices, strict=True):
+            elem = "FLOAT" if rows.values.dtype == np.float32 else "DOUBLE"
+            # the scan reads NaN as NULL; no element is NULL, so coalesce gives NaN back;
+            # the INSERT casts the list to the column's type, as it casts a list parameter
+            source += (f" LEFT JOIN (SELECT i AS {_ROW}, list(coalesce(v, 'NaN'::{elem}) "
+                       f"ORDER BY j) AS {_q(k)} FROM {view} GROUP BY i) USING ({_ROW})")
+        source += f" ORDER BY {_ROW}"
     sql = (f"INSERT {'OR REPLACE ' if replace else ''}INTO {table} ({cols}) SELECT {cols} FROM "
-           + " POSITIONAL JOIN ".join(sources))
+           + source)
     if scanned:
         con.register(_INSERT_VIEW, scanned)
+    for view, rows in views.items():
+        con.register(view, _flat(rows))
     try:
         con.execute(sql, [_as_list(columns[k]) for k in listed])
     finally:
         if scanned:
             con.unregister(_INSERT_VIEW)
+        for view in views:
+            con.unregister(view)
     return n
+
+
+def _flat(rows: ListRows) -> dict[str, np.ndarray]:
+    """The non-NULL rows of ``rows`` as (row i, position j, value v) columns."""
+    keep = np.arange(len(rows)) if rows.null is None else np.flatnonzero(~rows.null)
+    width = rows.values.shape[1]
+    return {"i": np.repeat(keep.astype(np.int64), width),
+            "j": np.tile(np.arange(width, dtype=np.int64), len(keep)),
+            "v": np.ascontiguousarray(rows.values[keep]).ravel()}
 
 
 def insert_rows(
@@ -367,7 +426,9 @@ def _scannable(col: Any) -> bool:
     if not isinstance(col, np.ndarray) or col.ndim != 1:
         return False
     kind = col.dtype.kind
-    if isinstance(col, np.ma.MaskedArray):
+    # numpy.ma is imported on first use (~25 ms): nothing is masked before anyone imported it
+    ma = sys.modules.get("numpy.ma")
+    if ma is not None and isinstance(col, ma.MaskedArray):
         return kind in "biuf" and not (kind == "f" and np.isnan(col.compressed()).any())
     if kind in "biu":
         return True

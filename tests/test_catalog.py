@@ -135,3 +135,45 @@ def test_session_shares_one_connection_and_drops_a_failed_transaction(tmp_path, 
     assert cat._held is None
     cat.query("SELECT 1")
     assert len(opened) == 4 and cat._held is None  # outside a session: one per use again
+
+
+def test_list_rows_store_what_binding_lists_stores(con) -> None:
+    """``ListRows`` (flat scan, regrouped) == the nested list parameter, value for value:
+    NaN, +-inf, -0.0, NULL rows, float32 and float64, mixed with scanned and listed
+    columns, rows in order, and INSERT OR REPLACE."""
+    rng = np.random.default_rng(0)
+    n = 300
+    values = rng.normal(size=(n, 5)).astype(np.float32)
+    values[1, 2], values[2, 0], values[3, 4], values[4, 1] = np.nan, np.inf, -np.inf, -0.0
+    values[5] = np.nan  # a row of NaN is a value, not NULL
+    null = np.zeros(n, dtype=bool)
+    null[[0, 6, n - 1]] = True
+    base = {"flag": np.arange(n) % 3 == 0, "name": [f"n{i}" for i in range(n)]}
+    listed = [None if z else v.tolist() for v, z in zip(values, null, strict=True)]
+    insert_columns(con, "t", {"id": np.arange(n), **base, "feats": listed})
+    want = _rows(con)
+    con.execute("DELETE FROM t")
+    from kacl_cli.catalog import ListRows
+
+    insert_columns(con, "t", {"id": np.arange(n), **base, "feats": ListRows(values, null)})
+    got = _rows(con)
+    assert repr(got) == repr(want)  # repr: NaN == NaN, -0.0 != 0.0
+    assert got[0][4] is None and got[5][4] is not None and math.copysign(1, got[4][4][1]) < 0
+    # rows are inserted in order (rowid), float64 into the FLOAT[] column rounds as binding
+    assert [r[0] for r in con.execute("SELECT id FROM t ORDER BY rowid").fetchall()] == list(
+        range(n))
+    insert_columns(con, "t", {"id": np.array([7]), "flag": np.array([True]),
+                              "feats": ListRows(np.array([[0.1, 2.0]]))}, replace=True)
+    row = con.execute("SELECT feats, name FROM t WHERE id = 7").fetchall()[0]
+    assert row == ([float(np.float32(0.1)), 2.0], "n7")  # OR REPLACE keeps other columns
+
+
+def test_list_rows_refuse_what_they_cannot_hold() -> None:
+    from kacl_cli.catalog import ListRows
+
+    with pytest.raises(ValueError, match="2-D float"):
+        ListRows(np.arange(4.0))
+    with pytest.raises(ValueError, match="2-D float"):
+        ListRows(np.ones((2, 2), dtype=np.int64))
+    with pytest.raises(ValueError, match="null of shape"):
+        ListRows(np.ones((2, 2)), np.zeros(3, dtype=bool))

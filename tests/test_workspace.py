@@ -41,3 +41,25 @@ def test_killed_run_is_marked_interrupted_by_the_next(tiny_workspace) -> None:
     status = dict(ws.catalog.query("SELECT run_id, status FROM runs"))
     assert status[killed.run_id] == "interrupted"
     assert status[resumed.run_id] == "running"
+
+
+def test_image_reader_items_equal_high_level_indexing(tiny_workspace) -> None:
+    """ImageReader[row] reads one hyperslab (cam's and training's per-item path): the same
+    pixels as h5py's ``ds[row]``, negative rows included, and IndexError past the end."""
+    import h5py
+    import numpy as np
+    import pytest
+
+    from kacl_cli.store import ImageReader
+
+    ws = tiny_workspace(n=5, size=32)
+    reader = ImageReader(ws.store.path)
+    with h5py.File(ws.store.path, "r") as f:
+        want = f["images"][()]
+    for row in (0, 3, 4, -1, -5):
+        got = reader[row]
+        assert got.dtype == want.dtype and np.array_equal(got, want[row])
+    for row in (5, -6):
+        with pytest.raises(IndexError):
+            reader[row]
+    reader.close()

@@ -47,6 +47,10 @@ from kacl_cli.training.loader import SPLITS, StoreDataset
 from kacl_cli.workspace import StageRun, Workspace, stable_json
 
 STAGE = "cam"
+# Model time (seconds, projected from the chunk's first batch) short enough to keep the
+# stage's catalog connection open across it: reopening costs ~50-80 ms (issue 18), and other
+# processes wait at most this long. DataLoader workers (fork) never see it open.
+HOLD_CATALOG_S = 1.0
 _DEFAULTS = CamConfig()
 # Bumped when the maps or the box rule change meaning, so old results are not reused.
 METHOD = "gradcam-gap-linear/v2-upsampled"
@@ -225,11 +229,13 @@ def _work(
     with progress.bar(len(pending), f"cam round {round_}") as pb:
         for start in range(0, len(pending), chunk_size):
             idx = pending[start:start + chunk_size]
-            ws.catalog.release()  # readers may open the catalog while the model runs
+            if workers > 0:  # no open catalog while DataLoader workers fork
+                ws.catalog.release()
             t0 = time.perf_counter()
+            # readers may open the catalog while the model runs, unless it runs ~1 s at most
             rows_out, maps, probs = _infer_chunk(
                 ws, model, meta, dev, np.asarray(images["row"])[idx], batch_size, workers, pb,
-                ckpt,
+                ckpt, release=ws.catalog.release,
             )
             map_shape = maps.shape[-2:]
             columns, ranked = _box_columns(
@@ -263,8 +269,12 @@ def _work(
 def _infer_chunk(
     ws: Workspace, model: torch.nn.Module, meta: dict[str, Any], dev: torch.device,
     rows: np.ndarray, batch_size: int, workers: int, pb: Any, ckpt: Path,
+    release: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(store rows, float16 maps k x F x h x w, probabilities k x F) of some store rows.
+
+    ``release`` (the catalog's) is called after the first batch when the batches, at its
+    pace, would take more than ``HOLD_CATALOG_S``: short chunks keep the connection.
 
     Non-finite logits stop the stage: pixels are uint8, so NaN/inf can only come from the
     weights (a diverged training run), and a made-up probability would poison evaluate's AUC.
@@ -274,6 +284,7 @@ def _infer_chunk(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=dev.type == "cuda")
     out_rows, out_maps, out_probs = [], [], []
+    t0 = time.perf_counter()
     try:
         for batch in loader:
             x = preprocess(batch["image"], meta, dev)
@@ -289,6 +300,11 @@ def _infer_chunk(
             out_maps.append(maps.to(torch.float16).cpu().numpy())
             out_probs.append(torch.sigmoid(logits.float()).double().cpu().numpy())
             pb.update(len(x))
+            if release is not None:
+                projected = (time.perf_counter() - t0) * len(loader) / len(out_rows)
+                if projected > HOLD_CATALOG_S:
+                    release()
+                release = None
     finally:
         # HDF5 refuses to open the store for writing while this process still reads it.
         dataset.reader.close()

@@ -19,12 +19,15 @@ def compute_stats(ws: Workspace, round_: int, shash: str, n_features: int) -> in
 
     Only training images: validation and test features are z-scored with statistics they
     did not contribute to. std 0 (a constant feature) becomes 1 so z-scoring never divides by
-    zero. Returns the number of training rows used (0 = no statistics written).
+    zero. Returns the number of training rows used (0 = no statistics written). Rows are
+    summed in store-row order: without an order the join's, which follows the tables'
+    physical layout, set the last bits of the sums (a merged or re-run catalog could differ).
     """
     data = ws.catalog.query(
         "SELECT r.features FROM radiomics r JOIN rois o USING (round, image_id, finding) "
         "JOIN images i USING (image_id) WHERE r.round = ? AND r.settings_hash = ? "
-        "AND o.is_positive AND i.split = ? AND r.features IS NOT NULL",
+        "AND o.is_positive AND i.split = ? AND r.features IS NOT NULL "
+        "ORDER BY i.row, r.finding",
         [round_, shash, TRAIN_SPLIT],
     )
     with ws.catalog.connect() as con:
@@ -34,10 +37,11 @@ def compute_stats(ws: Workspace, round_: int, shash: str, n_features: int) -> in
         if data:
             x = np.asarray([d[0] for d in data], dtype=np.float64).reshape(len(data), n_features)
             mean, std, n = finite_stats(x)
-            insert_columns(con, "radiomics_stats", {
-                "round": [round_] * n_features, "settings_hash": [shash] * n_features,
-                "feature_index": list(range(n_features)), "mean": mean.tolist(),
-                "std": std.tolist(), "n": n.tolist(),
+            insert_columns(con, "radiomics_stats", {  # numpy columns: scanned, not bound
+                "round": np.full(n_features, round_, dtype=np.int64),
+                "settings_hash": np.full(n_features, shash, dtype=object),
+                "feature_index": np.arange(n_features, dtype=np.int64), "mean": mean,
+                "std": std, "n": n.astype(np.int64),
             })
         con.execute("COMMIT")
     return len(data)

@@ -225,3 +225,25 @@ def test_non_finite_logits_stop_the_stage_without_rows(ws: Workspace, monkeypatc
         cam_stage.run_cam_stage(ws, 0, device="cpu")
     assert ws.catalog.count("cam_boxes") == 0
     assert ws.catalog.query("SELECT status FROM runs WHERE stage = 'cam'") == [("failed",)]
+
+
+def test_a_short_run_keeps_one_catalog_connection_a_long_one_releases_it(
+        ws: Workspace, monkeypatch) -> None:
+    """Issue 18 (fixed cost): a run whose model time is projected under HOLD_CATALOG_S opens
+    the catalog once; a longer one closes it after the first batch, so other processes can
+    read the catalog while the model runs, and reopens it to write."""
+    import kacl_cli.catalog as catalog_mod
+
+    opened, held_during_batches = [], []
+    real_open, real_gradcam = catalog_mod._connect_with_retry, cam_stage.batched_gradcam
+    monkeypatch.setattr(catalog_mod, "_connect_with_retry",
+                        lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    monkeypatch.setattr(cam_stage, "batched_gradcam", lambda *a: held_during_batches.append(
+        ws.catalog._held is not None) or real_gradcam(*a))
+    cam_stage.run_cam_stage(ws, 0, threshold=0.5, batch_size=4, device="cpu", force=True)
+    assert len(opened) == 1 and held_during_batches == [True] * 3
+    opened.clear()
+    held_during_batches.clear()
+    monkeypatch.setattr(cam_stage, "HOLD_CATALOG_S", 0.0)
+    cam_stage.run_cam_stage(ws, 0, threshold=0.5, batch_size=4, device="cpu", force=True)
+    assert len(opened) == 2 and held_during_batches == [True, False, False]

@@ -58,7 +58,7 @@ def numpy_counts(crops, bin_width, bin_count, alpha):
 
 def kernel_counts(crops, bin_width, bin_count, alpha):
     m = fast_kernel.build_raw(crops, bin_width, bin_count)
-    fast_kernel.fill(m, CLASSES, alpha)
+    fast_kernel.fill(m, CLASSES, alpha, cells=True)
     zr, zl, zs = m.cache["zones"]
     return m, {
         "glcm": m.cache["glcm"],
@@ -97,15 +97,25 @@ def test_kernel_counts_equal_the_numpy_path(bin_width, bin_count, alpha) -> None
 
 @pytest.mark.parametrize(("bin_width", "bin_count"), [(25, None), (None, 300)])
 def test_kernel_glrlm_sums_equal_the_numpy_sums(bin_width, bin_count) -> None:
-    """The GLRLM sums moved into C (_texture.glrlm_sums) against the numpy formulas, on the
-    same cells; the 1-pixel lines of crops_of give (roi, angle) blocks with no pairs."""
+    """The GLRLM sums in C against the numpy formulas on the same cells: summed by the
+    kernel while it counts (what the backend uses) and from the listed cells
+    (_texture.glrlm_sums), the same arithmetic in the same order; the 1-pixel lines of
+    crops_of give (roi, angle) blocks with no pairs."""
     crops = crops_of(seed=5)
     m_c, _ = kernel_counts(crops, bin_width, bin_count, 0)
-    got = fast_kernel.glrlm_sums(m_c)
+    got = fast_kernel.glrlm_sums(m_c)  # summed while counting
+    m_c.cache.pop("glrlm_sums")
+    from_cells = fast_kernel.glrlm_sums(m_c)
     m_c.cache.pop("glrlm_rows")
     ref = T.glrlm_sums(m_c)  # numpy, from the kernel's cells (raw mosaic: no canvas pass)
     assert got.shape == (len(crops) * T.N_ANGLES, T.GLRLM_SUMS)
+    np.testing.assert_array_equal(got, from_cells)
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+    # without cells=True the kernel lists no cells: the sums are all the features need
+    m = fast_kernel.build_raw(crops, bin_width, bin_count)
+    fast_kernel.fill(m, {"glrlm"})
+    assert "glrlm" not in m.cache
+    np.testing.assert_array_equal(fast_kernel.glrlm_sums(m), got)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -118,6 +128,25 @@ def test_kernel_glcm_features_equal_the_numpy_formulas(symmetric) -> None:
     for name in ref:
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-11, atol=1e-12,
                                    equal_nan=True, err_msg=name)
+
+
+@pytest.mark.parametrize(("bin_width", "bin_count"), [(25, None), (None, 16), (None, 64)])
+def test_kernel_mcc_equals_the_numpy_eigenvalues(bin_width, bin_count) -> None:
+    """MCC's eigenvalues in C (_texture.mcc_second: tridiagonal QL) against LAPACK through
+    texture._mcc on the same normalised GLCMs: ROIs of one level (MCC 1), dropped angles of
+    1-px lines, and tiny second eigenvalues handed to pyradiomics' exact arithmetic."""
+    m, _ = kernel_counts(crops_of(seed=11, n=80), bin_width, bin_count, 0)
+    counts = np.ascontiguousarray(m.cache["glcm"])
+    n, a, g, _ = counts.shape
+    feats, p = np.empty((n, a, 24)), np.empty_like(counts)
+    px, py = np.empty((n, a, g)), np.empty((n, a, g))
+    fast_kernel._texture.glcm_features(counts, m.ng.astype(np.float64), True, feats, p, px, py)
+    valid = T.angle_validity(m) & (feats[..., -1] > 0)
+    present = m.level_counts[:, 1:] > 0
+    ref = T._mcc(p, px, py, valid, present, True)
+    got = fast_kernel.mcc(p, px, py, valid, present)
+    assert (present.sum(axis=1) < 2).any() and (~valid).any()  # the cases are there
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14, equal_nan=True)
 
 
 def test_kernel_glrlm_sums_refuse_cells_they_cannot_place() -> None:
@@ -196,6 +225,13 @@ def test_bad_kernel_arguments_raise_instead_of_reading_out_of_bounds() -> None:
     short = fast_kernel._index(np.ones(4 * m.n))
     with pytest.raises(ValueError, match="longer than rl_long"):
         texture_c.counts(*_args(m, glrlm=True, rl_long=short))
+    sums = np.empty((4 * m.n, T.GLRLM_SUMS))
+    with pytest.raises(ValueError, match="longer than rl_long"):  # summed, not listed
+        texture_c.counts(*_args(m, rl_long=short), sums)
+    with pytest.raises(ValueError, match="rl_long is required"):
+        texture_c.counts(*_args(m), sums)
+    with pytest.raises(ValueError, match="glrlm_sums"):
+        texture_c.counts(*_args(m, rl_long=fast_kernel._index(T.longest_runs(m))), sums[:1])
     canvas = np.zeros((8, 8), np.uint8)
     hist = np.zeros((1, 256), np.int64)
     ix = fast_kernel._index
@@ -210,3 +246,21 @@ def test_rois_wider_than_the_kernel_allows_are_refused() -> None:
     m = fast_kernel.build_raw([np.zeros((2, 65_001), np.uint8)], 25, None)
     with pytest.raises(ValueError, match="wider than 65000 px"):
         fast_kernel.fill(m, {"glcm"})
+
+
+def test_a_build_older_than_the_source_falls_back_to_the_numpy_path() -> None:
+    """A _texture built from an older _texture.c (no mcc_second; counts() without the GLRLM
+    sums) is not used: the numpy path serves, same values, instead of a TypeError."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, types; name = 'kacl_cli.stages.radiomics.backends.fast._texture'; "
+        "sys.modules[name] = types.ModuleType(name); "
+        "from kacl_cli.stages.radiomics.backends.fast import kernel; "
+        "print(kernel.available(), kernel.use_kernel())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[3])
+    assert out.stdout.split() == ["False", "False"]

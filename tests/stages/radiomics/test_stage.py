@@ -256,18 +256,19 @@ def test_a_job_smaller_than_a_pool_start_runs_in_process(tiny_workspace, monkeyp
 
 
 def test_the_fast_stage_does_not_import_torch(tiny_workspace) -> None:
-    """torch (seconds) was a fixed cost of every radiomics run outside torchrun."""
+    """torch (seconds) was a fixed cost of every radiomics run outside torchrun, and
+    pyradiomics with SimpleITK (~0.2 s) one of every fast-backend run (feature names)."""
     ws = tiny_workspace(n=4)
     write_cams(ws)
     code = ("import sys; from kacl_cli.workspace import Workspace; "
             "from kacl_cli.stages.radiomics.stage import run_radiomics_stage; "
             f"s = run_radiomics_stage(Workspace({str(ws.root)!r}), 0, min_prob=0.0); "
             "assert s['computed'] == 8, s; "
-            "print('torch' in sys.modules)")
+            "print([m in sys.modules for m in ('torch', 'radiomics', 'SimpleITK')])")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[3], check=True)
-    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert out.stdout.strip().splitlines()[-1] == "[False, False, False]"
 
 
 def test_gt_rois_split_filter(tiny_workspace) -> None:
@@ -333,3 +334,23 @@ def test_real_sample_gt_boxes_give_features(nih_sample: Path, tmp_path: Path) ->
     assert not math.isclose(float(np.std(mean)), 0.0)
     pf = load_positive_features(ws, 0)
     assert len(pf.image_ids) == n_images and pf.n_nonfinite == 0
+
+
+def test_statistics_do_not_depend_on_the_tables_physical_order(tiny_workspace) -> None:
+    """compute_stats sums in store-row order: the same bits after the radiomics rows are
+    rewritten in another physical order (a merge or a re-run lays them out differently)."""
+    from kacl_cli.stages.radiomics.stats import compute_stats
+
+    ws = tiny_workspace(n=24)
+    write_cams(ws)
+    s = run_radiomics_stage(ws, 0, min_prob=0.0)
+    stats_sql = "SELECT * FROM radiomics_stats ORDER BY feature_index"
+    before = ws.catalog.query(stats_sql)
+    with ws.catalog.connect() as con:
+        for table in ("radiomics", "rois", "images"):
+            con.execute(f"CREATE TEMP TABLE t_{table} AS SELECT * FROM {table} "
+                        "ORDER BY hash(image_id)")
+            con.execute(f"DELETE FROM {table}")
+            con.execute(f"INSERT INTO {table} SELECT * FROM t_{table}")
+    assert compute_stats(ws, 0, s["settings_hash"], s["features"]) == s["train_rows_for_stats"]
+    assert repr(ws.catalog.query(stats_sql)) == repr(before)

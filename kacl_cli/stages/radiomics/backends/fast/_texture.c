@@ -61,6 +61,7 @@ typedef struct {
     int64_t *gldm;           /* n x g1 x 9, or NULL */
     int64_t *ngtdm;          /* n x g1 x 9 sums of |C L - T|, or NULL */
     int want_glrlm, want_zones;
+    double *rl_sums;         /* n x 4 x 15 GLRLM sums (see glrlm_sums), or NULL */
     Rows glrlm;              /* (roi * 4 + angle, level, length, count), in that order */
     Rows zones;              /* (roi, level, size) */
     int failed;              /* 1: out of memory, 2: a run longer than rl_long */
@@ -78,13 +79,16 @@ typedef struct {
     int32_t *run_col, *run_end, *parent; /* zones: runs of a ROI and their union-find */
     int64_t *run_size;
     int32_t *run_level;
+    double *pg, *pr;   /* GLRLM sums: counts per level, per run length */
+    int64_t *pairs;    /* GLRLM sums: (level, level) GLCM pairs per level */
 } Scratch;
 
 static void scratch_free(Scratch *s)
 {
     free(s->pad); free(s->last); free(s->at); free(s->cm); free(s->rl); free(s->tot);
     free(s->cnt); free(s->dep); free(s->dn); free(s->run_col); free(s->run_end);
-    free(s->parent); free(s->run_size); free(s->run_level);
+    free(s->parent); free(s->run_size); free(s->run_level); free(s->pg); free(s->pr);
+    free(s->pairs);
 }
 
 static int scratch_alloc(Scratch *s, const Job *job, size_t itemsize)
@@ -112,7 +116,10 @@ static int scratch_alloc(Scratch *s, const Job *job, size_t itemsize)
     s->parent = malloc(sizeof(int32_t) * (size_t)amax);
     s->run_size = malloc(sizeof(int64_t) * (size_t)amax);
     s->run_level = malloc(sizeof(int32_t) * (size_t)amax);
-    if (!s->pad || !s->last || !s->at || !s->cm || !s->rl || !s->tot || !s->cnt || !s->dep
+    s->pg = calloc(g1, sizeof(double));
+    s->pr = calloc(ls, sizeof(double));
+    s->pairs = calloc(g1, sizeof(int64_t));
+    if (!s->pg || !s->pr || !s->pairs || !s->pad || !s->last || !s->at || !s->cm || !s->rl || !s->tot || !s->cnt || !s->dep
         || !s->dn || !s->run_col || !s->run_end || !s->parent || !s->run_size
         || !s->run_level) {
         scratch_free(s);
@@ -334,6 +341,59 @@ static int zone_pass_##SUFFIX(const T *restrict B, int S, int h, int w, Py_ssize
 }
 
 /*
+ * The 15 GLRLM sums of one (roi, angle) (see glrlm_sums) straight from its dense run counts
+ * rl[level * LS + length], visited in the order of the cells counts() lists (level, then
+ * length, nonzero only), with glrlm_sums' arithmetic: the same values without building,
+ * copying and re-reading ~360 cells per ROI (issue 18). pg (g1) and pr (>= longest) are
+ * zero on entry and on return; nz_len, nz_count (>= the ROI's pixels) are scratch; pairs
+ * (g1, or NULL) gets each level's (level, level) GLCM pairs, sum of count * (length - 1).
+ * Returns -1 for a run longer than `longest`.
+ */
+static int glrlm_sums_dense(const int32_t *rl, Py_ssize_t g1, Py_ssize_t LS, int64_t longest,
+                            double *pg, double *pr, int32_t *nz_len, int32_t *nz_count,
+                            int64_t *pairs, double *o)
+{
+    const double eps = 2.220446049250313e-16; /* np.spacing(1) */
+    double s[10] = {0};
+    Py_ssize_t nz = 0;
+    for (Py_ssize_t gl = 1; gl < g1; gl++) {
+        const int32_t *row = rl + gl * LS;
+        int64_t level_pairs = 0;
+        for (Py_ssize_t k = 1; k < LS; k++) {
+            if (!row[k]) continue;
+            if (k > longest) return -1;
+            nz_len[nz] = (int32_t)k;
+            nz_count[nz++] = row[k];
+            level_pairs += (int64_t)row[k] * (k - 1);
+            const double c = (double)row[k], rf = (double)k, g2 = (double)(gl * gl);
+            const double r2 = rf * rf, sr = c / r2, lr = c * r2;
+            s[0] += c; s[1] += c * rf; s[2] += sr; s[3] += lr; s[4] += c / g2;
+            s[5] += c * g2; s[6] += sr / g2; s[7] += sr * g2; s[8] += lr / g2; s[9] += lr * g2;
+            pg[gl] += c;
+            pr[k - 1] += c;
+        }
+        if (pairs) pairs[gl] = level_pairs;
+    }
+    const double nr = s[0] > 0 ? s[0] : 1.0, mu_r = s[1] / nr;
+    double var = 0, ent = 0, gln = 0, rln = 0, mu = 0, glv = 0;
+    for (Py_ssize_t j = 0; j < nz; j++) { /* the same cells, in the same order */
+        const double c = (double)nz_count[j], dev = (double)nz_len[j] - mu_r, p = c / nr;
+        var += c * dev * dev;
+        ent += p * log2(p + eps);
+    }
+    for (Py_ssize_t g = 0; g < g1; g++) { gln += pg[g] * pg[g]; mu += pg[g] / nr * g; }
+    for (Py_ssize_t g = 0; g < g1; g++) {
+        const double d = g - mu;
+        glv += pg[g] / nr * d * d;
+        pg[g] = 0;
+    }
+    for (int64_t l = 0; l < longest; l++) { rln += pr[l] * pr[l]; pr[l] = 0; }
+    memcpy(o, s, sizeof(s));
+    o[10] = var; o[11] = ent; o[12] = gln; o[13] = rln; o[14] = glv;
+    return 0;
+}
+
+/*
  * One implementation per level dtype. Per ROI:
  * 1. copy it, discretised by its table, into `pad` with a ring of zeros (plus a spare zero
  *    row on top), so every neighbour read below is in the buffer and is 0 outside the ROI;
@@ -347,7 +407,7 @@ static void kernel_##SUFFIX(const uint8_t *raw, Job *job)                       
     Scratch sc;                                                                                \
     if (scratch_alloc(&sc, job, sizeof(T)) < 0) { job->failed = 1; return; }                   \
     const Py_ssize_t W = job->width, g1 = job->g1, G = g1 - 1;                                 \
-    const int do_runs = job->glcm != NULL || job->want_glrlm;                                  \
+    const int do_runs = job->glcm != NULL || job->want_glrlm || job->rl_sums != NULL;          \
     const int do_dn = job->gldm != NULL || job->ngtdm != NULL;                                 \
     T *const B = (T *)sc.pad;                                                                  \
     for (Py_ssize_t r = 0; r < job->n && !job->failed; r++) {                                  \
@@ -366,9 +426,19 @@ static void kernel_##SUFFIX(const uint8_t *raw, Job *job)                       
             memset(sc.rl, 0, sizeof(int32_t) * (size_t)(N_ANGLES * g1 * LS));                  \
             run_pass_##SUFFIX(B, (int)S, (int)h, (int)w, (int)g1, (int)LS, sc.cm, sc.rl,       \
                               sc.last, sc.at);                                                 \
+            /* GLRLM sums (and the GLCM's (level, level) pairs with them), else the pairs:   \
+             * length - 1 per run, from the run counts */                                     \
+            for (int a = 0; a < N_ANGLES && job->rl_sums; a++) {                               \
+                if (glrlm_sums_dense(sc.rl + a * g1 * LS, g1, LS,                              \
+                                     job->rl_long[r * N_ANGLES + a], sc.pg, sc.pr,             \
+                                     sc.run_col, sc.run_end, sc.pairs,                         \
+                                     job->rl_sums + (r * N_ANGLES + a) * 15) < 0)              \
+                    job->failed = 2;                                                           \
+                for (Py_ssize_t i = 1; i < g1 && job->glcm; i++)                               \
+                    sc.cm[(a * g1 + i) * g1 + i] += sc.pairs[i];                               \
+            }                                                                                  \
             if (job->glcm) {                                                                   \
-                /* the (level, level) pairs: length - 1 per run, from the run counts */       \
-                for (int a = 0; a < N_ANGLES; a++)                                             \
+                for (int a = 0; a < N_ANGLES && !job->rl_sums; a++)                            \
                     for (Py_ssize_t i = 1; i < g1; i++) {                                      \
                         const int32_t *rl = sc.rl + (a * g1 + i) * LS;                         \
                         int64_t pairs = 0;                                                     \
@@ -509,25 +579,27 @@ done:
 
 PyDoc_STRVAR(counts_doc,
 "counts(canvas, ys, xs, hs, ws, tables, level_itemsize, g1, alpha, glcm, rl_long, gldm,\n"
-"       ngtdm, want_glrlm, want_zones) -> (glrlm rows, zone rows)\n\n"
+"       ngtdm, want_glrlm, want_zones[, glrlm_sums]) -> (glrlm rows, zone rows)\n\n"
 "Texture counts of every ROI of a raw uint8 canvas (2D, ROIs at ys/xs of size hs x ws,\n"
 "int64; see fast_kernel.py). tables: n x 256 raw value -> level, uint8 or uint16\n"
 "(level_itemsize 1 or 2). Outputs may be None to skip a class: float64 glcm (n x 4 x G x\n"
 "G), int64 gldm and ngtdm (n x g1 x 9). GLRLM and GLSZM come back as bytes of int64 rows,\n"
-"(roi * 4 + angle, level, length, count) and (roi, level, size), or None.");
+"(roi * 4 + angle, level, length, count) and (roi, level, size), or None. glrlm_sums\n"
+"(float64 n x 4 x 15, needs rl_long) receives what glrlm_sums() computes from those rows.");
 
-#define N_BUFS 10
+#define N_BUFS 11
 
 static PyObject *counts(PyObject *self, PyObject *args)
 {
     (void)self;
     PyObject *o[N_BUFS];
+    o[10] = Py_None;
     Py_ssize_t itemsize, g1;
     long alpha;
     int want_glrlm, want_zones;
-    if (!PyArg_ParseTuple(args, "OOOOOOnnlOOOOpp", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+    if (!PyArg_ParseTuple(args, "OOOOOOnnlOOOOpp|O", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
                           &itemsize, &g1, &alpha, &o[6], &o[7], &o[8], &o[9], &want_glrlm,
-                          &want_zones))
+                          &want_zones, &o[10]))
         return NULL;
     Py_buffer v[N_BUFS];
     int held[N_BUFS] = {0};
@@ -579,7 +651,10 @@ static PyObject *counts(PyObject *self, PyObject *args)
             if (t[k] >= g1) { PyErr_SetString(PyExc_ValueError, "a table level >= g1"); goto done; }
     }
     if (get_buffer(o[6], &v[6], 1, n * N_ANGLES * G * G * 8, "glcm", 1, &held[6]) < 0) goto done;
-    if (get_buffer(o[7], &v[7], 0, n * N_ANGLES * 8, "rl_long", !want_glrlm, &held[7]) < 0)
+    if (get_buffer(o[7], &v[7], 0, n * N_ANGLES * 8, "rl_long",
+                   !want_glrlm && o[10] == Py_None, &held[7]) < 0)
+        goto done;
+    if (get_buffer(o[10], &v[10], 1, n * N_ANGLES * 15 * 8, "glrlm_sums", 1, &held[10]) < 0)
         goto done;
     if (get_buffer(o[8], &v[8], 1, n * g1 * N_DEP * 8, "gldm", 1, &held[8]) < 0) goto done;
     if (get_buffer(o[9], &v[9], 1, n * g1 * N_DEP * 8, "ngtdm", 1, &held[9]) < 0) goto done;
@@ -595,6 +670,7 @@ static PyObject *counts(PyObject *self, PyObject *args)
     job.ngtdm = held[9] ? v[9].buf : NULL;
     job.want_glrlm = want_glrlm;
     job.want_zones = want_zones;
+    job.rl_sums = held[10] ? v[10].buf : NULL;
     Py_BEGIN_ALLOW_THREADS
     if (itemsize == 1) kernel_u8((const uint8_t *)v[0].buf, &job);
     else kernel_u16((const uint8_t *)v[0].buf, &job);
@@ -772,7 +848,7 @@ static PyObject *glcm_features(PyObject *self, PyObject *args)
                 ps[i + j] += v;
                 autoc += v * (double)(i + 1) * (double)(j + 1);
                 energy += v * v;
-                hxy -= v * log2(v + eps);
+                if (v > 0) hxy -= v * log2(v + eps); /* a zero adds -0.0: skipped, same sum */
                 if (v > pmax) pmax = v;
             }
         double ux = 0, uy = 0;
@@ -788,10 +864,13 @@ static PyObject *glcm_features(PyObject *self, PyObject *args)
         double corm = 0, hxy1 = 0, hxy2 = 0;
         for (Py_ssize_t i = 0; i < G; i++)
             for (Py_ssize_t j = 0; j < G; j++) {
-                const double v = p[i * G + j], q = px[i] * py[j], lq = log2(q + eps);
+                const double v = p[i * G + j], q = px[i] * py[j];
                 corm += v * ((i + 1) - ux) * ((j + 1) - uy);
-                hxy1 -= v * lq;
-                hxy2 -= q * lq;
+                if (q > 0) { /* q = 0: an empty row or column, so v = 0 too: -0.0 terms */
+                    const double lq = log2(q + eps);
+                    hxy1 -= v * lq;
+                    hxy2 -= q * lq;
+                }
             }
         double prom = 0, shade = 0, tend = 0, savg = 0, sent = 0;
         for (Py_ssize_t k = 0; k < 2 * G - 1; k++) {
@@ -855,10 +934,185 @@ done:
     return result;
 }
 
+/*
+ * MCC's eigenvalues (issue 18: LAPACK's per-matrix overhead was ~10% of a 256-px chunk).
+ * For a symmetric GLCM, Q of pyradiomics' MCC is similar to A^2 with A = D^-1/2 P D^-1/2
+ * (D = diag(p_x)) on the ROI's present levels, so its eigenvalues are the squares of A's.
+ * A is small (one row per present level), so Householder reduction to tridiagonal form and
+ * the implicit QL method (Numerical Recipes' tred2/tqli, eigenvalues only) find them, to
+ * within a few eps of LAPACK's; texture._mcc stays the reference.
+ */
+static void tridiagonal(double *a, int n, double *d, double *e)
+{
+    /* a: n x n symmetric (lower triangle read, destroyed) -> diagonal d, off-diagonal e[1..] */
+    for (int i = n - 1; i > 0; i--) {
+        const int l = i - 1;
+        double h = 0.0, scale = 0.0;
+        if (l > 0) {
+            for (int k = 0; k < i; k++) scale += fabs(a[i * n + k]);
+            if (scale == 0.0) {
+                e[i] = a[i * n + l];
+            } else {
+                for (int k = 0; k < i; k++) {
+                    a[i * n + k] /= scale;
+                    h += a[i * n + k] * a[i * n + k];
+                }
+                double f = a[i * n + l];
+                double g = f >= 0.0 ? -sqrt(h) : sqrt(h);
+                e[i] = scale * g;
+                h -= f * g;
+                a[i * n + l] = f - g;
+                f = 0.0;
+                for (int j = 0; j < i; j++) {
+                    g = 0.0;
+                    for (int k = 0; k < j + 1; k++) g += a[j * n + k] * a[i * n + k];
+                    for (int k = j + 1; k < i; k++) g += a[k * n + j] * a[i * n + k];
+                    e[j] = g / h;
+                    f += e[j] * a[i * n + j];
+                }
+                const double hh = f / (h + h);
+                for (int j = 0; j < i; j++) {
+                    f = a[i * n + j];
+                    e[j] = g = e[j] - hh * f;
+                    for (int k = 0; k < j + 1; k++) a[j * n + k] -= f * e[k] + g * a[i * n + k];
+                }
+            }
+        } else {
+            e[i] = a[i * n + l];
+        }
+    }
+    e[0] = 0.0;
+    for (int i = 0; i < n; i++) d[i] = a[i * n + i];
+}
+
+/* Eigenvalues of the tridiagonal (d, e) into d; -1 when QL does not converge. */
+static int tridiagonal_eigenvalues(double *d, double *e, int n)
+{
+    for (int i = 1; i < n; i++) e[i - 1] = e[i];
+    e[n - 1] = 0.0;
+    for (int l = 0; l < n; l++) {
+        int iter = 0, m;
+        do {
+            for (m = l; m < n - 1; m++) {
+                const double dd = fabs(d[m]) + fabs(d[m + 1]);
+                if (fabs(e[m]) <= 2.220446049250313e-16 * dd) break;
+            }
+            if (m != l) {
+                if (iter++ == 60) return -1;
+                double g = (d[l + 1] - d[l]) / (2.0 * e[l]);
+                double r = sqrt(g * g + 1.0);
+                g = d[m] - d[l] + e[l] / (g + (g >= 0.0 ? fabs(r) : -fabs(r)));
+                double s = 1.0, c = 1.0, p = 0.0;
+                int i;
+                for (i = m - 1; i >= l; i--) {
+                    double f = s * e[i];
+                    const double b = c * e[i];
+                    e[i + 1] = (r = sqrt(f * f + g * g)); /* values of order 1: no overflow */
+                    if (r == 0.0) {
+                        d[i + 1] -= p;
+                        e[m] = 0.0;
+                        break;
+                    }
+                    s = f / r;
+                    c = g / r;
+                    g = d[i + 1] - p;
+                    r = (d[i] - g) * s + 2.0 * c * b;
+                    d[i + 1] = g + (p = s * r);
+                    g = c * r - b;
+                }
+                if (r == 0.0 && i >= l) continue;
+                d[l] -= p;
+                e[l] = g;
+                e[m] = 0.0;
+            }
+        } while (m != l);
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(mcc_second_doc,
+"mcc_second(p, px, present, valid, out)\n\n"
+"Per (roi, angle) of normalised symmetric GLCMs p (float64 n x 4 x G x G, as glcm_features\n"
+"hands them back) with marginals px (n x 4 x G): the second largest eigenvalue of MCC's Q,\n"
+"i.e. of A^2, A = D^-1/2 P D^-1/2 over the ROI's present levels (present: bool n x G).\n"
+"Angles not valid (bool n x 4) give 0, ROIs with fewer than 2 levels NaN, and NaN also\n"
+"where the QL iteration does not converge (texture._mcc_exact then takes the ROI).");
+
+static PyObject *mcc_second(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *p_o, *x_o, *pr_o, *v_o, *out_o;
+    if (!PyArg_ParseTuple(args, "OOOOO", &p_o, &x_o, &pr_o, &v_o, &out_o)) return NULL;
+    Py_buffer pv, xv, prv, vv, ov;
+    int hp = 0, hx = 0, hpr = 0, hv = 0, ho = 0;
+    PyObject *result = NULL;
+    double *scratch = NULL;
+    int *idx = NULL;
+    if (get_buffer(p_o, &pv, 0, 0, "p", 0, &hp) < 0) goto done;
+    if (pv.ndim != 4 || pv.itemsize != 8 || pv.shape[1] != N_ANGLES || pv.shape[2] != pv.shape[3]) {
+        PyErr_SetString(PyExc_ValueError, "p must be float64 n x 4 x G x G");
+        goto done;
+    }
+    const Py_ssize_t n = pv.shape[0], G = pv.shape[2], GG = G * G;
+    if (get_buffer(x_o, &xv, 0, n * N_ANGLES * G * 8, "px", 0, &hx) < 0) goto done;
+    if (get_buffer(pr_o, &prv, 0, n * G, "present", 0, &hpr) < 0) goto done;
+    if (get_buffer(v_o, &vv, 0, n * N_ANGLES, "valid", 0, &hv) < 0) goto done;
+    if (get_buffer(out_o, &ov, 1, n * N_ANGLES * 8, "out", 0, &ho) < 0) goto done;
+    if (prv.itemsize != 1 || vv.itemsize != 1) {
+        PyErr_SetString(PyExc_ValueError, "present and valid must be bool arrays");
+        goto done;
+    }
+    scratch = malloc(sizeof(double) * (size_t)(GG + 3 * G + 1));
+    idx = malloc(sizeof(int) * (size_t)(G + 1));
+    if (!scratch || !idx) { PyErr_NoMemory(); goto done; }
+    const double *pall = pv.buf, *pxall = xv.buf;
+    const uint8_t *present = prv.buf, *valid = vv.buf;
+    double *out = ov.buf;
+    Py_BEGIN_ALLOW_THREADS
+    double *a = scratch, *d = scratch + GG, *e = d + G, *sc = e + G;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        int k = 0;
+        for (Py_ssize_t i = 0; i < G; i++)
+            if (present[r * G + i]) idx[k++] = (int)i;
+        for (int ang = 0; ang < N_ANGLES; ang++) {
+            double *o = out + r * N_ANGLES + ang;
+            if (k < 2) { *o = NAN; continue; }
+            if (!valid[r * N_ANGLES + ang]) { *o = 0.0; continue; }
+            const double *p = pall + (r * N_ANGLES + ang) * GG;
+            const double *px = pxall + (r * N_ANGLES + ang) * G;
+            for (int i = 0; i < k; i++) sc[i] = px[idx[i]] > 0 ? 1 / sqrt(px[idx[i]]) : 0.0;
+            for (int i = 0; i < k; i++)
+                for (int j = 0; j <= i; j++)
+                    a[i * k + j] = p[idx[i] * G + idx[j]] * sc[i] * sc[j];
+            tridiagonal(a, k, d, e);
+            if (tridiagonal_eigenvalues(d, e, k) < 0) { *o = NAN; continue; }
+            double first = -1.0, second = -1.0;
+            for (int i = 0; i < k; i++) {
+                const double v = d[i] * d[i];
+                if (v > first) { second = first; first = v; }
+                else if (v > second) second = v;
+            }
+            *o = second;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    free(scratch);
+    free(idx);
+    if (hp) PyBuffer_Release(&pv);
+    if (hx) PyBuffer_Release(&xv);
+    if (hpr) PyBuffer_Release(&prv);
+    if (hv) PyBuffer_Release(&vv);
+    if (ho) PyBuffer_Release(&ov);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"counts", counts, METH_VARARGS, counts_doc},
     {"glcm_features", glcm_features, METH_VARARGS, glcm_features_doc},
     {"glrlm_sums", glrlm_sums, METH_VARARGS, glrlm_sums_doc},
+    {"mcc_second", mcc_second, METH_VARARGS, mcc_second_doc},
     {"place", place, METH_VARARGS, place_doc},
     {NULL, NULL, 0, NULL},
 };

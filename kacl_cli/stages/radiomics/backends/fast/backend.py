@@ -287,8 +287,9 @@ def extract_rois(
     for chunk in _chunks([c.shape for c in crops], max_rois, chunk_pixels):
         tables = None if values is None else values[chunk]
         found = _features([crops[i] for i in chunk], sp[chunk], opts, classes, compiled, tables)
+        rows = slice(chunk[0], chunk[-1] + 1)  # chunks are runs of consecutive crops
         for j, name in enumerate(names):
-            out[chunk, j] = found[name]
+            out[rows, j] = found[name]
     single = np.array([c.size == 1 for c in crops], dtype=bool)
     out[single] = np.nan
     return out

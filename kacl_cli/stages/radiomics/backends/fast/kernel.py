@@ -28,6 +28,10 @@ try:
     from kacl_cli.stages.radiomics.backends.fast import _texture
 except ImportError:  # not built (e.g. a source tree on PYTHONPATH): the numpy path serves
     _texture = None
+if _texture is not None and not hasattr(_texture, "mcc_second"):
+    # built from an older _texture.c (not rebuilt after an update): its counts() lacks the
+    # GLRLM sums; the numpy path serves, with the same values, until `pip install -e .`
+    _texture = None
 
 KERNEL_ENV = "KACL_RADIOMICS_KERNEL"
 KERNELS = ("auto", "c", "numpy")
@@ -76,9 +80,15 @@ def build_raw(
                   raw=raw, tables=np.ascontiguousarray(tables), values=values)
 
 
-def fill(m: Mosaic, classes: set[str], alpha: int = 0) -> None:
+def fill(m: Mosaic, classes: set[str], alpha: int = 0, cells: bool = False) -> None:
     """Count every requested texture class of every ROI of the raw mosaic ``m`` in one
-    compiled call, into the cache keys the numpy path's count functions read."""
+    compiled call, into the cache keys the numpy path's count functions read.
+
+    GLRLM: the kernel sums each (ROI, angle)'s run counts into the 15 columns of
+    :func:`texture.glrlm_sums` itself (cache ``"glrlm_sums"``; all the features need);
+    ``cells=True`` also lists the nonzero GLRLM cells (``"glrlm"``), as the numpy path
+    counts them, to compare the two (~87,000 cells for 240 ROIs at 256 px: building,
+    copying and re-reading them was ~10% of a chunk)."""
     if _texture is None:
         raise RuntimeError("kacl_cli.stages.radiomics.backends.fast._texture is not built")
     if m.raw is None or m.tables is None:
@@ -88,15 +98,19 @@ def fill(m: Mosaic, classes: set[str], alpha: int = 0) -> None:
     nd = 2 * texture.N_ANGLES + 1
     glcm = np.zeros((n, texture.N_ANGLES, g, g)) if "glcm" in classes else None
     rl_long = _index(texture.longest_runs(m)) if "glrlm" in classes else None
+    rl_sums = np.empty((n * texture.N_ANGLES, texture.GLRLM_SUMS)) if rl_long is not None \
+        else None
     gldm = np.zeros((n, g1, nd), dtype=np.int64) if "gldm" in classes else None
     ngtdm = np.zeros((n, g1, nd), dtype=np.int64) if "ngtdm" in classes else None
     rows, zones = _texture.counts(
         m.raw, _index(m.ys), _index(m.xs), _index(m.heights), _index(m.widths), m.tables,
         m.tables.itemsize, g1, int(alpha), glcm, rl_long, gldm, ngtdm,
-        "glrlm" in classes, "glszm" in classes,
+        "glrlm" in classes and cells, "glszm" in classes, rl_sums,
     )
     if glcm is not None:
         m.cache["glcm"] = glcm
+    if rl_sums is not None:
+        m.cache["glrlm_sums"] = rl_sums
     if rows is not None:
         # (roi * 4 + angle, level, length, count) rows -> contiguous columns
         ra, level, length, count = np.frombuffer(rows, dtype=np.int64).reshape(-1, 4).T.copy()
@@ -112,10 +126,13 @@ def fill(m: Mosaic, classes: set[str], alpha: int = 0) -> None:
 
 
 def glrlm_sums(m: Mosaic) -> np.ndarray:
-    """:func:`texture.glrlm_sums` of a mosaic :func:`fill` counted, in one compiled pass over
-    the GLRLM cells instead of a dozen whole-array numpy passes (~15% of a chunk's time)."""
+    """:func:`texture.glrlm_sums` of a mosaic :func:`fill` counted: what the kernel summed
+    while counting, else one compiled pass over the GLRLM cells (``fill(..., cells=True)``)
+    instead of a dozen whole-array numpy passes (~15% of a chunk's time)."""
     if _texture is None:
         raise RuntimeError("kacl_cli.stages.radiomics.backends.fast._texture is not built")
+    if "glrlm_sums" in m.cache:
+        return m.cache["glrlm_sums"]
     out = np.empty((m.n * texture.N_ANGLES, texture.GLRLM_SUMS))
     _texture.glrlm_sums(m.cache["glrlm_rows"], _index(texture.longest_runs(m)),
                         m.n_levels + 1, out)
@@ -146,7 +163,29 @@ def glcm(m: Mosaic, symmetric: bool = True) -> dict[str, np.ndarray]:
     _texture.glcm_features(counts, np.ascontiguousarray(m.ng, dtype=np.float64), symmetric,
                            feats, p, px, py)
     valid = texture.angle_validity(m) & (feats[..., -1] > 0)
-    out = {name: texture._angle_mean(feats[..., k], valid)
-           for k, name in enumerate(GLCM_COLUMNS)}
-    out["MCC"] = texture._mcc(p, px, py, valid, m.level_counts[:, 1:] > 0, symmetric)
+    means = texture.angle_means(feats[..., :len(GLCM_COLUMNS)], valid)
+    out = {name: means[:, k] for k, name in enumerate(GLCM_COLUMNS)}
+    present = m.level_counts[:, 1:] > 0
+    out["MCC"] = (mcc(p, px, py, valid, present) if symmetric
+                  else texture._mcc(p, px, py, valid, present, symmetric))
+    return out
+
+
+def mcc(p: np.ndarray, px: np.ndarray, py: np.ndarray, valid: np.ndarray,
+        present: np.ndarray) -> np.ndarray:
+    """:func:`texture._mcc` of symmetric GLCMs with the eigenvalues found in C
+    (``_texture.mcc_second``): the same second eigenvalues to a few eps, and the same
+    hand-over of tiny ones to pyradiomics' exact arithmetic (:func:`texture._mcc_exact`)."""
+    n = p.shape[0]
+    second = np.empty((n, texture.N_ANGLES))
+    _texture.mcc_second(p, px, np.ascontiguousarray(present), np.ascontiguousarray(valid),
+                        second)
+    out = np.ones(n, dtype=np.float64)
+    multi = present.sum(axis=1) >= 2
+    with np.errstate(invalid="ignore"):
+        tiny = ~(second >= texture.MCC_EXACT_BELOW)  # NaN: QL did not converge
+        out[multi] = texture._angle_mean(np.sqrt(second[multi]), valid[multi])
+    exact = np.flatnonzero(multi & (tiny & valid).any(axis=1))
+    if exact.size:
+        out[exact] = texture._mcc_exact(p, px, py, valid, present, exact)
     return out

@@ -64,13 +64,21 @@ def angle_validity(m: Mosaic) -> np.ndarray:
 
 
 def _angle_mean(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """pyradiomics' ``nanmean`` over the kept angles (NaN values inside an angle ignored)."""
+    """pyradiomics' ``nanmean`` over the kept angles (NaN values inside an angle ignored);
+    angles on the last axis."""
     v = np.where(valid, values, np.nan)
     ok = ~np.isnan(v)
-    count = ok.sum(axis=1)
-    total = np.where(ok, v, 0.0).sum(axis=1)
+    count = ok.sum(axis=-1)
+    total = np.where(ok, v, 0.0).sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def angle_means(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """:func:`_angle_mean` of every column of ``values`` (n x 4 x k) at once -> n x k: one
+    pass instead of one per feature; angles made the last, contiguous axis, so each mean
+    sums its angles in the order :func:`_angle_mean` does (the same bits)."""
+    return _angle_mean(np.ascontiguousarray(np.moveaxis(values, 1, 2)), valid[:, None, :])
 
 
 # ----------------------------------------------------------------------------------- GLCM
@@ -446,7 +454,8 @@ def glrlm(m: Mosaic, sums: np.ndarray | None = None) -> dict[str, np.ndarray]:
         "LongRunHighGrayLevelEmphasis": sums[:, 9] / nr_safe,
     }
     ok = valid & (nr.reshape(n, N_ANGLES) > 0)
-    return {k: _angle_mean(v.reshape(n, N_ANGLES), ok) for k, v in f.items()}
+    means = angle_means(np.stack(list(f.values()), axis=-1).reshape(n, N_ANGLES, len(f)), ok)
+    return {k: means[:, j] for j, k in enumerate(f)}
 
 
 # ----------------------------------------------------------------------------------- GLSZM
