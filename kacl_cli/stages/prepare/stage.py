@@ -228,16 +228,22 @@ def ingest_release(
             f"{release.root}: no train_val_list.txt/test_list.txt for the official split; "
             "add them or use --split random"
         )
-    splits = nih.assign_splits(release.entries, split, seed, test_ids=release.test,
-                               val_fraction=VAL_FRACTION)
-    present = [e for e in release.entries if e.image_id in release.images]
-    missing = len(release.entries) - len(present)
-    listed = {e.image_id for e in release.entries}
-    unlisted = sum(1 for name in release.images if name not in listed)
+    table = release.labels
+    index = table.index
+    present_rows = sorted(index[name] for name in release.images if name in index)
+    missing = len(table) - len(present_rows)
+    unlisted = len(release.images) - len(present_rows)  # ids are unique: the rest is unlisted
     over_limit = 0
-    if limit is not None and len(present) > limit:
-        over_limit = len(present) - limit
-        present = present[:limit]
+    if limit is not None and len(present_rows) > limit:
+        over_limit = len(present_rows) - limit
+        present_rows = present_rows[:limit]
+    present = table.entries(present_rows)
+    # Splits over all CSV rows, computed for the patients ingested (see nih.patient_splits).
+    test_patients = (table.patients_of(release.test)
+                     if split == "official" and release.test is not None else None)
+    splits = nih.patient_splits(table.patient_ids, split, seed, test_patients=test_patients,
+                                val_fraction=VAL_FRACTION,
+                                only={e.patient_id for e in present})
     if shard is not None:  # one slice of what an unsharded run ingests; splits stay global
         if shard.index >= len(present):  # the count is known only now, after the survey
             raise UsageError(f"--shard {shard.label}: shard {shard.index} of {len(present)} "
@@ -247,6 +253,7 @@ def ingest_release(
     with ws.catalog.connect(read_only=True) as con:
         done = {r[0] for r in con.execute("SELECT image_id FROM images").fetchall()}
         max_row = con.execute("SELECT max(row) FROM images").fetchone()[0]
+    ws.catalog.release()  # the catalog stays readable by others while the images decode
     next_row = 0 if max_row is None else int(max_row) + 1
     stored = ws.store.n_rows()
     if stored < next_row:
@@ -265,7 +272,7 @@ def ingest_release(
     chunk_index = 0
     buf: list[tuple[nih.Entry, Decoded]] = []
 
-    def commit() -> None:
+    def commit(last: bool) -> None:
         nonlocal next_row, ingested, failed, chunk_index
         good = [(e, d) for e, d in buf if d.pixels is not None]
         bad = [(e.image_id, d.reason or "unreadable") for e, d in buf if d.pixels is None]
@@ -282,7 +289,7 @@ def ingest_release(
             img_rows, lab_rows, box_rows = [], [], []
             box_errors: list[tuple[str | None, str]] = []
             for k, (e, d) in enumerate(good):
-                img_rows.append(_image_row(e, d, next_row + k, splits[e.image_id],
+                img_rows.append(_image_row(e, d, next_row + k, splits[e.patient_id],
                                            str(release.images[e.image_id])))
                 has = set(e.findings)
                 lab_rows.append((e.image_id, *[f in has for f in FINDINGS], not has))
@@ -295,6 +302,8 @@ def ingest_release(
             if on_chunk:
                 on_chunk(chunk_index, "committed")
         run.errors(bad)
+        if not last:  # let go of the catalog while the next chunk decodes
+            ws.catalog.release()
         next_row += len(good)
         ingested += len(good)
         failed += len(bad)
@@ -306,9 +315,9 @@ def ingest_release(
             buf.append((todo[d.index], d))
             pb.update(1)
             if len(buf) >= chunk_size:
-                commit()
+                commit(last=d.index == len(todo) - 1)
         if buf:
-            commit()
+            commit(last=True)
 
     seconds = time.perf_counter() - t0
     with ws.catalog.connect(read_only=True) as con:
@@ -320,7 +329,7 @@ def ingest_release(
         "labels_file": release.labels_file.name,
         "size": size,
         "split": split,
-        "csv_rows": len(release.entries),
+        "csv_rows": len(release.labels),
         "missing": missing,
         "unlisted": unlisted,
         "over_limit": over_limit,
@@ -497,6 +506,7 @@ def _synthetic_whole(ws: Workspace, *, n: int, size: int, seed: int, difficulty:
         expect = {k: config[k] for k in ("n", "size", "seed", "difficulty", "enrich",
                                          "generator")}
         generated, t0 = 0, time.perf_counter()
+        ws.catalog.release()  # generating takes minutes: leave the catalog to others
         with file_lock(root.with_name(root.name + ".lock")):
             if force or not phantoms.release_is_complete(root, expect):
                 if root.exists():
@@ -530,12 +540,15 @@ def _check_size(size: int) -> None:
 
 def _run(ws: Workspace, config: dict[str, Any], fingerprint: str, identity: dict[str, Any],
          force: bool, work: Callable[[StageRun], dict[str, Any]]) -> dict[str, Any]:
-    ws.init()
-    with ws.stage_run(STAGE, config, fingerprint, force=force) as run:
-        if run.skipped:
-            return run.result()
-        if force:
-            wipe_images(ws)
-        _claim(ws, identity)
-        run.summary = _checked(run, work(run))
+    # One catalog connection for the bookkeeping before and after the images (each open costs
+    # ~40 ms); ingest_release lets go of it while it decodes and between chunk commits.
+    with ws.catalog.session():
+        ws.init()
+        with ws.stage_run(STAGE, config, fingerprint, force=force) as run:
+            if run.skipped:
+                return run.result()
+            if force:
+                wipe_images(ws)
+            _claim(ws, identity)
+            run.summary = _checked(run, work(run))
     return run.result()
