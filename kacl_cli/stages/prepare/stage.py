@@ -41,6 +41,7 @@ from kacl_cli.parallel import process_pool
 from kacl_cli.progress import bar
 from kacl_cli.sharding.parts import Shard, file_lock, run_part
 from kacl_cli.stages.prepare import nih, phantoms
+from kacl_cli.stages.prepare.ahead import Feed, Job, pick, positions
 from kacl_cli.stages.prepare.nih import Decoded, decode_job
 from kacl_cli.stages.prepare.parts import HOOKS, take_items
 from kacl_cli.workspace import StageRun, Workspace, config_hash, stable_json
@@ -48,6 +49,7 @@ from kacl_cli.workspace import StageRun, Workspace, config_hash, stable_json
 STAGE = "prepare"
 DATASET_KEY = "prepare_dataset"  # meta row: what the workspace's images are (see _claim)
 DEFAULT_CHUNK = 256  # images per commit: fewer commits cost less CPU beside the decoders
+STORE_BATCH = 32  # decoded images per store write: the last chunk's writes mostly overlap decoding
 VAL_FRACTION = 0.1
 
 ChunkHook = Callable[[int, str], None]
@@ -60,11 +62,14 @@ class Decoders:
 
     Starting workers takes a few hundred ms; meanwhile the main process parses the CSVs and
     does its catalog bookkeeping, so on small runs the start-up is not added to the wall time.
+    ``ahead``: jobs to start decoding as soon as the pool is up (:mod:`.ahead`).
     """
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, ahead: list[Job] | None = None):
         self.workers = workers
         self._pool: Any = None
+        self._ahead_jobs = ahead
+        self._ahead: Feed | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._start, daemon=True)
         self._thread.start()
@@ -72,6 +77,8 @@ class Decoders:
     def _start(self) -> None:
         try:
             self._pool = decode_pool(self.workers)
+            if self._ahead_jobs:
+                self._ahead = self.feed(self._ahead_jobs)
         except BaseException as exc:  # re-raised in the main thread by get()
             self._error = exc
 
@@ -81,8 +88,20 @@ class Decoders:
             raise self._error
         return self._pool
 
+    def feed(self, jobs: list[Job]) -> Feed:
+        """``jobs`` decoding in the pool, in order (:class:`.ahead.Feed`)."""
+        return Feed(self._pool, decode_job, jobs, self.workers * 16)
+
+    def take_ahead(self) -> Feed | None:
+        """The stream started ahead (once; None when there is none)."""
+        self.get()
+        feed, self._ahead = self._ahead, None
+        return feed
+
     def close(self) -> None:
         self._thread.join()
+        if self._ahead is not None:
+            self._ahead.stop()
         if self._pool is not None:
             self._pool.terminate()
             self._pool.join()
@@ -95,36 +114,21 @@ class Decoders:
         self.close()
 
 
-def _decoded_stream(jobs: list[tuple[int, str, int]], decoders: Decoders | None
-                    ) -> Iterator[Decoded]:
-    """Decoded images in job order: in-process, or through ``decoders`` (see :func:`decode_pool`).
-
-    ``Pool.imap`` would queue all 112k jobs at once and buffer every result the main process
-    has not consumed yet; a semaphore around the job feed bounds what is in flight (memory
-    stays flat even when store writes are slower than decoding).
-    """
+def _decoded_stream(jobs: list[Job], decoders: Decoders | None) -> Iterator[Decoded]:
+    """Decoded images in job order: in-process, or through ``decoders`` (see :func:`decode_pool`),
+    from the stream they started ahead when it holds these jobs in this order."""
+    ahead = decoders.take_ahead() if decoders is not None else None
+    if ahead is not None:
+        picks = positions(ahead.jobs, jobs)
+        if picks is not None:
+            yield from pick(ahead, picks)
+            return
+        ahead.stop()
     if decoders is None or len(jobs) < 2:
         for job in jobs:
             yield decode_job(job)
         return
-    slots = threading.Semaphore(decoders.workers * 16)
-    stop = threading.Event()
-
-    def feed() -> Iterator[tuple[int, str, int]]:
-        for job in jobs:
-            while not slots.acquire(timeout=0.1):
-                if stop.is_set():
-                    return
-            if stop.is_set():
-                return
-            yield job
-
-    try:
-        for d in decoders.get().imap(decode_job, feed(), chunksize=4):
-            slots.release()
-            yield d
-    finally:
-        stop.set()  # unblock the feeder so the pool can shut down
+    yield from decoders.feed(jobs)
 
 
 def decode_pool(workers: int) -> Any:
@@ -267,23 +271,28 @@ def ingest_release(
 
     todo = [e for e in present if e.image_id not in done]
     already = len(present) - len(todo)
-    jobs = [(i, str(release.images[e.image_id]), size) for i, e in enumerate(todo)]
+    jobs: list[Job] = [(i, str(release.images[e.image_id]), size) for i, e in enumerate(todo)]
     ingested = failed = 0
     chunk_index = 0
     buf: list[tuple[nih.Entry, Decoded]] = []
+    unstored: list[np.ndarray] = []  # pixels of this chunk not in the store yet
+    n_stored = 0  # pixels of this chunk already in it
+
+    def store() -> None:
+        """Write the chunk's pending pixels (a few at a time, while the next ones decode:
+        not all at its commit, after the last decode)."""
+        nonlocal n_stored
+        if unstored:
+            _store_images(ws, next_row + n_stored, np.stack(unstored), size, next_row)
+            n_stored += len(unstored)
+            unstored.clear()
 
     def commit(last: bool) -> None:
-        nonlocal next_row, ingested, failed, chunk_index
+        nonlocal next_row, ingested, failed, chunk_index, n_stored
         good = [(e, d) for e, d in buf if d.pixels is not None]
         bad = [(e.image_id, d.reason or "unreadable") for e, d in buf if d.pixels is None]
         if good:
-            try:
-                ws.store.write_images(next_row, np.stack([d.pixels for _, d in good]), size)
-            except OSError as exc:
-                if not _disk_full(exc):
-                    raise
-                raise KaclError(f"disk full while writing {ws.store.path.name} ({next_row} "
-                                "images committed; free space and re-run to resume)") from None
+            store()
             if on_chunk:
                 on_chunk(chunk_index, "stored")
             img_rows, lab_rows, box_rows = [], [], []
@@ -308,12 +317,17 @@ def ingest_release(
         ingested += len(good)
         failed += len(bad)
         chunk_index += 1
+        n_stored = 0
         buf.clear()
 
     with bar(len(todo), "prepare") as pb:
         for d in _decoded_stream(jobs, decoders):
             buf.append((todo[d.index], d))
             pb.update(1)
+            if d.pixels is not None:
+                unstored.append(d.pixels)
+                if len(unstored) >= STORE_BATCH:
+                    store()
             if len(buf) >= chunk_size:
                 commit(last=d.index == len(todo) - 1)
         if buf:
@@ -345,6 +359,18 @@ def ingest_release(
         "seconds": round(seconds, 2),
         "images_per_s": round(ingested / seconds, 1) if seconds > 0 else None,
     }
+
+
+def _store_images(ws: Workspace, row: int, pixels: np.ndarray, size: int,
+                  committed: int) -> None:
+    """``Store.write_images``, with a full disk said in one line."""
+    try:
+        ws.store.write_images(row, pixels, size)
+    except OSError as exc:
+        if not _disk_full(exc):
+            raise
+        raise KaclError(f"disk full while writing {ws.store.path.name} ({committed} "
+                        "images committed; free space and re-run to resume)") from None
 
 
 def _disk_full(exc: OSError) -> bool:
@@ -430,7 +456,12 @@ def _nih_whole(ws: Workspace, *, nih_dir: Path, size: int, limit: int | None, wo
         done = ws.find_done(STAGE, None, config_hash(config), fingerprint)
         if done is not None:
             return {**done, "skipped": True}
-    with _decoders(workers) as decoders:  # starts while the CSVs are parsed
+    # A fresh (or --force) unsharded run ingests every listed image, in name order: start
+    # decoding them now (see ahead.py). Not when resuming: most would be decoded for nothing.
+    fresh = workers > 1 and shard is None and (force or not ws.exists())
+    ahead = [(k, str(inputs.images[name]), size)
+             for k, name in enumerate(sorted(inputs.images))] if fresh else None
+    with _decoders(workers, ahead) as decoders:  # starts while the CSVs are parsed
         release = nih.read_release(inputs)  # validates the CSVs before anything is written
         identity = {k: config[k] for k in ("source", "nih_dir", "size", "split", "seed")}
         identity["labels"] = inputs.file_hashes
@@ -439,8 +470,9 @@ def _nih_whole(ws: Workspace, *, nih_dir: Path, size: int, limit: int | None, wo
             decoders=decoders, chunk_size=chunk_size, on_chunk=on_chunk, shard=shard))
 
 
-def _decoders(workers: int) -> Decoders | contextlib.nullcontext:
-    return Decoders(workers) if workers > 1 else contextlib.nullcontext()
+def _decoders(workers: int, ahead: list[Job] | None = None
+              ) -> Decoders | contextlib.nullcontext:
+    return Decoders(workers, ahead) if workers > 1 else contextlib.nullcontext()
 
 
 def prepare_synthetic(
