@@ -39,7 +39,7 @@ _COUNT = r"0*[1-9][0-9]{0,4}"  # 1..99999 (OriginalImage Width/Height: 1..100000
 ROW_PATTERN = (
     rf"^{_ID},"  # Image Index
     rf"({NO_FINDING}|{_FINDING}([|]{_FINDING})*),"  # Finding Labels
-    r"(0*[0-9]{1,5})?,"  # Follow-up #: 0..99999 or empty (range 0..100000)
+    r"(0*[0-9]{1,5})?,"  # Follow-up #: 0..99999 or empty (the strict parser: any whole)
     rf"{_ID},"  # Patient ID
     r"(0*([0-9]{1,2}|1[0-4][0-9]|150)[Yy]?)?,"  # Patient Age: 0..150, "058Y", or empty
     r"[^,]*,[^,]*,"  # Patient Gender, View Position: free text

@@ -78,7 +78,8 @@ class Decoders:
         try:
             self._pool = decode_pool(self.workers)
             if self._ahead_jobs:
-                self._ahead = self.feed(self._ahead_jobs)
+                size = self._ahead_jobs[0][2]
+                self._ahead = self.feed(self._ahead_jobs, ahead_window(self.workers, size))
         except BaseException as exc:  # re-raised in the main thread by get()
             self._error = exc
 
@@ -88,9 +89,10 @@ class Decoders:
             raise self._error
         return self._pool
 
-    def feed(self, jobs: list[Job]) -> Feed:
-        """``jobs`` decoding in the pool, in order (:class:`.ahead.Feed`)."""
-        return Feed(self._pool, decode_job, jobs, self.workers * 16)
+    def feed(self, jobs: list[Job], window: int | None = None) -> Feed:
+        """``jobs`` decoding in the pool, in order (:class:`.ahead.Feed`); ``window``
+        results at most in flight (default: 16 per worker)."""
+        return Feed(self._pool, decode_job, jobs, window or self.workers * 16)
 
     def take_ahead(self) -> Feed | None:
         """The stream started ahead (once; None when there is none)."""
@@ -112,6 +114,13 @@ class Decoders:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def ahead_window(workers: int, size: int) -> int:
+    """Results the stream started ahead may hold: enough that the decoders keep going through
+    the label parse and the catalog bookkeeping (seconds) rather than stalling after 16 per
+    worker, within ~64 MB of decoded pixels."""
+    return max(workers * 16, min(256, (64 << 20) // (size * size)))
 
 
 def _decoded_stream(jobs: list[Job], decoders: Decoders | None) -> Iterator[Decoded]:
