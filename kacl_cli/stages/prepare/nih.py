@@ -27,12 +27,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from kacl_cli.errors import InputError
 from kacl_cli.findings import FINDINGS, NO_FINDING, normalise_finding
 from kacl_cli.imageio import load_for_store
 from kacl_cli.stages.prepare import labels
+from kacl_cli.store import Chunk, encode_image
 
 LABEL_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 BBOX_FILE = "BBox_List_2017.csv"
@@ -361,8 +360,9 @@ class LabelTable:
 
     def patients_of(self, image_ids: Iterable[str]) -> set[str]:
         """The patients of those of ``image_ids`` that the file lists."""
-        index, patients = self.index, self.patient_ids
-        return {patients[k] for k in map(index.get, image_ids) if k is not None}
+        rows = set(map(self.index.get, image_ids))  # C loops: test_list.txt is 25k ids
+        rows.discard(None)
+        return set(map(self.patient_ids.__getitem__, rows))  # type: ignore[arg-type]
 
     def entries(self, rows: Iterable[int]) -> list[Entry]:
         """The :class:`Entry` of each row in ``rows`` (0-based, file order)."""
@@ -432,7 +432,9 @@ def _read_list_text(path: Path) -> str:
 
 
 def _ids(text: str) -> set[str]:
-    return {s.strip() for s in text.splitlines() if s.strip()}
+    ids = set(map(str.strip, text.splitlines()))  # = {s.strip() for s ... if s.strip()}
+    ids.discard("")
+    return ids
 
 
 # -- the folder ----------------------------------------------------------------------------
@@ -655,7 +657,8 @@ def _fill_empty_splits(by_patient: dict[str, str], seed: int, mode: str,
 @dataclass
 class Decoded:
     index: int
-    pixels: np.ndarray | None  # size x size uint8, None when the file could not be read
+    chunk: Chunk | None  # the size x size pixels as the store keeps them (encode_image);
+    # None when the file could not be read. Encoded here, in the worker: see encode_image.
     width: int  # of the decoded source image
     height: int
     reason: str | None
@@ -673,4 +676,4 @@ def decode_job(job: tuple[int, str, int]) -> Decoded:
         return Decoded(index, None, 0, 0, str(exc))
     except Exception as exc:  # a decoder bug on one odd file must not kill the whole ingest
         return Decoded(index, None, 0, 0, f"{path}: cannot decode ({type(exc).__name__}: {exc})")
-    return Decoded(index, pixels, w, h, None)
+    return Decoded(index, encode_image(pixels), w, h, None)

@@ -44,6 +44,7 @@ from kacl_cli.stages.prepare import nih, phantoms
 from kacl_cli.stages.prepare.ahead import Feed, Job, pick, positions
 from kacl_cli.stages.prepare.nih import Decoded, decode_job
 from kacl_cli.stages.prepare.parts import HOOKS, take_items
+from kacl_cli.store import Chunk
 from kacl_cli.workspace import StageRun, Workspace, config_hash, stable_json
 
 STAGE = "prepare"
@@ -284,7 +285,7 @@ def ingest_release(
     ingested = failed = 0
     chunk_index = 0
     buf: list[tuple[nih.Entry, Decoded]] = []
-    unstored: list[np.ndarray] = []  # pixels of this chunk not in the store yet
+    unstored: list[Chunk] = []  # encoded pixels of this chunk not in the store yet
     n_stored = 0  # pixels of this chunk already in it
 
     def store() -> None:
@@ -292,14 +293,14 @@ def ingest_release(
         not all at its commit, after the last decode)."""
         nonlocal n_stored
         if unstored:
-            _store_images(ws, next_row + n_stored, np.stack(unstored), size, next_row)
+            _store_images(ws, next_row + n_stored, unstored, size, next_row)
             n_stored += len(unstored)
             unstored.clear()
 
     def commit(last: bool) -> None:
         nonlocal next_row, ingested, failed, chunk_index, n_stored
-        good = [(e, d) for e, d in buf if d.pixels is not None]
-        bad = [(e.image_id, d.reason or "unreadable") for e, d in buf if d.pixels is None]
+        good = [(e, d) for e, d in buf if d.chunk is not None]
+        bad = [(e.image_id, d.reason or "unreadable") for e, d in buf if d.chunk is None]
         if good:
             store()
             if on_chunk:
@@ -333,8 +334,8 @@ def ingest_release(
         for d in _decoded_stream(jobs, decoders):
             buf.append((todo[d.index], d))
             pb.update(1)
-            if d.pixels is not None:
-                unstored.append(d.pixels)
+            if d.chunk is not None:
+                unstored.append(d.chunk)
                 if len(unstored) >= STORE_BATCH:
                     store()
             if len(buf) >= chunk_size:
@@ -370,11 +371,11 @@ def ingest_release(
     }
 
 
-def _store_images(ws: Workspace, row: int, pixels: np.ndarray, size: int,
+def _store_images(ws: Workspace, row: int, chunks: list[Chunk], size: int,
                   committed: int) -> None:
-    """``Store.write_images``, with a full disk said in one line."""
+    """``Store.write_chunks``, with a full disk said in one line."""
     try:
-        ws.store.write_images(row, pixels, size)
+        ws.store.write_chunks(row, chunks, size)
     except OSError as exc:
         if not _disk_full(exc):
             raise
