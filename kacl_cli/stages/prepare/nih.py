@@ -23,9 +23,10 @@ import functools
 import hashlib
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 from kacl_cli.errors import InputError
 from kacl_cli.findings import FINDINGS, NO_FINDING, normalise_finding
@@ -300,11 +301,7 @@ def read_data_entry(path: Path) -> list[Entry]:
 def _entry(row: list[str], image_id: str, path: Path, line: int,
            label_cache: dict[str, tuple[str, ...]]) -> Entry:
     """One label row (already checked for its column count and id) as an :class:`Entry`."""
-    patient = row[3].strip()
-    if not patient:
-        raise _err(path, line, "empty Patient ID")
-    if patient.isdigit():
-        patient = str(int(patient))  # "00001" and "1" are the same patient
+    patient = _patient(row[3], path, line)
     findings = label_cache.get(row[1])
     if findings is None:
         findings = label_cache[row[1]] = parse_labels(row[1], path, line)
@@ -325,6 +322,39 @@ def _entry(row: list[str], image_id: str, path: Path, line: int,
     )
 
 
+def _patient(value: str, path: Path, line: int) -> str:
+    patient = value.strip()
+    if not patient:
+        raise _err(path, line, "empty Patient ID")
+    if patient.isdigit():
+        patient = str(int(patient))  # "00001" and "1" are the same patient
+    return patient
+
+
+class _LinePatients(Sequence[str]):
+    """The patient of each row, cut from the fast path's lines when asked for: the splits
+    usually need a few dozen (plus the test list's), not 112k."""
+
+    def __init__(self, path: Path, lines: list[str]):
+        self.path, self.lines = path, lines
+
+    def __len__(self) -> int:
+        return len(self.lines) - 1
+
+    @overload
+    def __getitem__(self, k: int) -> str: ...
+    @overload
+    def __getitem__(self, k: slice) -> list[str]: ...
+
+    def __getitem__(self, k: int | slice) -> str | list[str]:
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        k %= len(self)
+        return _patient(self.lines[k + 1].split(",", 4)[3], self.path, k + 2)
+
+
 @dataclass
 class LabelTable:
     """The label file as columns: the ids of every row, an :class:`Entry` for rows asked for.
@@ -337,7 +367,7 @@ class LabelTable:
 
     path: Path
     image_ids: list[str]  # every row, file order
-    patient_ids: list[str]  # normalised ("00001" -> "1")
+    patient_ids: Sequence[str]  # normalised ("00001" -> "1")
     lines: list[str] | None = None  # fast path: the file's lines, row k on lines[k + 1]
     parsed: list[Entry] | None = None  # strict path: every row already an Entry
     label_cache: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -389,7 +419,8 @@ def read_label_table(path: Path) -> LabelTable:
     path = Path(path)
     found = labels.scan(path, LABEL_HEADER)
     if found is not None:
-        table = LabelTable(path, found.image_ids, found.patient_ids, lines=found.lines)
+        table = LabelTable(path, found.image_ids, _LinePatients(path, found.lines),
+                           lines=found.lines)
         if len(table.index) == len(table):  # else a duplicate id: the strict parser says where
             return table
     return LabelTable.from_entries(path, read_data_entry(path))
@@ -567,7 +598,7 @@ def assign_splits(
 
 
 def patient_splits(
-    patient_ids: Iterable[str],
+    patient_ids: Sequence[str],
     mode: str,
     seed: int,
     *,
@@ -585,9 +616,9 @@ def patient_splits(
     every patient is, since filling it moves the patient nearest to its hash range.
     """
     split_of = _split_rule(mode, seed, test_patients, val_fraction, fractions)
-    patients = dict.fromkeys(patient_ids)  # first-seen order: _fill_empty_splits' tie order
-    if only is not None and _no_split_empty(patients, split_of, mode):
+    if only is not None and _no_split_empty(patient_ids, split_of, mode):
         return {p: split_of(p) for p in only}
+    patients = dict.fromkeys(patient_ids)  # first-seen order: _fill_empty_splits' tie order
     by_patient = {p: split_of(p) for p in patients}
     _fill_empty_splits(by_patient, seed, mode, val_fraction, fractions)
     return by_patient if only is None else {p: by_patient[p] for p in only}

@@ -58,7 +58,9 @@ def test_fast_path_gives_exactly_the_strict_parsers_entries(tmp_path: Path, vari
     assert labels.scan(p, nih.LABEL_HEADER) is not None  # these all take the fast path
     table, entries = both(p)
     assert entries == nih.read_data_entry(p)
-    assert table.patient_ids == [e.patient_id for e in entries]
+    assert list(table.patient_ids) == [e.patient_id for e in entries]
+    assert table.patient_ids[-1] == entries[-1].patient_id and table.patient_ids[1:3] == [
+        e.patient_id for e in entries[1:3]]
     assert table.entries([4, 2]) == [entries[4], entries[2]]
     assert table.index["00000002_000.png"] == 2 and entries[2].line == 4
 
