@@ -348,11 +348,20 @@ class _LinePatients(Sequence[str]):
 
     def __getitem__(self, k: int | slice) -> str | list[str]:
         if isinstance(k, slice):
-            return [self[j] for j in range(*k.indices(len(self)))]
+            return self.at(range(*k.indices(len(self))))
         if not -len(self) <= k < len(self):
             raise IndexError(k)
-        k %= len(self)
-        return _patient(self.lines[k + 1].split(",", 4)[3], self.path, k + 2)
+        return self.at([k % len(self)])[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.at(range(len(self)))) if len(self) < 64 else (
+            p for start in range(0, len(self), 64)
+            for p in self.at(range(start, min(start + 64, len(self)))))
+
+    def at(self, rows: Iterable[int]) -> list[str]:
+        """The patients of ``rows`` (valid 0-based rows)."""
+        lines, path = self.lines, self.path
+        return [_patient(lines[k + 1].split(",", 4)[3], path, k + 2) for k in rows]
 
 
 @dataclass
@@ -392,6 +401,8 @@ class LabelTable:
         """The patients of those of ``image_ids`` that the file lists."""
         rows = set(map(self.index.get, image_ids))  # C loops: test_list.txt is 25k ids
         rows.discard(None)
+        if isinstance(self.patient_ids, _LinePatients):
+            return set(self.patient_ids.at(rows))  # type: ignore[arg-type]
         return set(map(self.patient_ids.__getitem__, rows))  # type: ignore[arg-type]
 
     def entries(self, rows: Iterable[int]) -> list[Entry]:
