@@ -468,9 +468,10 @@ def _nih_whole(ws: Workspace, *, nih_dir: Path, size: int, limit: int | None, wo
             return {**done, "skipped": True}
     # A fresh (or --force) unsharded run ingests every listed image, in name order: start
     # decoding them now (see ahead.py). Not when resuming: most would be decoded for nothing.
+    # With --limit, only the first names (and a margin for files the label file lacks).
     fresh = workers > 1 and shard is None and (force or not ws.exists())
-    ahead = [(k, str(inputs.images[name]), size)
-             for k, name in enumerate(sorted(inputs.images))] if fresh else None
+    names = sorted(inputs.images)[: None if limit is None else limit + 64] if fresh else []
+    ahead = [(k, str(inputs.images[name]), size) for k, name in enumerate(names)] or None
     with _decoders(workers, ahead) as decoders:  # starts while the CSVs are parsed
         release = nih.read_release(inputs)  # validates the CSVs before anything is written
         identity = {k: config[k] for k in ("source", "nih_dir", "size", "split", "seed")}

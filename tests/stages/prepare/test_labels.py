@@ -174,9 +174,13 @@ def test_pick_reindexes_the_wanted_results_and_drops_the_rest() -> None:
 
 @pytest.mark.parametrize(("order", "limit"), [("sorted", 4), ("reversed", None)])
 def test_decoding_ahead_ingests_what_one_process_does(tmp_path: Path, order: str,
-                                                      limit: int | None) -> None:
+                                                      limit: int | None,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """2 workers (decoding ahead in name order; a label file in another order makes the
     ingest feed its own jobs) give the same rows and pixels as 1 process."""
+    picked: list[list[int]] = []
+    monkeypatch.setattr(ingest, "pick", lambda feed, picks: (
+        picked.append(picks), ahead.pick(feed, picks))[1])
     root = tmp_path / "nih"
     (root / "images").mkdir(parents=True)
     names = [f"{p:08d}_000.png" for p in range(1, 7)]
@@ -196,3 +200,4 @@ def test_decoding_ahead_ingests_what_one_process_does(tmp_path: Path, order: str
                                      "ORDER BY row"),
                     ws.store.read_images(list(range(s["ingested"]))).tolist()))
     assert got[0] == got[1]
+    assert picked == ([[1, 2, 3, 4]] if order == "sorted" else [])  # the stream served them
