@@ -175,6 +175,7 @@ def fill_disk(env: Env) -> list[str]:
         raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
     env.monkeypatch.setattr(Store, "write_images", full)  # type: ignore[attr-defined]
+    env.monkeypatch.setattr(Store, "write_chunks", full)  # type: ignore[attr-defined]
     return prepare_nih(env)
 
 

@@ -19,18 +19,20 @@ twelve archives): a CSV row without its PNG is counted as "missing", never an er
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import overload
 
 from kacl_cli.errors import InputError
 from kacl_cli.findings import FINDINGS, NO_FINDING, normalise_finding
 from kacl_cli.imageio import load_for_store
+from kacl_cli.stages.prepare import labels
+from kacl_cli.store import Chunk, encode_image
 
 LABEL_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 BBOX_FILE = "BBox_List_2017.csv"
@@ -41,6 +43,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Columns of Data_Entry_2017*.csv, by position (the header splits "OriginalImage[Width,Height]"
 # into two cells, so names are useless; positions are what both revisions share).
 N_ENTRY_COLUMNS = 11
+LABEL_HEADER = ("Image Index", "Finding Labels")  # the first two names, case-insensitive
 N_BBOX_COLUMNS = 6
 
 
@@ -77,17 +80,29 @@ class NihRelease:
 
     root: Path
     labels_file: Path
-    entries: list[Entry]
+    labels: LabelTable
     boxes: dict[str, list[Box]]
     bbox_file: Path | None
-    train_val: set[str] | None
+    train_val_text: str | None  # train_val_list.txt, read (so a bad file fails early)
     test: set[str] | None
     images: dict[str, Path]  # file name -> path, over every supported layout
     file_hashes: dict[str, str] = field(default_factory=dict)
 
     @property
     def has_official_split(self) -> bool:
-        return self.train_val is not None and self.test is not None
+        return self.train_val_text is not None and self.test is not None
+
+    @functools.cached_property
+    def train_val(self) -> set[str] | None:
+        """The ids of ``train_val_list.txt``. The split needs only the test list (every other
+        patient is train or val), so these 86k ids are made a set only when asked for."""
+        return None if self.train_val_text is None else _ids(self.train_val_text)
+
+    @property
+    def entries(self) -> list[Entry]:
+        """Every label row as an :class:`Entry` (slow on the full file: ``prepare`` uses
+        :attr:`labels`)."""
+        return self.labels.entries(range(len(self.labels)))
 
 
 # -- small parsers -------------------------------------------------------------------------
@@ -261,14 +276,15 @@ def _records(path: Path, header: tuple[str, str], kind: str) -> Iterator[tuple[i
 def read_data_entry(path: Path) -> list[Entry]:
     """Parse ``Data_Entry_2017*.csv`` strictly (see module docstring).
 
-    Written for speed as well (112k rows on every prepare): label strings are parsed once per
-    distinct combination, and numbers take a fast path.
+    The reference parser: ``prepare`` reads through :func:`read_label_table`, whose fast path
+    must agree with this on every file it accepts, and which falls back to this on the rest.
+    Label strings are parsed once per distinct combination, and numbers take a fast path.
     """
     path = Path(path)
     entries: list[Entry] = []
     seen: dict[str, int] = {}
     label_cache: dict[str, tuple[str, ...]] = {}
-    for line, row in _records(path, ("Image Index", "Finding Labels"), "label"):
+    for line, row in _records(path, LABEL_HEADER, "label"):
         if len(row) != N_ENTRY_COLUMNS:
             _check_extra_empty(row, N_ENTRY_COLUMNS, path, line)
         image_id = row[0].strip()
@@ -278,30 +294,147 @@ def read_data_entry(path: Path) -> list[Entry]:
             raise _err(path, line, f"duplicate Image Index {image_id!r} (first on line "
                                    f"{seen[image_id]})")
         seen[image_id] = line
-        patient = row[3].strip()
-        if not patient:
-            raise _err(path, line, "empty Patient ID")
-        if patient.isdigit():
-            patient = str(int(patient))  # "00001" and "1" are the same patient
-        findings = label_cache.get(row[1])
-        if findings is None:
-            findings = label_cache[row[1]] = parse_labels(row[1], path, line)
-        entries.append(Entry(
-            image_id,
-            findings,
-            _int(row[2], path, line, "Follow-up #", allow_empty=True),  # type: ignore[arg-type]
-            patient,
-            _ranged(_int(row[4], path, line, "Patient Age", allow_empty=True), path, line,
-                    "Patient Age"),
-            row[5].strip() or None,
-            row[6].strip() or None,
-            *(_ranged(_int(row[k], path, line, what, allow_empty=True), path, line, what)
-              for k, what in ((7, "OriginalImage Width"), (8, "OriginalImage Height"))),
-            *(_ranged(_float(row[k], path, line, what, allow_empty=True), path, line, what)
-              for k, what in ((9, "pixel spacing x"), (10, "pixel spacing y"))),
-            line,
-        ))
+        entries.append(_entry(row, image_id, path, line, label_cache))
     return entries
+
+
+def _entry(row: list[str], image_id: str, path: Path, line: int,
+           label_cache: dict[str, tuple[str, ...]]) -> Entry:
+    """One label row (already checked for its column count and id) as an :class:`Entry`."""
+    patient = _patient(row[3], path, line)
+    findings = label_cache.get(row[1])
+    if findings is None:
+        findings = label_cache[row[1]] = parse_labels(row[1], path, line)
+    return Entry(
+        image_id,
+        findings,
+        _int(row[2], path, line, "Follow-up #", allow_empty=True),  # type: ignore[arg-type]
+        patient,
+        _ranged(_int(row[4], path, line, "Patient Age", allow_empty=True), path, line,
+                "Patient Age"),
+        row[5].strip() or None,
+        row[6].strip() or None,
+        *(_ranged(_int(row[k], path, line, what, allow_empty=True), path, line, what)
+          for k, what in ((7, "OriginalImage Width"), (8, "OriginalImage Height"))),
+        *(_ranged(_float(row[k], path, line, what, allow_empty=True), path, line, what)
+          for k, what in ((9, "pixel spacing x"), (10, "pixel spacing y"))),
+        line,
+    )
+
+
+def _patient(value: str, path: Path, line: int) -> str:
+    patient = value.strip()
+    if not patient:
+        raise _err(path, line, "empty Patient ID")
+    if patient.isdigit():
+        patient = str(int(patient))  # "00001" and "1" are the same patient
+    return patient
+
+
+class _LinePatients(Sequence[str]):
+    """The patient of each row, cut from the fast path's lines when asked for: the splits
+    usually need a few dozen (plus the test list's), not 112k."""
+
+    def __init__(self, path: Path, lines: list[str]):
+        self.path, self.lines = path, lines
+
+    def __len__(self) -> int:
+        return len(self.lines) - 1
+
+    @overload
+    def __getitem__(self, k: int) -> str: ...
+    @overload
+    def __getitem__(self, k: slice) -> list[str]: ...
+
+    def __getitem__(self, k: int | slice) -> str | list[str]:
+        if isinstance(k, slice):
+            return self.at(range(*k.indices(len(self))))
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        return self.at([k % len(self)])[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.at(range(len(self)))) if len(self) < 64 else (
+            p for start in range(0, len(self), 64)
+            for p in self.at(range(start, min(start + 64, len(self)))))
+
+    def at(self, rows: Iterable[int]) -> list[str]:
+        """The patients of ``rows`` (valid 0-based rows)."""
+        lines, path = self.lines, self.path
+        return [_patient(lines[k + 1].split(",", 4)[3], path, k + 2) for k in rows]
+
+
+@dataclass
+class LabelTable:
+    """The label file as columns: the ids of every row, an :class:`Entry` for rows asked for.
+
+    Why columns: the splits need every row's patient, but ``prepare`` ingests only the rows
+    whose image is on disk; building 112k entries for 95 images cost more than the images.
+    Built by :func:`read_label_table`, from the fast path's raw lines or from the strict
+    parser's entries.
+    """
+
+    path: Path
+    image_ids: list[str]  # every row, file order
+    patient_ids: Sequence[str]  # normalised ("00001" -> "1")
+    lines: list[str] | None = None  # fast path: the file's lines, row k on lines[k + 1]
+    parsed: list[Entry] | None = None  # strict path: every row already an Entry
+    label_cache: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    _index: dict[str, int] | None = None
+
+    @classmethod
+    def from_entries(cls, path: Path, entries: list[Entry]) -> LabelTable:
+        return cls(Path(path), [e.image_id for e in entries], [e.patient_id for e in entries],
+                   parsed=entries)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def index(self) -> dict[str, int]:
+        """image id -> row."""
+        if self._index is None:
+            self._index = dict(zip(self.image_ids, range(len(self.image_ids)), strict=True))
+        return self._index
+
+    def patients_of(self, image_ids: Iterable[str]) -> set[str]:
+        """The patients of those of ``image_ids`` that the file lists."""
+        rows = set(map(self.index.get, image_ids))  # C loops: test_list.txt is 25k ids
+        rows.discard(None)
+        if isinstance(self.patient_ids, _LinePatients):
+            return set(self.patient_ids.at(rows))  # type: ignore[arg-type]
+        return set(map(self.patient_ids.__getitem__, rows))  # type: ignore[arg-type]
+
+    def entries(self, rows: Iterable[int]) -> list[Entry]:
+        """The :class:`Entry` of each row in ``rows`` (0-based, file order)."""
+        if self.parsed is not None:
+            return [self.parsed[k] for k in rows]
+        assert self.lines is not None
+        out = []
+        for k in rows:
+            row = self.lines[k + 1].split(",")
+            if row[0] != self.image_ids[k]:  # the two readers disagree on the rows: a bug
+                raise RuntimeError(f"{self.path}:{k + 2}: fast label reader out of step")
+            out.append(_entry(row, row[0], self.path, k + 2, self.label_cache))
+        return out
+
+
+
+def read_label_table(path: Path) -> LabelTable:
+    """Read and validate the label file as a :class:`LabelTable`.
+
+    :func:`kacl_cli.stages.prepare.labels.scan` proves the usual file valid in DuckDB (about
+    10x faster than the strict parser); anything it does not accept, including every malformed
+    file, goes through :func:`read_data_entry`, whose error messages stay the only ones.
+    """
+    path = Path(path)
+    found = labels.scan(path, LABEL_HEADER)
+    if found is not None:
+        table = LabelTable(path, found.image_ids, _LinePatients(path, found.lines),
+                           lines=found.lines)
+        if len(table.index) == len(table):  # else a duplicate id: the strict parser says where
+            return table
+    return LabelTable.from_entries(path, read_data_entry(path))
 
 
 def read_bbox_list(path: Path) -> dict[str, list[Box]]:
@@ -330,11 +463,20 @@ def read_bbox_list(path: Path) -> dict[str, list[Box]]:
 
 def read_list(path: Path) -> set[str]:
     """One image id per line (``train_val_list.txt`` / ``test_list.txt``)."""
+    return _ids(_read_list_text(path))
+
+
+def _read_list_text(path: Path) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")
+        return Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read ({exc})") from None
-    return {s.strip() for s in text.splitlines() if s.strip()}
+
+
+def _ids(text: str) -> set[str]:
+    ids = set(map(str.strip, text.splitlines()))  # = {s.strip() for s ... if s.strip()}
+    ids.discard("")
+    return ids
 
 
 # -- the folder ----------------------------------------------------------------------------
@@ -421,12 +563,12 @@ def read_release(root: Path | Inputs) -> NihRelease:
     """Read and validate an NIH folder (labels, boxes, split lists, image listing)."""
     inputs = root if isinstance(root, Inputs) else survey(root)
     r = inputs.root
-    entries = read_data_entry(inputs.labels_file)
+    table = read_label_table(inputs.labels_file)
     boxes = read_bbox_list(inputs.bbox_file) if inputs.bbox_file is not None else {}
-    train_val = read_list(r / TRAIN_VAL_LIST) if inputs.has_lists else None
+    train_val = _read_list_text(r / TRAIN_VAL_LIST) if inputs.has_lists else None
     test = read_list(r / TEST_LIST) if inputs.has_lists else None
-    return NihRelease(root=r, labels_file=inputs.labels_file, entries=entries, boxes=boxes,
-                      bbox_file=inputs.bbox_file, train_val=train_val, test=test,
+    return NihRelease(root=r, labels_file=inputs.labels_file, labels=table, boxes=boxes,
+                      bbox_file=inputs.bbox_file, train_val_text=train_val, test=test,
                       images=inputs.images, file_hashes=inputs.file_hashes)
 
 
@@ -458,11 +600,48 @@ def assign_splits(
     other patients are train, and a seeded ``val_fraction`` of them is carved out as val.
     ``random``: seeded patient-level 70/10/20 (``fractions``).
     """
+    test_patients = (None if test_ids is None
+                     else {e.patient_id for e in entries if e.image_id in test_ids})
+    by_patient = patient_splits([e.patient_id for e in entries], mode, seed,
+                                test_patients=test_patients, val_fraction=val_fraction,
+                                fractions=fractions)
+    return {e.image_id: by_patient[e.patient_id] for e in entries}
+
+
+def patient_splits(
+    patient_ids: Sequence[str],
+    mode: str,
+    seed: int,
+    *,
+    test_patients: set[str] | None = None,
+    val_fraction: float = 0.1,
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+    only: Iterable[str] | None = None,
+) -> dict[str, str]:
+    """patient -> split over the patients of ``patient_ids`` (every label row's, in file
+    order), by the rules of :func:`assign_splits` (``test_patients``: those with an image in
+    ``test_list.txt``).
+
+    ``only``: return just these patients' splits. The rule is per patient, so the others are
+    hashed only as far as needed to see that no split is empty; when one is (tiny files),
+    every patient is, since filling it moves the patient nearest to its hash range.
+    """
+    split_of = _split_rule(mode, seed, test_patients, val_fraction, fractions)
+    if only is not None and _no_split_empty(patient_ids, split_of, mode):
+        return {p: split_of(p) for p in only}
+    patients = dict.fromkeys(patient_ids)  # first-seen order: _fill_empty_splits' tie order
+    by_patient = {p: split_of(p) for p in patients}
+    _fill_empty_splits(by_patient, seed, mode, val_fraction, fractions)
+    return by_patient if only is None else {p: by_patient[p] for p in only}
+
+
+def _split_rule(mode: str, seed: int, test_patients: set[str] | None, val_fraction: float,
+                fractions: tuple[float, float, float]) -> Callable[[str], str]:
+    """patient -> split before :func:`_fill_empty_splits`."""
     if mode == "official":
-        if test_ids is None:
+        if test_patients is None:
             raise InputError("official split needs train_val_list.txt and test_list.txt "
                              "(use --split random)")
-        test_patients = {e.patient_id for e in entries if e.image_id in test_ids}
 
         def split_of(patient: str) -> str:
             if patient in test_patients:
@@ -476,12 +655,18 @@ def assign_splits(
             return "train" if u < tr else "val" if u < tr + va else "test"
     else:
         raise InputError(f"unknown split {mode!r}: expected official or random")
-    cache: dict[str, str] = {}
-    for e in entries:
-        if e.patient_id not in cache:
-            cache[e.patient_id] = split_of(e.patient_id)
-    _fill_empty_splits(cache, seed, mode, val_fraction, fractions)
-    return {e.image_id: cache[e.patient_id] for e in entries}
+    return split_of
+
+
+def _no_split_empty(patients: Iterable[str], split_of: Callable[[str], str], mode: str) -> bool:
+    """Whether every split :func:`_fill_empty_splits` would fill already has a patient (it
+    then changes nothing); stops at the first patient of the last one seen."""
+    need = {"val"} if mode == "official" else {"val", "test"}
+    for p in patients:
+        need.discard(split_of(p))
+        if not need:
+            return True
+    return False
 
 
 def _fill_empty_splits(by_patient: dict[str, str], seed: int, mode: str,
@@ -514,7 +699,8 @@ def _fill_empty_splits(by_patient: dict[str, str], seed: int, mode: str,
 @dataclass
 class Decoded:
     index: int
-    pixels: np.ndarray | None  # size x size uint8, None when the file could not be read
+    chunk: Chunk | None  # the size x size pixels as the store keeps them (encode_image);
+    # None when the file could not be read. Encoded here, in the worker: see encode_image.
     width: int  # of the decoded source image
     height: int
     reason: str | None
@@ -532,4 +718,4 @@ def decode_job(job: tuple[int, str, int]) -> Decoded:
         return Decoded(index, None, 0, 0, str(exc))
     except Exception as exc:  # a decoder bug on one odd file must not kill the whole ingest
         return Decoded(index, None, 0, 0, f"{path}: cannot decode ({type(exc).__name__}: {exc})")
-    return Decoded(index, pixels, w, h, None)
+    return Decoded(index, encode_image(pixels), w, h, None)

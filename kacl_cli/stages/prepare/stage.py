@@ -41,13 +41,16 @@ from kacl_cli.parallel import process_pool
 from kacl_cli.progress import bar
 from kacl_cli.sharding.parts import Shard, file_lock, run_part
 from kacl_cli.stages.prepare import nih, phantoms
+from kacl_cli.stages.prepare.ahead import Feed, Job, pick, positions
 from kacl_cli.stages.prepare.nih import Decoded, decode_job
 from kacl_cli.stages.prepare.parts import HOOKS, take_items
+from kacl_cli.store import Chunk
 from kacl_cli.workspace import StageRun, Workspace, config_hash, stable_json
 
 STAGE = "prepare"
 DATASET_KEY = "prepare_dataset"  # meta row: what the workspace's images are (see _claim)
 DEFAULT_CHUNK = 256  # images per commit: fewer commits cost less CPU beside the decoders
+STORE_BATCH = 32  # decoded images per store write: the last chunk's writes mostly overlap decoding
 VAL_FRACTION = 0.1
 
 ChunkHook = Callable[[int, str], None]
@@ -60,11 +63,14 @@ class Decoders:
 
     Starting workers takes a few hundred ms; meanwhile the main process parses the CSVs and
     does its catalog bookkeeping, so on small runs the start-up is not added to the wall time.
+    ``ahead``: jobs to start decoding as soon as the pool is up (:mod:`.ahead`).
     """
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, ahead: list[Job] | None = None):
         self.workers = workers
         self._pool: Any = None
+        self._ahead_jobs = ahead
+        self._ahead: Feed | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._start, daemon=True)
         self._thread.start()
@@ -72,6 +78,9 @@ class Decoders:
     def _start(self) -> None:
         try:
             self._pool = decode_pool(self.workers)
+            if self._ahead_jobs:
+                size = self._ahead_jobs[0][2]
+                self._ahead = self.feed(self._ahead_jobs, ahead_window(self.workers, size))
         except BaseException as exc:  # re-raised in the main thread by get()
             self._error = exc
 
@@ -81,8 +90,21 @@ class Decoders:
             raise self._error
         return self._pool
 
+    def feed(self, jobs: list[Job], window: int | None = None) -> Feed:
+        """``jobs`` decoding in the pool, in order (:class:`.ahead.Feed`); ``window``
+        results at most in flight (default: 16 per worker)."""
+        return Feed(self._pool, decode_job, jobs, window or self.workers * 16)
+
+    def take_ahead(self) -> Feed | None:
+        """The stream started ahead (once; None when there is none)."""
+        self.get()
+        feed, self._ahead = self._ahead, None
+        return feed
+
     def close(self) -> None:
         self._thread.join()
+        if self._ahead is not None:
+            self._ahead.stop()
         if self._pool is not None:
             self._pool.terminate()
             self._pool.join()
@@ -95,36 +117,28 @@ class Decoders:
         self.close()
 
 
-def _decoded_stream(jobs: list[tuple[int, str, int]], decoders: Decoders | None
-                    ) -> Iterator[Decoded]:
-    """Decoded images in job order: in-process, or through ``decoders`` (see :func:`decode_pool`).
+def ahead_window(workers: int, size: int) -> int:
+    """Results the stream started ahead may hold: enough that the decoders keep going through
+    the label parse and the catalog bookkeeping (seconds) rather than stalling after 16 per
+    worker, within ~64 MB of decoded pixels."""
+    return max(workers * 16, min(256, (64 << 20) // (size * size)))
 
-    ``Pool.imap`` would queue all 112k jobs at once and buffer every result the main process
-    has not consumed yet; a semaphore around the job feed bounds what is in flight (memory
-    stays flat even when store writes are slower than decoding).
-    """
+
+def _decoded_stream(jobs: list[Job], decoders: Decoders | None) -> Iterator[Decoded]:
+    """Decoded images in job order: in-process, or through ``decoders`` (see :func:`decode_pool`),
+    from the stream they started ahead when it holds these jobs in this order."""
+    ahead = decoders.take_ahead() if decoders is not None else None
+    if ahead is not None:
+        picks = positions(ahead.jobs, jobs)
+        if picks is not None:
+            yield from pick(ahead, picks)
+            return
+        ahead.stop()
     if decoders is None or len(jobs) < 2:
         for job in jobs:
             yield decode_job(job)
         return
-    slots = threading.Semaphore(decoders.workers * 16)
-    stop = threading.Event()
-
-    def feed() -> Iterator[tuple[int, str, int]]:
-        for job in jobs:
-            while not slots.acquire(timeout=0.1):
-                if stop.is_set():
-                    return
-            if stop.is_set():
-                return
-            yield job
-
-    try:
-        for d in decoders.get().imap(decode_job, feed(), chunksize=4):
-            slots.release()
-            yield d
-    finally:
-        stop.set()  # unblock the feeder so the pool can shut down
+    yield from decoders.feed(jobs)
 
 
 def decode_pool(workers: int) -> Any:
@@ -228,16 +242,22 @@ def ingest_release(
             f"{release.root}: no train_val_list.txt/test_list.txt for the official split; "
             "add them or use --split random"
         )
-    splits = nih.assign_splits(release.entries, split, seed, test_ids=release.test,
-                               val_fraction=VAL_FRACTION)
-    present = [e for e in release.entries if e.image_id in release.images]
-    missing = len(release.entries) - len(present)
-    listed = {e.image_id for e in release.entries}
-    unlisted = sum(1 for name in release.images if name not in listed)
+    table = release.labels
+    index = table.index
+    present_rows = sorted(index[name] for name in release.images if name in index)
+    missing = len(table) - len(present_rows)
+    unlisted = len(release.images) - len(present_rows)  # ids are unique: the rest is unlisted
     over_limit = 0
-    if limit is not None and len(present) > limit:
-        over_limit = len(present) - limit
-        present = present[:limit]
+    if limit is not None and len(present_rows) > limit:
+        over_limit = len(present_rows) - limit
+        present_rows = present_rows[:limit]
+    present = table.entries(present_rows)
+    # Splits over all CSV rows, computed for the patients ingested (see nih.patient_splits).
+    test_patients = (table.patients_of(release.test)
+                     if split == "official" and release.test is not None else None)
+    splits = nih.patient_splits(table.patient_ids, split, seed, test_patients=test_patients,
+                                val_fraction=VAL_FRACTION,
+                                only={e.patient_id for e in present})
     if shard is not None:  # one slice of what an unsharded run ingests; splits stay global
         if shard.index >= len(present):  # the count is known only now, after the survey
             raise UsageError(f"--shard {shard.label}: shard {shard.index} of {len(present)} "
@@ -247,6 +267,7 @@ def ingest_release(
     with ws.catalog.connect(read_only=True) as con:
         done = {r[0] for r in con.execute("SELECT image_id FROM images").fetchall()}
         max_row = con.execute("SELECT max(row) FROM images").fetchone()[0]
+    ws.catalog.release()  # the catalog stays readable by others while the images decode
     next_row = 0 if max_row is None else int(max_row) + 1
     stored = ws.store.n_rows()
     if stored < next_row:
@@ -260,29 +281,34 @@ def ingest_release(
 
     todo = [e for e in present if e.image_id not in done]
     already = len(present) - len(todo)
-    jobs = [(i, str(release.images[e.image_id]), size) for i, e in enumerate(todo)]
+    jobs: list[Job] = [(i, str(release.images[e.image_id]), size) for i, e in enumerate(todo)]
     ingested = failed = 0
     chunk_index = 0
     buf: list[tuple[nih.Entry, Decoded]] = []
+    unstored: list[Chunk] = []  # encoded pixels of this chunk not in the store yet
+    n_stored = 0  # pixels of this chunk already in it
 
-    def commit() -> None:
-        nonlocal next_row, ingested, failed, chunk_index
-        good = [(e, d) for e, d in buf if d.pixels is not None]
-        bad = [(e.image_id, d.reason or "unreadable") for e, d in buf if d.pixels is None]
+    def store() -> None:
+        """Write the chunk's pending pixels (a few at a time, while the next ones decode:
+        not all at its commit, after the last decode)."""
+        nonlocal n_stored
+        if unstored:
+            _store_images(ws, next_row + n_stored, unstored, size, next_row)
+            n_stored += len(unstored)
+            unstored.clear()
+
+    def commit(last: bool) -> None:
+        nonlocal next_row, ingested, failed, chunk_index, n_stored
+        good = [(e, d) for e, d in buf if d.chunk is not None]
+        bad = [(e.image_id, d.reason or "unreadable") for e, d in buf if d.chunk is None]
         if good:
-            try:
-                ws.store.write_images(next_row, np.stack([d.pixels for _, d in good]), size)
-            except OSError as exc:
-                if not _disk_full(exc):
-                    raise
-                raise KaclError(f"disk full while writing {ws.store.path.name} ({next_row} "
-                                "images committed; free space and re-run to resume)") from None
+            store()
             if on_chunk:
                 on_chunk(chunk_index, "stored")
             img_rows, lab_rows, box_rows = [], [], []
             box_errors: list[tuple[str | None, str]] = []
             for k, (e, d) in enumerate(good):
-                img_rows.append(_image_row(e, d, next_row + k, splits[e.image_id],
+                img_rows.append(_image_row(e, d, next_row + k, splits[e.patient_id],
                                            str(release.images[e.image_id])))
                 has = set(e.findings)
                 lab_rows.append((e.image_id, *[f in has for f in FINDINGS], not has))
@@ -295,20 +321,27 @@ def ingest_release(
             if on_chunk:
                 on_chunk(chunk_index, "committed")
         run.errors(bad)
+        if not last:  # let go of the catalog while the next chunk decodes
+            ws.catalog.release()
         next_row += len(good)
         ingested += len(good)
         failed += len(bad)
         chunk_index += 1
+        n_stored = 0
         buf.clear()
 
     with bar(len(todo), "prepare") as pb:
         for d in _decoded_stream(jobs, decoders):
             buf.append((todo[d.index], d))
             pb.update(1)
+            if d.chunk is not None:
+                unstored.append(d.chunk)
+                if len(unstored) >= STORE_BATCH:
+                    store()
             if len(buf) >= chunk_size:
-                commit()
+                commit(last=d.index == len(todo) - 1)
         if buf:
-            commit()
+            commit(last=True)
 
     seconds = time.perf_counter() - t0
     with ws.catalog.connect(read_only=True) as con:
@@ -320,7 +353,7 @@ def ingest_release(
         "labels_file": release.labels_file.name,
         "size": size,
         "split": split,
-        "csv_rows": len(release.entries),
+        "csv_rows": len(release.labels),
         "missing": missing,
         "unlisted": unlisted,
         "over_limit": over_limit,
@@ -336,6 +369,18 @@ def ingest_release(
         "seconds": round(seconds, 2),
         "images_per_s": round(ingested / seconds, 1) if seconds > 0 else None,
     }
+
+
+def _store_images(ws: Workspace, row: int, chunks: list[Chunk], size: int,
+                  committed: int) -> None:
+    """``Store.write_chunks``, with a full disk said in one line."""
+    try:
+        ws.store.write_chunks(row, chunks, size)
+    except OSError as exc:
+        if not _disk_full(exc):
+            raise
+        raise KaclError(f"disk full while writing {ws.store.path.name} ({committed} "
+                        "images committed; free space and re-run to resume)") from None
 
 
 def _disk_full(exc: OSError) -> bool:
@@ -421,7 +466,13 @@ def _nih_whole(ws: Workspace, *, nih_dir: Path, size: int, limit: int | None, wo
         done = ws.find_done(STAGE, None, config_hash(config), fingerprint)
         if done is not None:
             return {**done, "skipped": True}
-    with _decoders(workers) as decoders:  # starts while the CSVs are parsed
+    # A fresh (or --force) unsharded run ingests every listed image, in name order: start
+    # decoding them now (see ahead.py). Not when resuming: most would be decoded for nothing.
+    # With --limit, only the first names (and a margin for files the label file lacks).
+    fresh = workers > 1 and shard is None and (force or not ws.exists())
+    names = sorted(inputs.images)[: None if limit is None else limit + 64] if fresh else []
+    ahead = [(k, str(inputs.images[name]), size) for k, name in enumerate(names)] or None
+    with _decoders(workers, ahead) as decoders:  # starts while the CSVs are parsed
         release = nih.read_release(inputs)  # validates the CSVs before anything is written
         identity = {k: config[k] for k in ("source", "nih_dir", "size", "split", "seed")}
         identity["labels"] = inputs.file_hashes
@@ -430,8 +481,9 @@ def _nih_whole(ws: Workspace, *, nih_dir: Path, size: int, limit: int | None, wo
             decoders=decoders, chunk_size=chunk_size, on_chunk=on_chunk, shard=shard))
 
 
-def _decoders(workers: int) -> Decoders | contextlib.nullcontext:
-    return Decoders(workers) if workers > 1 else contextlib.nullcontext()
+def _decoders(workers: int, ahead: list[Job] | None = None
+              ) -> Decoders | contextlib.nullcontext:
+    return Decoders(workers, ahead) if workers > 1 else contextlib.nullcontext()
 
 
 def prepare_synthetic(
@@ -497,6 +549,7 @@ def _synthetic_whole(ws: Workspace, *, n: int, size: int, seed: int, difficulty:
         expect = {k: config[k] for k in ("n", "size", "seed", "difficulty", "enrich",
                                          "generator")}
         generated, t0 = 0, time.perf_counter()
+        ws.catalog.release()  # generating takes minutes: leave the catalog to others
         with file_lock(root.with_name(root.name + ".lock")):
             if force or not phantoms.release_is_complete(root, expect):
                 if root.exists():
@@ -530,12 +583,15 @@ def _check_size(size: int) -> None:
 
 def _run(ws: Workspace, config: dict[str, Any], fingerprint: str, identity: dict[str, Any],
          force: bool, work: Callable[[StageRun], dict[str, Any]]) -> dict[str, Any]:
-    ws.init()
-    with ws.stage_run(STAGE, config, fingerprint, force=force) as run:
-        if run.skipped:
-            return run.result()
-        if force:
-            wipe_images(ws)
-        _claim(ws, identity)
-        run.summary = _checked(run, work(run))
+    # One catalog connection for the bookkeeping before and after the images (each open costs
+    # ~40 ms); ingest_release lets go of it while it decodes and between chunk commits.
+    with ws.catalog.session():
+        ws.init()
+        with ws.stage_run(STAGE, config, fingerprint, force=force) as run:
+            if run.skipped:
+                return run.result()
+            if force:
+                wipe_images(ws)
+            _claim(ws, identity)
+            run.summary = _checked(run, work(run))
     return run.result()
