@@ -116,9 +116,9 @@ def probe_eval(ws: Workspace, round_: int, label_fraction: float = 1.0, split: s
 
 def mean_auc(data: EvalData) -> float | None:
     """Mean AUC over the findings with both classes and a score (the headline's rule)."""
-    from sklearn.metrics import roc_auc_score
+    from kacl_cli.stages.evaluate.metrics import roc_auc
 
-    aucs = [roc_auc_score(data.labels[:, j], data.probs[:, j])
+    aucs = [roc_auc(data.labels[:, j], data.probs[:, j])
             for j in range(len(FINDINGS))
             if data.labels[:, j].any() and not data.labels[:, j].all()
             and np.isfinite(data.probs[:, j]).all()]
