@@ -315,15 +315,17 @@ class Study:
                     for s in self.cfg.seeds
                     if cells.get(setting, {}).get(s, {}).get("status") == "done"}
 
-        def probed(setting: str) -> dict[int, Any]:
+        def probed(setting: str, data: dict[int, Any]) -> dict[int, Any]:
             """The same cells under the linear probe (evaluate/linear_probe.py; cached)."""
             return {s: probe_eval(Workspace(self.cell_dir(s, setting)), self.cfg.rounds,
-                                  self.cfg.label_fraction, device=self.cfg.device)
-                    for s in self.cfg.seeds
-                    if cells.get(setting, {}).get(s, {}).get("status") == "done"}
+                                  self.cfg.label_fraction, device=self.cfg.device, data=d)
+                    for s, d in data.items()}
 
-        ref_data, ref_probe = loaded(REFERENCE), probed(REFERENCE)
-        shuffled_data, shuffled_probe = loaded(SHUFFLED), probed(SHUFFLED)
+        ref_data = loaded(REFERENCE)
+        shuffled_data = loaded(SHUFFLED)
+        known = {REFERENCE: (ref_data, probed(REFERENCE, ref_data)),
+                 SHUFFLED: (shuffled_data, probed(SHUFFLED, shuffled_data))}
+        ref_probe, shuffled_probe = known[REFERENCE][1], known[SHUFFLED][1]
         rows = []
         for setting in self.cfg.settings:
             per = cells[setting]
@@ -336,14 +338,16 @@ class Study:
                 "mean_loc_acc": _mean([per[s].get("mean_loc_acc") for s in done]),
                 "seconds": _mean([per[s].get("seconds") for s in done]),
             }
-            probe = {REFERENCE: ref_probe, SHUFFLED: shuffled_probe}.get(setting) \
-                or probed(setting)
+            if setting in known:
+                data, probe = known[setting]
+            else:
+                data = loaded(setting)
+                probe = probed(setting, data)
             row["probe_auc"] = _mean([mean_auc(probe[s]) for s in done])
             both = [s for s in done if s in ref_data]
             complete = not failed and len(both) == len(self.cfg.seeds)
             row["complete"] = complete
             if setting != REFERENCE and both:
-                data = shuffled_data if setting == SHUFFLED else loaded(setting)
                 row["vs_none"] = self._versus(data, ref_data, probe, ref_probe, both)
                 if setting != SHUFFLED and shuffled_data:
                     # The knowledge effect net of the contrastive term itself: the same
@@ -366,7 +370,6 @@ class Study:
         doc["decisions"] = {m: decide(doc, m) for m in DECISION_METRICS}
         doc["decision"] = doc["decisions"]["mean_auc"]
         return doc
-
 
     def _versus(self, data: dict[int, Any], ref: dict[int, Any], probe: dict[int, Any],
                 ref_probe: dict[int, Any], seeds: list[int]) -> dict[str, Any]:

@@ -85,16 +85,19 @@ def _key(ws: Workspace, round_: int, label_fraction: float, c: float) -> str:
 
 
 def probe_eval(ws: Workspace, round_: int, label_fraction: float = 1.0, split: str = "test",
-               c: float = PROBE_C, device: str = "cpu") -> EvalData:
+               c: float = PROBE_C, device: str = "cpu",
+               data: EvalData | None = None) -> EvalData:
     """``split``'s evaluation data with the model's probabilities replaced by the probe's.
 
     Everything else (labels, boxes, exclusions) is the model's own, so the result pairs with
     any other evaluation of the same split (:func:`kacl_cli.stages.evaluate.paired.pair_eval`).
+    ``data``: that evaluation when the caller has already read it (not read twice).
     """
     from kacl_cli.stages.contrast.weak import labelled_mask
     from kacl_cli.training.loader import load_split
 
-    data = load_eval_data(ws, round_, split)
+    if data is None:
+        data = load_eval_data(ws, round_, split)
     cache = ws.root / f"probe-round-{round_}-{split}.npz"
     key = _key(ws, round_, label_fraction, c)
     if cache.exists():
