@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from kacl_cli.cli import DeviceOpt, JsonOpt, WorkspaceOpt, emit, err, handle_errors, out
+from kacl_cli.stages.study import DEFAULT_SETTINGS
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "study"
@@ -72,8 +73,10 @@ def command(
         "over processes; a later call over all seeds prints the pooled table).")] = 0,
     settings: Annotated[str, typer.Option(
         "--settings", help="Comma list of: none, augment, radiomics, radiomics-nofeedback, "
-        "oracle (positive control), shuffled (negative control).")]
-    = "none,augment,radiomics,radiomics-nofeedback,oracle,shuffled",
+        "oracle (positive control), shuffled (negative control); and the positive choice: "
+        "radiomics-labelled (--positive-roi labelled), radiomics-labelled-lung (also "
+        "--normal-positive lung).")]
+    = ",".join(DEFAULT_SETTINGS),
     backbone: Annotated[str, typer.Option(help="Image network of round 0.")] = "tiny",
     pretrain_epochs: Annotated[int, typer.Option("--pretrain-epochs", min=1)] = 8,
     pretrain_lr: Annotated[float, typer.Option("--pretrain-lr")] = 2e-3,

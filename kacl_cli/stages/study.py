@@ -48,7 +48,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "radiomics-nofeedback": {"positives": "radiomics", "feedback": False},
     "oracle": {"positives": "radiomics", "positive_roi": "oracle"},
     "shuffled": {"positives": "radiomics", "shuffle_positives": True},
+    # The positive choice (issue 14: defaults chosen by measurement), paired against the same
+    # round 0 and the same `none` as the method's default rule above.
+    "radiomics-labelled": {"positives": "radiomics", "positive_roi": "labelled"},
+    "radiomics-labelled-lung": {"positives": "radiomics", "positive_roi": "labelled",
+                                "normal_positive": "lung"},
 }
+# The grid of the issue; the positive-choice settings run when named in --settings.
+DEFAULT_SETTINGS = ("none", "augment", "radiomics", "radiomics-nofeedback", "oracle", "shuffled")
 REFERENCE = "none"
 SHUFFLED = "shuffled"  # the negative control: also the reference of the knowledge effect
 CELL_FILE = "cell.json"
@@ -61,7 +68,7 @@ class StudyConfig:
 
     name: str = "default"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    settings: list[str] = field(default_factory=lambda: list(SETTINGS))
+    settings: list[str] = field(default_factory=lambda: list(DEFAULT_SETTINGS))
     backbone: str = "tiny"
     pretrain_epochs: int = 8
     pretrain_lr: float = 2e-3
@@ -215,7 +222,7 @@ class Study:
         extra: dict[str, Any] = dict(SETTINGS[setting])
         if extra.get("positives") == "radiomics":
             extra.setdefault("positive_roi", c.positive_roi)
-            extra["normal_positive"] = c.normal_positive
+            extra.setdefault("normal_positive", c.normal_positive)
             extra["radiomics_params"] = c.radiomics_params
         if c.lam is not None:
             extra["lam"] = c.lam

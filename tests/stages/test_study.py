@@ -31,3 +31,25 @@ def test_an_earlier_study_identity_is_unchanged(tmp_path) -> None:
     Study(ws, StudyConfig(), lambda _t: None).check_identity()  # no refusal
     doc = json.loads((study.root / "study.json").read_text())
     assert "radiomics_params" not in doc["identity"]
+
+
+def test_positive_choice_settings_keep_their_rule_under_the_study_defaults(tmp_path) -> None:
+    """The positive-choice cells measure their own rule whatever the study-wide flags say,
+    while the method's `radiomics` cell follows them; the default grid stays the issue's."""
+    assert "radiomics-labelled" not in StudyConfig().settings
+    cfg = StudyConfig(positive_roi="predicted", normal_positive="skip")
+    study = Study(Workspace(tmp_path / "ws"), cfg, lambda _t: None)
+    got = {s: study.contrast_config(0, s) for s in
+           ("radiomics", "radiomics-labelled", "radiomics-labelled-lung", "oracle")}
+    assert (got["radiomics"].positive_roi, got["radiomics"].normal_positive) == (
+        "predicted", "skip")
+    assert (got["radiomics-labelled"].positive_roi,
+            got["radiomics-labelled"].normal_positive) == ("labelled", "skip")
+    assert (got["radiomics-labelled-lung"].positive_roi,
+            got["radiomics-labelled-lung"].normal_positive) == ("labelled", "lung")
+    assert got["oracle"].positive_roi == "oracle"
+    lung = Study(Workspace(tmp_path / "ws2"), StudyConfig(normal_positive="lung"),
+                 lambda _t: None).contrast_config(0, "radiomics-labelled")
+    assert lung.normal_positive == "lung"  # not pinned by the setting: the study flag applies
+    for c in got.values():
+        c.validate()
