@@ -86,18 +86,20 @@ def make_workspace(root: Path, n_train: int, n_val: int, size: int) -> Workspace
 
 
 def pure_rate(backbone: str, size: int, batch: int, batches: int, device: torch.device,
-              amp: bool) -> float:
-    """Images/s of forward + focal loss + backward + AdamW step on tensors already on device."""
+              amp: bool, channels_last: bool = True) -> float:
+    """Images/s of forward + focal loss + backward + AdamW step on tensors already on device,
+    in the memory format ``fit`` uses (``TrainConfig.channels_last``)."""
     torch.manual_seed(0)
     model = build_image_net(backbone).to(device).train()
     cuda = device.type == "cuda"
-    if cuda:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
+    if cuda:
         torch.backends.cudnn.benchmark = True
     obj = ClassificationObjective()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 1, size, size, device=device)
-    if cuda:
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch, len(FINDINGS), device=device) < 0.3).float()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
@@ -122,7 +124,8 @@ def pure_rate(backbone: str, size: int, batch: int, batches: int, device: torch.
 
 
 def fit_rate(backbone: str, size: int, store_size: int, batch: int, batches: int,
-             device: str, workers: int, amp: bool, data_path: str = "batched") -> float:
+             device: str, workers: int, amp: bool, data_path: str = "batched",
+             channels_last: bool = True) -> float:
     """Images/s of pretrain's loop over the store (train part of one epoch, val excluded)."""
     with tempfile.TemporaryDirectory() as tmp:
         # The loop's own figure (epochs.images_per_s): train seconds of the epoch, including
@@ -130,7 +133,8 @@ def fit_rate(backbone: str, size: int, store_size: int, batch: int, batches: int
         ws = make_workspace(Path(tmp) / "ws", batch * batches, 2 * batch, store_size)
         tr, va = load_split(ws, "train"), load_split(ws, "val")
         cfg = TrainConfig(epochs=1, batch_size=batch, image_size=size, workers=workers,
-                          device=device, amp=amp, seed=0, data_path=data_path)
+                          device=device, amp=amp, seed=0, data_path=data_path,
+                          channels_last=channels_last)
         meta = model_meta(backbone, size, store_size, GRAY_MEAN, GRAY_STD, 0, "bench")
         torch.manual_seed(0)
         kind = LegacyDataset if data_path == "items" else StoreDataset
@@ -183,6 +187,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-amp", action="store_true")
+    ap.add_argument("--memory-format", choices=("channels_last", "contiguous", "both"),
+                    default="channels_last",
+                    help="of the model and its inputs, in both columns (fit's default is "
+                         "channels_last on every device); both: each case in each format")
     args = ap.parse_args()
     os.environ.setdefault("KACL_NO_PROGRESS", "1")
     device = resolve_device(args.device)
@@ -201,14 +209,18 @@ def main() -> None:
         torch.set_num_threads(threads)
         print(f"run {r + 1} loader {args.loader_size} px, 1 core: before {items:7.0f} img/s  "
               f"batched {batched:7.0f} img/s  batched/before {batched / items:5.2f}x", flush=True)
-        for case in args.cases.split(","):
+        formats = (["channels_last", "contiguous"] if args.memory_format == "both"
+                   else [args.memory_format])
+        for case, fmt in ((c, f) for c in args.cases.split(",") for f in formats):
             backbone, size = case.split(":")
-            pure = pure_rate(backbone, int(size), args.batch, args.batches, device, amp)
+            last = fmt == "channels_last"
+            pure = pure_rate(backbone, int(size), args.batch, args.batches, device, amp, last)
             # The store holds the training size, as in the demo (`prepare --size 64`).
             loops = {p: fit_rate(backbone, int(size), int(size), args.batch, args.batches,
-                                 args.device, args.workers, amp, p)
+                                 args.device, args.workers, amp, p, last)
                      for p in ("items", "batched")}
-            print(f"run {r + 1} {backbone:<11} {size:>4} px: model {pure:7.1f} img/s  pretrain "
+            print(f"run {r + 1} {backbone:<11} {size:>4} px {fmt:<13}: model {pure:7.1f} img/s  "
+                  "pretrain "
                   f"before {loops['items']:7.1f} ({loops['items'] / pure:4.2f}x)  batched "
                   f"{loops['batched']:7.1f} ({loops['batched'] / pure:4.2f}x of model; data "
                   f"path {100 * max(0.0, 1 - loops['batched'] / pure):.0f}% of step time)",
