@@ -160,9 +160,14 @@ def image_net_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def load_image_net(
-    directory: Path | str, device: torch.device | str = "cpu"
+    directory: Path | str, device: torch.device | str = "cpu", *, channels_last: bool = True
 ) -> tuple[ImageNet, dict[str, Any]]:
-    """Rebuild the classifier of a checkpoint (``objective.`` tensors are ignored), in eval mode."""
+    """Rebuild the classifier of a checkpoint (``objective.`` tensors are ignored), in eval mode.
+
+    Channels-last by default, as training runs: the cam stage's forward was 1.7-1.8x faster on
+    the CPU with it (tiny net, 128 px), and the gray input (C = 1) needs no conversion. Export
+    asks for the plain layout.
+    """
     tensors, meta = read_checkpoint(directory)
     source = str(_as_dir(directory))
     check_meta(meta, source)
@@ -171,7 +176,10 @@ def load_image_net(
         raise CheckpointError(f"{source}: holds no {IMAGE_PREFIX}* tensors")
     model = build_image_net(str(meta["backbone"]), n_classes=len(meta["findings"]))
     load_weights(model, own, source, allow_missing_head=False)
-    return model.to(device).eval(), meta
+    model = model.to(device).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, meta
 
 
 def model_meta(backbone: str, image_size: int, store_size: int, mean: float, std: float,

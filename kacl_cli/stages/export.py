@@ -126,7 +126,7 @@ def export_round(ws: Workspace, *, round_: int | None = None, checkpoint: Path |
     if fmt not in FORMATS:
         raise KaclError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     ckpt = resolve_checkpoint(ws, round_, checkpoint)
-    model, meta = load_image_net(ckpt, "cpu")
+    model, meta = load_image_net(ckpt, "cpu", channels_last=False)
     module = ExportModule(model, meta).eval()
     rnd = meta.get("round") if round_ is None else round_
     out = Path(out) if out is not None else ws.root / "export" / f"round-{rnd}"
