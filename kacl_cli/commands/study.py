@@ -104,6 +104,9 @@ def command(
     device: DeviceOpt = "cpu",
     workers: Annotated[int, typer.Option(help="DataLoader workers / radiomics processes.")]
     = 0,
+    jobs: Annotated[int, typer.Option(
+        "--jobs", min=1, help="Seeds trained at once, each in its own process (logs in "
+        "WS/study/NAME/seed-S.log; OMP_NUM_THREADS = cores / jobs unless set).")] = 1,
     as_json: JsonOpt = False,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
 ) -> None:
@@ -116,6 +119,9 @@ def command(
     and the decision rule. Exit 1 when a cell failed.
 
     Example: kacl study --seeds 5 --label-fraction 0.2 --rounds 1 --epochs-per-round 3
+
+    Example (2 cores, two seeds at a time): kacl study --seeds 5 --jobs 2 --settings
+    none,oracle,shuffled,radiomics
     """
     from kacl_cli.errors import KaclError
     from kacl_cli.stages.study import StudyConfig, run_study
@@ -129,7 +135,8 @@ def command(
         batch_size=batch_size, label_fraction=label_fraction, positive_roi=positive_roi,
         normal_positive=normal_positive, device=device, workers=workers, n_boot=bootstrap,
         radiomics_params=None if radiomics_params is None else str(radiomics_params.resolve()))
-    doc = run_study(Workspace(workspace), cfg, note=lambda t: err.print(t, highlight=False))
+    doc = run_study(Workspace(workspace), cfg, note=lambda t: err.print(t, highlight=False),
+                    jobs=jobs)
     emit(doc, as_json, lambda: render(doc))
     failed = [(r["setting"], r["seeds_failed"]) for r in doc["rows"] if r["seeds_failed"]]
     if failed:

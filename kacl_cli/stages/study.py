@@ -31,6 +31,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -246,51 +248,116 @@ class Study:
                 "contrastive_loss": last.get("contrastive_loss"),
                 "train_with_positive": last.get("train_with_positive")}
 
-    def run(self, fail: Callable[[int, str], None] | None = None) -> dict[str, Any]:
-        """Run every unfinished cell (seed-major), then the table."""
-        from kacl_cli.stages.evaluate.stage import headline
+    def run(self, fail: Callable[[int, str], None] | None = None,
+            jobs: int = 1) -> dict[str, Any]:
+        """Run every unfinished cell (seed-major), then the table.
 
+        ``jobs`` > 1: the seeds run in that many child processes at once
+        (:meth:`_run_seeds_in_processes`), and this process only prints the table.
+        """
         self.cfg.validate()
         self.ws.require()
         self.check_identity()
         t_all = time.perf_counter()
-        for seed in self.cfg.seeds:
-            todo = [s for s in self.cfg.settings
-                    if (self.cell_state(seed, s) or {}).get("status") != "done"]
-            r0 = _read_json(self.root / f"seed-{seed}" / "round0.json")
-            if not todo and r0:
-                continue
-            try:
-                base = self.base(seed)
-                if r0 is None:
-                    h0 = headline(base, 0, "test")
-                    _atomic_json(self.root / f"seed-{seed}" / "round0.json",
-                                 {"status": "done", **h0})
-            except Exception as exc:  # the whole seed fails; its cells show as failed
-                self.note(f"study seed {seed}: round 0 failed: {exc}")
-                for s in todo:
-                    self._record_failure(seed, s, f"round 0: {exc}")
-                continue
-            for setting in todo:
-                self.note(f"study seed {seed}: {setting} ...")
-                try:
-                    if fail is not None:
-                        fail(seed, setting)  # tests: a simulated failure
-                    state = self.run_cell(base, seed, setting)
-                except Exception as exc:
-                    self.note(f"study seed {seed}: {setting} FAILED: {exc}")
-                    self._record_failure(seed, setting, f"{type(exc).__name__}: {exc}",
-                                         traceback.format_exc(limit=4))
-                    continue
-                _atomic_json(self.cell_dir(seed, setting) / CELL_FILE, state)
-                shutil.rmtree(self.cell_dir(seed, setting).with_name(setting + ".failed"),
-                              ignore_errors=True)
-                self.note(f"study seed {seed}: {setting} test AUC {state['mean_auc']:.4f} "
-                          f"loc {state['mean_loc_acc']:.4f} ({state['seconds']:.0f} s)")
+        if jobs > 1 and len(self.cfg.seeds) > 1:
+            self._run_seeds_in_processes(jobs)
+        else:
+            self._run_seeds(fail)
         doc = self.table()
         doc["seconds_this_call"] = round(time.perf_counter() - t_all, 1)
         _atomic_json(self.root / "result.json", doc)
         return doc
+
+    def _run_seeds_in_processes(self, jobs: int) -> None:
+        """One child process per seed, ``jobs`` at a time (``python -m kacl_cli.stages.study``).
+
+        Why processes and seeds: a seed's cells depend on its round 0, seeds on nothing, and on
+        the CPU two single-threaded trainings beat one two-threaded one (the tiny net at
+        128 px: 45 against 32 images/s per process side by side, docs/contrast.md). Each child
+        gets ``OMP_NUM_THREADS`` = cores // jobs unless the caller set it, writes its log to
+        ``seed-S.log``, holds the seed's lock (a second process on the same seed stops with
+        "busy") and dies with this process (kill -9 here leaves no orphan training).
+        """
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+        env["KACL_NO_PROGRESS"] = "1"
+        pending = list(self.cfg.seeds)
+        running: dict[int, tuple[subprocess.Popen[bytes], Any]] = {}
+        try:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    seed = pending.pop(0)
+                    spec = self.root / f"seed-{seed}.job.json"
+                    _atomic_json(spec, {"workspace": str(self.ws.root),
+                                        "config": {**asdict(self.cfg), "seeds": [seed]}})
+                    log = open(self.root / f"seed-{seed}.log", "ab")  # noqa: SIM115
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "kacl_cli.stages.study", str(spec)],
+                        stdout=log, stderr=subprocess.STDOUT, env=env,
+                        preexec_fn=_die_with_parent)
+                    running[seed] = (proc, log)
+                    self.note(f"study seed {seed}: started in process {proc.pid} "
+                              f"(log {self.root / f'seed-{seed}.log'})")
+                for seed, (proc, log) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    log.close()
+                    del running[seed]
+                    self.note(f"study seed {seed}: " + ("done" if proc.returncode == 0 else
+                              f"exit {proc.returncode}; see seed-{seed}.log"))
+                time.sleep(0.5)
+        finally:
+            for proc, log in running.values():
+                proc.terminate()
+                proc.wait()
+                log.close()
+
+    def _run_seeds(self, fail: Callable[[int, str], None] | None) -> None:
+        """The seeds in this process, each under its own lock (``seed-S/.kacl.lock``): two
+        processes on one seed would train the same cells into the same folders."""
+        from kacl_cli.lock import workspace_lock
+
+        for seed in self.cfg.seeds:
+            seed_dir = self.root / f"seed-{seed}"
+            seed_dir.mkdir(parents=True, exist_ok=True)
+            with workspace_lock(seed_dir, f"kacl study --name {self.cfg.name} (seed {seed})"):
+                self._run_seed(seed, fail)
+
+    def _run_seed(self, seed: int, fail: Callable[[int, str], None] | None) -> None:
+        from kacl_cli.stages.evaluate.stage import headline
+
+        todo = [s for s in self.cfg.settings
+                if (self.cell_state(seed, s) or {}).get("status") != "done"]
+        r0 = _read_json(self.root / f"seed-{seed}" / "round0.json")
+        if not todo and r0:
+            return
+        try:
+            base = self.base(seed)
+            if r0 is None:
+                h0 = headline(base, 0, "test")
+                _atomic_json(self.root / f"seed-{seed}" / "round0.json",
+                             {"status": "done", **h0})
+        except Exception as exc:  # the whole seed fails; its cells show as failed
+            self.note(f"study seed {seed}: round 0 failed: {exc}")
+            for s in todo:
+                self._record_failure(seed, s, f"round 0: {exc}")
+            return
+        for setting in todo:
+            self.note(f"study seed {seed}: {setting} ...")
+            try:
+                if fail is not None:
+                    fail(seed, setting)  # tests: a simulated failure
+                state = self.run_cell(base, seed, setting)
+            except Exception as exc:
+                self.note(f"study seed {seed}: {setting} FAILED: {exc}")
+                self._record_failure(seed, setting, f"{type(exc).__name__}: {exc}",
+                                     traceback.format_exc(limit=4))
+                continue
+            _atomic_json(self.cell_dir(seed, setting) / CELL_FILE, state)
+            shutil.rmtree(self.cell_dir(seed, setting).with_name(setting + ".failed"),
+                          ignore_errors=True)
+            self.note(f"study seed {seed}: {setting} test AUC {state['mean_auc']:.4f} "
+                      f"loc {state['mean_loc_acc']:.4f} ({state['seconds']:.0f} s)")
 
     def _record_failure(self, seed: int, setting: str, error: str, tb: str = "") -> None:
         d = self.cell_dir(seed, setting)
@@ -444,8 +511,43 @@ def decide(doc: dict[str, Any], metric: str = "mean_auc") -> dict[str, Any]:
     return out
 
 
-def run_study(ws: Workspace, cfg: StudyConfig, note: Note) -> dict[str, Any]:
+def run_study(ws: Workspace, cfg: StudyConfig, note: Note, jobs: int = 1) -> dict[str, Any]:
     try:
-        return Study(ws, cfg, note).run()
+        return Study(ws, cfg, note).run(jobs=jobs)
     except OSError as exc:
         raise KaclError(f"study: {exc}") from None
+
+
+def _die_with_parent() -> None:
+    """In a study's child process: SIGTERM when the parent dies (Linux ``prctl``), so a killed
+    study leaves no training behind to collide with its re-run; elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _child(spec_path: str) -> int:
+    """A seed of ``study --jobs``: the cells of one seed, notes on stderr (its log)."""
+    from kacl_cli.errors import KaclError
+
+    spec = json.loads(Path(spec_path).read_text())
+    study = Study(Workspace(spec["workspace"]), StudyConfig(**spec["config"]),
+                  lambda t: print(t, file=sys.stderr, flush=True))
+    try:
+        study.cfg.validate()
+        study._run_seeds(None)
+    except KaclError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    failed = [s for s in study.cfg.settings
+              for seed in study.cfg.seeds
+              if (study.cell_state(seed, s) or {}).get("status") != "done"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1]))

@@ -4,6 +4,8 @@ failure, and `kacl compare`'s refusals."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import h5py
 import pytest
@@ -132,3 +134,39 @@ def test_decision_rule() -> None:
     assert decide(both)["valid"] is False
     loc = decide(both, "loc_acc")
     assert loc["valid"] is True and loc["verdict"].endswith("hurt (CI below 0)")
+
+
+def test_study_jobs_runs_seeds_in_processes_and_locks_a_seed(prepared) -> None:
+    """`--jobs 2`: two seeds in two child processes (logs, done cells, the pooled table on
+    stdout); a second process on a seed that is being run stops with one "busy" line."""
+    res = runner.invoke(app, [
+        "study", "-w", str(prepared.root), "--name", "jobs", "--seeds", "2", "--jobs", "2",
+        "--settings", "none,oracle,shuffled", "--pretrain-epochs", "1", "--rounds", "1",
+        "--epochs-per-round", "1", "--batch-size", "8", "--label-fraction", "0.5",
+        "--bootstrap", "100", "--no-augment", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert all(r["seeds_done"] == [0, 1] and r["complete"] for r in doc["rows"])
+    root = prepared.root / "study" / "jobs"
+    for seed in (0, 1):
+        log = (root / f"seed-{seed}.log").read_text()
+        assert f"study seed {seed}: oracle test AUC" in log  # the child did the work
+        assert f"study seed {1 - seed}:" not in log
+
+    from kacl_cli.lock import WorkspaceBusy, workspace_lock
+
+    study = Study(prepared, _cfg(name="jobs", seeds=[0, 1]), lambda _t: None)
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from kacl_cli.lock import workspace_lock\n"
+         f"with workspace_lock({str(root / 'seed-1')!r}, 'test'):\n"
+         "    print('held', flush=True); time.sleep(30)"], stdout=-1, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(WorkspaceBusy, match="busy"):
+            study._run_seeds(None)
+    finally:
+        child.kill()
+        child.wait()
+    with workspace_lock(root / "seed-1", "test"):  # released with its holder
+        pass
