@@ -60,7 +60,7 @@ def replicated_nih(src: Path, copies: int) -> Path:
     with the image id and patient id changed, and joins the original's official list. Written
     once into benchmarks/out/ and reused.
     """
-    root = OUT / f"nih-x{copies}"
+    root = OUT / f"nih-x{copies}-v2"
     done = root / ".complete"
     if done.exists():
         return root
@@ -90,7 +90,10 @@ def replicated_nih(src: Path, copies: int) -> Path:
             f[0], f[3] = new, str(new_pid)
             extra.append(",".join(f))
             (extra_test if name in test else extra_train).append(new)
-    (root / label_file.name).write_text("\n".join(lines + extra) + "\n")
+    # In image-id order, as the release's own file is: prepare decodes ahead in file-name
+    # order and drops that stream when the label file lists the images in another order.
+    body = sorted(lines[1:] + extra, key=lambda line: line.split(",", 1)[0])
+    (root / label_file.name).write_text("\n".join([lines[0], *body]) + "\n")
     for list_name, ids in (("test_list.txt", extra_test), ("train_val_list.txt", extra_train)):
         if (root / list_name).exists():
             with open(root / list_name, "a") as fh:
