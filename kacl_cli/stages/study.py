@@ -272,8 +272,8 @@ class Study:
         """One child process per seed, ``jobs`` at a time (``python -m kacl_cli.stages.study``).
 
         Why processes and seeds: a seed's cells depend on its round 0, seeds on nothing, and on
-        the CPU two single-threaded trainings beat one two-threaded one (the tiny net at
-        128 px: 45 against 32 images/s per process side by side, docs/contrast.md). Each child
+        the CPU two single-threaded trainings side by side beat two two-threaded ones (the
+        tiny net at 128 px: 45 against 32 images/s per process, docs/contrast.md). Each child
         gets ``OMP_NUM_THREADS`` = cores // jobs unless the caller set it, writes its log to
         ``seed-S.log``, holds the seed's lock (a second process on the same seed stops with
         "busy") and dies with this process (kill -9 here leaves no orphan training).
