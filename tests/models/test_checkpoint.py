@@ -49,6 +49,29 @@ def test_roundtrip_and_no_temp_left(tmp_path) -> None:
     assert [p.name for p in ckpt.parent.iterdir()] == ["round-0"]
 
 
+def test_channels_last_in_and_contiguous_out(tmp_path) -> None:
+    """Loaded for inference in the fast CPU layout (same outputs), saved contiguous, and the
+    plain layout on request (export)."""
+    ckpt = tmp_path / "c"
+    model = _save(ckpt)
+    fast, _ = load_image_net(ckpt)
+    plain, _ = load_image_net(ckpt, channels_last=False)
+    conv = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert conv and all(w.is_contiguous(memory_format=torch.channels_last)
+                        and not w.is_contiguous() for w in conv if w.shape[1] > 1)
+    assert all(m.weight.is_contiguous() for m in plain.modules()
+               if isinstance(m, torch.nn.Conv2d))
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+        torch.testing.assert_close(plain(x), model(x))
+    save_checkpoint(tmp_path / "again", {f"image_net.{k}": v
+                                         for k, v in fast.state_dict().items()},
+                    model_meta("tiny", 32, 64, 0.5, 0.25, 0, "pretrain"))
+    tensors, _ = read_checkpoint(tmp_path / "again")
+    assert all(t.is_contiguous() for t in tensors.values())
+
+
 def test_file_path_of_a_checkpoint_is_accepted(tmp_path) -> None:
     _save(tmp_path / "c")
     model, meta = load_image_net(tmp_path / "c" / "model.safetensors")
