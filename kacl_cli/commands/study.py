@@ -142,3 +142,7 @@ def command(
     if failed:
         raise KaclError("study: failed cells (re-run to retry): " + ", ".join(
             f"{s} seed(s) {','.join(map(str, f))}" for s, f in failed))
+    if doc.get("seed_processes_failed"):
+        raise KaclError("study: the process of seed(s) " + ",".join(
+            map(str, doc["seed_processes_failed"])) + " failed (see WS/study/NAME/seed-S.log; "
+            "re-run to continue)")

@@ -259,16 +259,18 @@ class Study:
         self.ws.require()
         self.check_identity()
         t_all = time.perf_counter()
+        broken: list[int] = []
         if jobs > 1 and len(self.cfg.seeds) > 1:
-            self._run_seeds_in_processes(jobs)
+            broken = self._run_seeds_in_processes(jobs)
         else:
             self._run_seeds(fail)
         doc = self.table()
+        doc["seed_processes_failed"] = broken  # their unfinished cells show as missing
         doc["seconds_this_call"] = round(time.perf_counter() - t_all, 1)
         _atomic_json(self.root / "result.json", doc)
         return doc
 
-    def _run_seeds_in_processes(self, jobs: int) -> None:
+    def _run_seeds_in_processes(self, jobs: int) -> list[int]:
         """One child process per seed, ``jobs`` at a time (``python -m kacl_cli.stages.study``).
 
         Why processes and seeds: a seed's cells depend on its round 0, seeds on nothing, and on
@@ -277,12 +279,14 @@ class Study:
         gets ``OMP_NUM_THREADS`` = cores // jobs unless the caller set it, writes its log to
         ``seed-S.log``, holds the seed's lock (a second process on the same seed stops with
         "busy") and dies with this process (kill -9 here leaves no orphan training).
+        Returns the seeds whose process exited non-zero.
         """
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
         env["KACL_NO_PROGRESS"] = "1"
         pending = list(self.cfg.seeds)
         running: dict[int, tuple[subprocess.Popen[bytes], Any]] = {}
+        broken: list[int] = []
         try:
             while pending or running:
                 while pending and len(running) < jobs:
@@ -303,9 +307,12 @@ class Study:
                         continue
                     log.close()
                     del running[seed]
+                    if proc.returncode != 0:
+                        broken.append(seed)
                     self.note(f"study seed {seed}: " + ("done" if proc.returncode == 0 else
                               f"exit {proc.returncode}; see seed-{seed}.log"))
                 time.sleep(0.5)
+            return sorted(broken)
         finally:
             for proc, log in running.values():
                 proc.terminate()

@@ -165,6 +165,15 @@ def test_study_jobs_runs_seeds_in_processes_and_locks_a_seed(prepared) -> None:
         assert child.stdout.readline().strip() == "held"
         with pytest.raises(WorkspaceBusy, match="busy"):
             study._run_seeds(None)
+        # through --jobs: that seed's process fails, the command says so and exits 1
+        res = runner.invoke(app, [
+            "study", "-w", str(prepared.root), "--name", "jobs", "--seeds", "2", "--jobs", "2",
+            "--settings", "none,oracle,shuffled", "--pretrain-epochs", "1", "--rounds", "1",
+            "--epochs-per-round", "1", "--batch-size", "8", "--label-fraction", "0.5",
+            "--bootstrap", "100", "--no-augment"])
+        assert res.exit_code == 1
+        assert "the process of seed(s) 1 failed" in res.output
+        assert "busy" in (root / "seed-1.log").read_text()
     finally:
         child.kill()
         child.wait()
