@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from kacl_cli.imageio import load_for_store
-from kacl_cli.stages.prepare import phantoms
+from kacl_cli.stages.prepare import nih, phantoms
 from kacl_cli.stages.prepare import stage as ingest
 from kacl_cli.stages.prepare.nih import scan_images
 from kacl_cli.store import ImageReader
@@ -67,17 +67,14 @@ def replicated_nih(src: Path, copies: int) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     (root / "images").mkdir(parents=True)
     present = scan_images(src)
-    names = {"Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv", "BBox_List_2017.csv",
-             "train_val_list.txt", "test_list.txt"}
-    for name in names - {"Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"}:
+    for name in (nih.BBOX_FILE, nih.TRAIN_VAL_LIST, nih.TEST_LIST):
         if (src / name).exists():
             shutil.copyfile(src / name, root / name)
-    label_file = next(src / n for n in ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
-                      if (src / n).exists())
+    label_file = nih.find_labels_file(src)
     lines = label_file.read_text().splitlines()
     rows = {line.split(",", 1)[0]: line for line in lines[1:]}
-    test = set((src / "test_list.txt").read_text().split()) if (src / "test_list.txt").exists() \
-        else set()
+    test = (set((src / nih.TEST_LIST).read_text().split()) if (src / nih.TEST_LIST).exists()
+            else set())
     extra, extra_test, extra_train = [], [], []
     for name, path in present.items():
         shutil.copyfile(path, root / "images" / name)
@@ -94,7 +91,7 @@ def replicated_nih(src: Path, copies: int) -> Path:
     # order and drops that stream when the label file lists the images in another order.
     body = sorted(lines[1:] + extra, key=lambda line: line.split(",", 1)[0])
     (root / label_file.name).write_text("\n".join([lines[0], *body]) + "\n")
-    for list_name, ids in (("test_list.txt", extra_test), ("train_val_list.txt", extra_train)):
+    for list_name, ids in ((nih.TEST_LIST, extra_test), (nih.TRAIN_VAL_LIST, extra_train)):
         if (root / list_name).exists():
             with open(root / list_name, "a") as fh:
                 fh.write("".join(i + "\n" for i in ids))

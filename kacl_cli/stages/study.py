@@ -204,6 +204,11 @@ class Study:
     def cell_state(self, seed: int, setting: str) -> dict[str, Any] | None:
         return _read_json(self.cell_dir(seed, setting) / CELL_FILE)
 
+    def unfinished(self, seed: int) -> list[str]:
+        """The seed's settings whose cell is not done (missing, failed or interrupted)."""
+        return [s for s in self.cfg.settings
+                if (self.cell_state(seed, s) or {}).get("status") != "done"]
+
     def make_cell(self, base: Workspace, seed: int, setting: str) -> Workspace:
         d = self.cell_dir(seed, setting)
         if not (d / "catalog.duckdb").exists():
@@ -333,8 +338,7 @@ class Study:
     def _run_seed(self, seed: int, fail: Callable[[int, str], None] | None) -> None:
         from kacl_cli.stages.evaluate.stage import headline
 
-        todo = [s for s in self.cfg.settings
-                if (self.cell_state(seed, s) or {}).get("status") != "done"]
+        todo = self.unfinished(seed)
         r0 = _read_json(self.root / f"seed-{seed}" / "round0.json")
         if not todo and r0:
             return
@@ -550,10 +554,7 @@ def _child(spec_path: str) -> int:
     except KaclError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    failed = [s for s in study.cfg.settings
-              for seed in study.cfg.seeds
-              if (study.cell_state(seed, s) or {}).get("status") != "done"]
-    return 1 if failed else 0
+    return 1 if any(study.unfinished(seed) for seed in study.cfg.seeds) else 0
 
 
 if __name__ == "__main__":
