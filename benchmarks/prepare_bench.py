@@ -119,42 +119,57 @@ def _load(job: tuple[str, int]) -> None:
     load_for_store(job[0], job[1])
 
 
-def bench_prepare(root: Path, size: int, workers: int, repeats: int) -> tuple[list[tuple], Path]:
-    """Raw rate and prepare rate, interleaved ``repeats`` times; best of each is compared.
+def bench_prepare(root: Path, size: int, workers: int, repeats: int,
+                  compressions: list[str]) -> tuple[list[tuple], Path]:
+    """Raw rate and prepare rate (once per store compression), interleaved ``repeats`` times;
+    the ratio is taken within each run, and best of each is compared too.
 
     Best-of-k because the machine is shared: other jobs only ever make a run slower, so the
     fastest run is the closest to what the code itself costs.
     """
     paths = [str(p) for p in scan_images(root).values()]
     raw_1 = raw_rate(paths, size, 1)
-    raws, walls, loops = [], [], []
+    raws: list[float] = []
+    walls: dict[str, list[float]] = {c: [] for c in compressions}
+    loops: dict[str, list[float]] = {c: [] for c in compressions}
+    store_bytes: dict[str, int] = {}
     tmp = Path(tempfile.mkdtemp(prefix="kacl-prepare-bench-"))
     for r in range(repeats):
         raws.append(raw_rate(paths, size, workers))
-        ws = Workspace(tmp / f"ws{r}")
-        t = time.perf_counter()
-        summary = ingest.prepare_nih(ws, root, size=size, workers=workers)
-        walls.append(summary["ingested"] / (time.perf_counter() - t))
-        loops.append(summary["images_per_s"])
-    for r in range(1, repeats):
-        shutil.rmtree(tmp / f"ws{r}")
+        for c in compressions:
+            ws = Workspace(tmp / f"ws{r}-{c}")
+            t = time.perf_counter()
+            summary = ingest.prepare_nih(ws, root, size=size, workers=workers, compression=c)
+            walls[c].append(summary["ingested"] / (time.perf_counter() - t))
+            loops[c].append(summary["images_per_s"])
+            store_bytes[c] = ws.store.path.stat().st_size
     n = summary["ingested"]
-    raw_w, wall, loop = max(raws), max(walls), max(loops)
+    raw_w = max(raws)
     rows = [
         ("images (1024 px PNG)", f"{n}"),
         ("raw decode+resize, 1 process", f"{raw_1:.1f} img/s"),
         (f"raw decode+resize, {workers} processes (warm pool, best of {repeats})",
          f"{raw_w:.1f} img/s  (runs: {', '.join(f'{x:.0f}' for x in raws)})"),
-        (f"kacl prepare --workers {workers}, end to end (best of {repeats})",
-         f"{wall:.1f} img/s  (runs: {', '.join(f'{x:.0f}' for x in walls)})"),
-        ("  ratio to raw (target >= 0.8)", f"{wall / raw_w:.2f}"),
-        ("  ratio within each run (prepare_k / raw_k)",
-         ", ".join(f"{w / r:.2f}" for w, r in zip(walls, raws, strict=True))),
-        ("  its ingest loop alone (after the CSV parse; decoding starts before)",
-         f"{loop:.1f} img/s"),
-        ("  ratio to raw", f"{loop / raw_w:.2f}"),
     ]
-    return rows, tmp / "ws0"
+    for c in compressions:
+        wall, loop = max(walls[c]), max(loops[c])
+        rows += [
+            (f"kacl prepare --workers {workers} --compression {c}, end to end "
+             f"(best of {repeats})",
+             f"{wall:.1f} img/s  (runs: {', '.join(f'{x:.0f}' for x in walls[c])})"),
+            ("  ratio to raw (target >= 0.8)", f"{wall / raw_w:.2f}"),
+            ("  ratio within each run (prepare_k / raw_k)",
+             ", ".join(f"{w / r:.2f}" for w, r in zip(walls[c], raws, strict=True))),
+            ("  its ingest loop alone (after the CSV parse; decoding starts before)",
+             f"{loop:.1f} img/s"),
+            ("  ratio to raw", f"{loop / raw_w:.2f}"),
+            ("  store.h5 per image", f"{store_bytes[c] / n / 1024:.1f} KiB"),
+        ]
+    keep = tmp / f"ws0-{compressions[0]}"
+    for d in tmp.iterdir():
+        if d != keep:
+            shutil.rmtree(d)
+    return rows, keep
 
 
 def bench_reads(ws: Workspace, root: Path, size: int, batches: int, batch: int) -> list[tuple]:
@@ -240,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                          "as on a larger release; same real PNGs)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--compression", default="none",
+                    help="store compressions to ingest with, comma-separated (none,lzf); the "
+                         "first one's store is the one the read benchmark uses")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs (best is kept)")
     ap.add_argument("--batches", type=int, default=50)
     ap.add_argument("--batch", type=int, default=64)
@@ -253,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         root = replicated_nih(args.nih, args.copies)
     print(f"prepare_bench: {root} | {os.cpu_count()} CPU cores visible, load average "
           f"{os.getloadavg()[0]:.1f} | workers {args.workers}")
-    rows, ws_dir = bench_prepare(root, args.size, args.workers, args.repeats)
+    rows, ws_dir = bench_prepare(root, args.size, args.workers, args.repeats,
+                                 args.compression.split(","))
     table("prepare throughput", rows)
     try:
         table("store reads for training",

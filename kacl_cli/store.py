@@ -2,7 +2,12 @@
 
 Layout:
 - ``/images``: uint8, N x S x S, one image per chunk (random access for training batches),
-  LZF-compressed (fast to decode, ships with h5py, no plugin needed on the user's cluster).
+  stored raw by default, or LZF-compressed (``prepare --compression lzf``: ships with h5py,
+  no plugin needed on the user's cluster). Raw, because on real NIH PNGs LZF saves only
+  16-22 % of the bytes (0.84 at 256 px, 0.78 at 512 px) while it costs 1.4 / 4.1 ms per
+  image to write and 0.30 / 1.26 ms to read back (against 0.01 / 0.06 ms raw): a quarter of
+  the training loader's CPU per image and a third of ingest's beyond the decoding itself
+  (docs/data.md). A store keeps the compression it was created with.
 - ``/cams/round-K``: float16, N x F x h x w raw Grad-CAM maps (never min-max normalised, so
   thresholds keep their meaning), one image per chunk.
 
@@ -25,7 +30,9 @@ import numpy as np
 from kacl_cli.errors import KaclError
 
 IMAGES = "images"
-COMPRESSION = "lzf"
+COMPRESSION = "lzf"  # of the Grad-CAM maps
+IMAGE_COMPRESSIONS = ("none", "lzf")
+DEFAULT_IMAGE_COMPRESSION = "none"
 
 
 def cam_key(round_: int) -> str:
@@ -35,16 +42,20 @@ def cam_key(round_: int) -> str:
 Chunk = tuple[int, bytes]  # (HDF5 filter mask, bytes) of one image's chunk in /images
 
 
-def _images_dataset(f: h5py.File, size: int) -> h5py.Dataset:
-    """``/images`` of an open store, created on first use; refuses another image size."""
+def _images_dataset(f: h5py.File, size: int,
+                    compression: str = DEFAULT_IMAGE_COMPRESSION) -> h5py.Dataset:
+    """``/images`` of an open store, created on first use (with ``compression``); refuses
+    another image size."""
     if IMAGES not in f:
+        if compression not in IMAGE_COMPRESSIONS:
+            raise ValueError(f"image compression must be one of {IMAGE_COMPRESSIONS}")
         f.create_dataset(
             IMAGES,
             shape=(0, size, size),
             maxshape=(None, size, size),
             dtype=np.uint8,
             chunks=(1, size, size),
-            compression=COMPRESSION,
+            compression=None if compression == "none" else compression,
         )
     ds = f[IMAGES]
     if ds.shape[1] != size:
@@ -55,23 +66,31 @@ def _images_dataset(f: h5py.File, size: int) -> h5py.Dataset:
     return ds
 
 
-_ENCODERS: dict[int, tuple[h5py.File, h5py.Dataset]] = {}
+def images_compression(ds: h5py.Dataset) -> str:
+    """The ``IMAGE_COMPRESSIONS`` name of an ``/images`` dataset's filter."""
+    return ds.compression or "none"
 
 
-def encode_image(pixels: np.ndarray) -> Chunk:
-    """One S x S uint8 image as ``/images`` stores it: its compressed chunk.
+_ENCODERS: dict[tuple[int, str], tuple[h5py.File, h5py.Dataset]] = {}
+
+
+def encode_image(pixels: np.ndarray, compression: str = DEFAULT_IMAGE_COMPRESSION) -> Chunk:
+    """One S x S uint8 image as an ``/images`` dataset of ``compression`` stores it: its chunk.
 
     Why: LZF compression was ~6 ms per 512-px image in the one process that writes the store,
     a third of the decoding's cost and a ceiling on many cores. HDF5 compresses this chunk in
-    an in-memory file of the same layout (one per process and size, reused), so the bytes are
-    exactly what :meth:`Store.write_images` would have written.
+    an in-memory file of the same layout (one per process, size and filter, reused), so the
+    bytes are exactly what :meth:`Store.write_images` would have written. A raw chunk is the
+    C-order pixels themselves.
     """
-    pixels = np.asarray(pixels, dtype=np.uint8)
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    if compression == "none":
+        return 0, pixels.tobytes()
     size = pixels.shape[0]
-    if size not in _ENCODERS:
+    if (size, compression) not in _ENCODERS:
         f = h5py.File(io.BytesIO(), "w")
-        _ENCODERS[size] = (f, _images_dataset(f, size))
-    f, ds = _ENCODERS[size]
+        _ENCODERS[size, compression] = (f, _images_dataset(f, size, compression))
+    f, ds = _ENCODERS[size, compression]
     ds.resize((1, size, size))
     ds[0] = pixels
     f.flush()
@@ -108,14 +127,24 @@ class Store:
                 raise KaclError(f"store {self.path} holds no images: run `kacl prepare` first")
             return int(f[IMAGES].shape[1])
 
+    def images_compression(self) -> str | None:
+        """The compression of the stored images; None when there is no store or no image
+        dataset yet (the next writer chooses)."""
+        if not self.path.exists():
+            return None
+        with self.open("r") as f:
+            return images_compression(f[IMAGES]) if IMAGES in f else None
+
     def n_rows(self) -> int:
         if not self.path.exists():
             return 0
         with self.open("r") as f:
             return int(f[IMAGES].shape[0]) if IMAGES in f else 0
 
-    def write_images(self, start_row: int, images: np.ndarray, size: int) -> None:
-        """Write ``images`` (k x S x S uint8) at rows ``start_row..``, growing the dataset.
+    def write_images(self, start_row: int, images: np.ndarray, size: int,
+                     compression: str = DEFAULT_IMAGE_COMPRESSION) -> None:
+        """Write ``images`` (k x S x S uint8) at rows ``start_row..``, growing the dataset
+        (created with ``compression``; an existing one keeps its own).
 
         Rows past ``start_row + k`` that a killed run left behind are cut, so a resumed
         prepare never keeps orphan pixels.
@@ -124,18 +153,22 @@ class Store:
         if images.ndim != 3 or images.shape[1:] != (size, size):
             raise ValueError(f"expected k x {size} x {size} images, got {images.shape}")
         with self.open("a") as f:
-            ds = _images_dataset(f, size)
+            ds = _images_dataset(f, size, compression)
             end = start_row + images.shape[0]
             ds.resize((end, size, size))
             if len(images):
                 ds[start_row:end] = images
             f.flush()
 
-    def write_chunks(self, start_row: int, chunks: list[Chunk], size: int) -> None:
-        """:meth:`write_images` of images already encoded by :func:`encode_image` (in the
-        decode workers: the single writer then only copies bytes)."""
+    def write_chunks(self, start_row: int, chunks: list[Chunk], size: int,
+                     compression: str = DEFAULT_IMAGE_COMPRESSION) -> None:
+        """:meth:`write_images` of images already encoded by :func:`encode_image` with
+        ``compression`` (in the decode workers: the single writer then only copies bytes)."""
         with self.open("a") as f:
-            ds = _images_dataset(f, size)
+            ds = _images_dataset(f, size, compression)
+            if images_compression(ds) != compression:  # the bytes would be read as garbage
+                raise ValueError(f"chunks encoded with {compression!r} for a store of "
+                                 f"{images_compression(ds)!r} images")
             end = start_row + len(chunks)
             ds.resize((end, size, size))
             for k, (mask, data) in enumerate(chunks):

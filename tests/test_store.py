@@ -7,23 +7,43 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
-from kacl_cli.store import Store, encode_image
+from kacl_cli.store import IMAGE_COMPRESSIONS, Store, encode_image
 
 
-def test_encoded_chunks_equal_what_write_images_stores(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", IMAGE_COMPRESSIONS)
+def test_encoded_chunks_equal_what_write_images_stores(tmp_path: Path, compression: str) -> None:
     rng = np.random.default_rng(0)
     ramp = np.add.outer(np.arange(64), np.arange(64)).astype(np.uint8)
     images = np.stack([ramp, rng.integers(0, 256, (64, 64), dtype=np.uint8),  # incompressible
                        np.zeros((64, 64), np.uint8), ramp[::-1]])
     a, b = Store(tmp_path / "a.h5"), Store(tmp_path / "b.h5")
-    a.write_images(0, images, 64)
-    chunks = [encode_image(p) for p in images]
-    b.write_chunks(0, chunks[:1], 64)
-    b.write_chunks(1, chunks[1:], 64)
+    a.write_images(0, images, 64, compression)
+    chunks = [encode_image(p, compression) for p in images]
+    b.write_chunks(0, chunks[:1], 64, compression)
+    b.write_chunks(1, chunks[1:], 64, compression)
     assert (b.read_images([0, 1, 2, 3]) == images).all()
+    assert a.images_compression() == b.images_compression() == compression
     with h5py.File(a.path) as fa, h5py.File(b.path) as fb:
         for k in range(4):
             assert fa["images"].id.read_direct_chunk((k, 0, 0)) == \
                 fb["images"].id.read_direct_chunk((k, 0, 0))
-    assert encode_image(images[1]) == chunks[1]  # the reused encoder gives the same bytes
+    assert encode_image(images[1], compression) == chunks[1]  # the reused encoder: same bytes
+
+
+def test_a_store_keeps_its_compression_and_refuses_chunks_of_another(tmp_path: Path) -> None:
+    """Raw is the default; later writes keep the filter the dataset was made with, and
+    chunks encoded for another filter are refused (they would be read back as garbage)."""
+    img = np.add.outer(np.arange(32), np.arange(32)).astype(np.uint8)
+    raw, lzf = Store(tmp_path / "raw.h5"), Store(tmp_path / "lzf.h5")
+    assert raw.images_compression() is None  # no store yet: the next writer chooses
+    raw.write_images(0, img[None], 32)
+    lzf.write_images(0, img[None], 32, "lzf")
+    raw.write_images(1, img[None], 32, "lzf")  # an existing dataset keeps its own filter
+    assert raw.images_compression() == "none" and lzf.images_compression() == "lzf"
+    with h5py.File(raw.path) as f:
+        assert f["images"].compression is None
+    with pytest.raises(ValueError, match="'lzf'"):
+        raw.write_chunks(2, [encode_image(img, "lzf")], 32, "lzf")
+    assert raw.n_rows() == 2 and (raw.read_images([0, 1]) == img).all()

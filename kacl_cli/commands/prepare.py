@@ -30,6 +30,7 @@ from kacl_cli.options import check_number
 from kacl_cli.parallel import auto_workers
 from kacl_cli.stages.prepare import stage as ingest
 from kacl_cli.stages.prepare.phantoms import DEFAULT_DIFFICULTY
+from kacl_cli.store import IMAGE_COMPRESSIONS
 from kacl_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 NAME = "prepare"
@@ -38,6 +39,7 @@ ROWS = [
     ("source", "source"),
     ("labels_file", "label file"),
     ("size", "store size (px)"),
+    ("compression", "image compression"),
     ("split", "split"),
     ("csv_rows", "CSV rows"),
     ("ingested", "ingested now"),
@@ -108,6 +110,10 @@ def command(
     label_noise: Annotated[float, typer.Option(
         "--label-noise", help="Phantoms only: flip each train/val label with this probability "
                               "(true labels kept in the true_labels table).")] = 0.0,
+    compression: Annotated[str | None, typer.Option(
+        "--compression", help="Image chunks of a new store: none (default; reads 20x faster, "
+                              "1.2-1.3x the disk of lzf on NIH) | lzf. An existing store keeps "
+                              "its own.")] = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -136,6 +142,9 @@ def command(
     os.environ[MAX_PIXELS_ENV] = str(max_pixels)  # inherited by the decoder processes
     check_number("--enrich", enrich, lo=0.0, hi=1.0)
     check_number("--size", size, lo=16, hi=4096)
+    if compression is not None and compression not in IMAGE_COMPRESSIONS:
+        raise typer.BadParameter(f"--compression must be one of {', '.join(IMAGE_COMPRESSIONS)},"
+                                 f" got {compression!r}")
     if synthetic is not None:
         check_number("--synthetic", synthetic, lo=1, hi=10_000_000)
     ws = Workspace(workspace)
@@ -149,12 +158,12 @@ def command(
             summary = ingest.prepare_synthetic(
                 ws, synthetic, size, seed, difficulty, enrich=enrich, workers=n_workers,
                 force=force, shard=shard, generator=generator,
-                label_noise=label_noise)
+                label_noise=label_noise, compression=compression)
         else:
             assert nih_dir is not None
             summary = ingest.prepare_nih(ws, nih_dir, size=size, limit=limit,
                                          workers=n_workers, split=split, seed=seed,
-                                         force=force, shard=shard)
+                                         force=force, shard=shard, compression=compression)
     if shard is not None:
         shard_note(NAME, summary)
     if summary.get("failed") and not summary.get("skipped"):

@@ -145,6 +145,30 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
     assert snapshot(ws) == reference
 
 
+def test_an_lzf_store_resumes_as_lzf_and_refuses_another_compression(
+        tmp_path: Path, reference: dict) -> None:
+    """The compression is the store's: a resumed run without --compression keeps it (mixed
+    chunks would read as garbage) and asking for another is one line, with nothing lost."""
+    def hook(chunk: int, at: str) -> None:
+        if chunk == 2 and at == "committed":
+            raise Boom
+
+    ws = Workspace(tmp_path / "ws")
+    with pytest.raises(Boom):
+        ingest.prepare_synthetic(ws, 40, 32, seed=3, chunk_size=8, on_chunk=hook,
+                                 compression="lzf")
+    args = ["prepare", "--synthetic", "40", "--size", "32", "--seed", "3", "--workers", "1",
+            "-w", str(ws.root)]
+    r = runner.invoke(app, args + ["--compression", "none"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.output
+    assert "'lzf'" in r.stderr and ws.catalog.count("images") == 24
+    r = runner.invoke(app, args + ["--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["compression"] == "lzf", r.output
+    assert ws.store.images_compression() == "lzf" and snapshot(ws) == reference
+    r = runner.invoke(app, args + ["--compression", "zstd"])
+    assert r.exit_code == 2 and "--compression must be one of none, lzf" in r.output
+
+
 def test_killed_process_resumes_to_the_uninterrupted_result(tmp_path: Path,
                                                             reference: dict) -> None:
     """A real SIGKILL (no exception handlers, no cleanup) mid-run, with worker processes."""

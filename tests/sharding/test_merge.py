@@ -83,15 +83,17 @@ def test_combine_summaries_sums_counts_keeps_settings() -> None:
 
 
 # -- prepare -------------------------------------------------------------------------------
-def prepare_shard(ws: Workspace, i: int, n: int, count: int = 30) -> dict:
-    return ingest.prepare_synthetic(ws, count, 48, seed=3, shard=Shard(i, n))
+def prepare_shard(ws: Workspace, i: int, n: int, count: int = 30,
+                  compression: str | None = None) -> dict:
+    return ingest.prepare_synthetic(ws, count, 48, seed=3, shard=Shard(i, n),
+                                    compression=compression)
 
 
 def test_prepare_three_shards_merge_to_the_unsharded_rows(tmp_path: Path) -> None:
     one = Workspace(tmp_path / "one")
     ingest.prepare_synthetic(one, 30, 48, seed=3)
     many = Workspace(tmp_path / "many")
-    sizes = [prepare_shard(many, i, 3)["ingested"] for i in range(3)]
+    sizes = [prepare_shard(many, i, 3, compression="lzf")["ingested"] for i in range(3)]
     assert sum(sizes) == 30 and min(sizes) == 10
     assert not many.catalog.path.exists()  # shards never write the workspace itself
     result = merge_parts(many)
@@ -105,6 +107,8 @@ def test_prepare_three_shards_merge_to_the_unsharded_rows(tmp_path: Path) -> Non
     assert one.catalog.query(order) == many.catalog.query(order)
     assert np.array_equal(one.store.read_images(np.arange(30)),
                           many.store.read_images(np.arange(30)))
+    # the merged store keeps the parts' compression
+    assert (one.store.images_compression(), many.store.images_compression()) == ("none", "lzf")
     # the merged run stands for the unsharded one: re-running prepare there is skipped
     assert ingest.prepare_synthetic(many, 30, 48, seed=3).get("skipped") is True
     before = snapshot(many)

@@ -706,16 +706,17 @@ class Decoded:
     reason: str | None
 
 
-def decode_job(job: tuple[int, str, int]) -> Decoded:
-    """Decode + resize one file; failures come back as a reason, never as an exception.
+def decode_job(job: tuple[int, str, int, str]) -> Decoded:
+    """Decode + resize + encode (for a store of that compression) one file; failures come
+    back as a reason, never as an exception.
 
     Lives here (not in ingest) so worker processes import only this light module.
     """
-    index, path, size = job
+    index, path, size, compression = job
     try:
         pixels, w, h = load_for_store(path, size)
     except InputError as exc:
         return Decoded(index, None, 0, 0, str(exc))
     except Exception as exc:  # a decoder bug on one odd file must not kill the whole ingest
         return Decoded(index, None, 0, 0, f"{path}: cannot decode ({type(exc).__name__}: {exc})")
-    return Decoded(index, encode_image(pixels), w, h, None)
+    return Decoded(index, encode_image(pixels, compression), w, h, None)

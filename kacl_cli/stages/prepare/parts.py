@@ -27,7 +27,7 @@ from kacl_cli.sharding.merge import (
     stage_tables,
 )
 from kacl_cli.sharding.parts import Shard, attach, select
-from kacl_cli.store import IMAGES, read_rows
+from kacl_cli.store import DEFAULT_IMAGE_COMPRESSION, IMAGES, read_rows
 from kacl_cli.workspace import Workspace
 
 NAME = "prepare"
@@ -160,8 +160,11 @@ def _write_data(con: duckdb.DuckDBPyConnection, ws: Workspace, g: Group) -> None
     if ws.store.path.exists():  # the catalog holds no image: nothing in it is worth keeping
         ws.store.path.unlink()
     size = g.plan["size"]
-    # an empty dataset with the store's layout (chunks, compression), then sized to N
-    ws.store.write_images(0, np.empty((0, size, size), np.uint8), size)
+    # an empty dataset with the store's layout (chunks, and the parts' compression: they
+    # were all prepared with one command line), then sized to N
+    compression = g.parts[0].store.images_compression() if g.parts else None
+    ws.store.write_images(0, np.empty((0, size, size), np.uint8), size,
+                          compression or DEFAULT_IMAGE_COMPRESSION)
     with ws.store.open("a") as out:
         ds = out[IMAGES]
         ds.resize((g.plan["n"], size, size))

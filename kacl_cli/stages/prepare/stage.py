@@ -44,7 +44,7 @@ from kacl_cli.stages.prepare import nih, phantoms
 from kacl_cli.stages.prepare.ahead import Feed, Job, pick, positions
 from kacl_cli.stages.prepare.nih import Decoded, decode_job
 from kacl_cli.stages.prepare.parts import HOOKS, take_items
-from kacl_cli.store import Chunk
+from kacl_cli.store import DEFAULT_IMAGE_COMPRESSION, IMAGE_COMPRESSIONS, Chunk
 from kacl_cli.workspace import StageRun, Workspace, config_hash, stable_json
 
 STAGE = "prepare"
@@ -93,7 +93,9 @@ class Decoders:
     def feed(self, jobs: list[Job], window: int | None = None) -> Feed:
         """``jobs`` decoding in the pool, in order (:class:`.ahead.Feed`); ``window``
         results at most in flight (default: 16 per worker)."""
-        return Feed(self._pool, decode_job, jobs, window or self.workers * 16)
+        size = jobs[0][2] if jobs else 0
+        return Feed(self._pool, decode_job, jobs, window or self.workers * 16,
+                    slot_bytes=size * size + SLOT_MARGIN)
 
     def take_ahead(self) -> Feed | None:
         """The stream started ahead (once; None when there is none)."""
@@ -115,6 +117,10 @@ class Decoders:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# A chunk may exceed the raw pixels (LZF of noise, HDF5's headers); beyond this it takes the pipe.
+SLOT_MARGIN = 4096
 
 
 def ahead_window(workers: int, size: int) -> int:
@@ -229,10 +235,13 @@ def ingest_release(
     chunk_size: int = DEFAULT_CHUNK,
     on_chunk: ChunkHook | None = None,
     shard: Shard | None = None,
+    compression: str | None = None,
 ) -> dict[str, Any]:
     """Ingest the images of ``release`` present on disk into ``ws`` (resumable; see module).
 
     ``decoders``: a started worker pool, or None to decode in this process.
+    ``compression``: of a new store's images (default ``store.DEFAULT_IMAGE_COMPRESSION``);
+    an existing store keeps its own, and asking for another is refused.
     ``shard``: only that shard's images (:mod:`kacl_cli.stages.prepare.parts`; ``ws`` is then
     its part).
     """
@@ -278,10 +287,12 @@ def ingest_release(
             ws.store.path.unlink()  # nothing committed (maybe even another --size): start over
         else:
             ws.store.write_images(next_row, np.empty((0, size, size), np.uint8), size)
+    compression = store_compression(ws, compression)
 
     todo = [e for e in present if e.image_id not in done]
     already = len(present) - len(todo)
-    jobs: list[Job] = [(i, str(release.images[e.image_id]), size) for i, e in enumerate(todo)]
+    jobs: list[Job] = [(i, str(release.images[e.image_id]), size, compression)
+                       for i, e in enumerate(todo)]
     ingested = failed = 0
     chunk_index = 0
     buf: list[tuple[nih.Entry, Decoded]] = []
@@ -293,7 +304,7 @@ def ingest_release(
         not all at its commit, after the last decode)."""
         nonlocal n_stored
         if unstored:
-            _store_images(ws, next_row + n_stored, unstored, size, next_row)
+            _store_images(ws, next_row + n_stored, unstored, size, compression, next_row)
             n_stored += len(unstored)
             unstored.clear()
 
@@ -352,6 +363,7 @@ def ingest_release(
         "source": str(release.root),
         "labels_file": release.labels_file.name,
         "size": size,
+        "compression": compression,
         "split": split,
         "csv_rows": len(release.labels),
         "missing": missing,
@@ -371,11 +383,22 @@ def ingest_release(
     }
 
 
-def _store_images(ws: Workspace, row: int, chunks: list[Chunk], size: int,
+def store_compression(ws: Workspace, asked: str | None) -> str:
+    """The image compression this ingest writes: the store's own when it has images, else
+    ``asked`` (or the default). Asking an existing store for another is a one-line error:
+    mixed chunks would be read as garbage."""
+    have = ws.store.images_compression()
+    if have is not None and asked is not None and asked != have:
+        raise InputError(f"the store's images are compressed with {have!r}, not {asked!r}; "
+                         f"leave out --compression or rebuild with --force")
+    return have or asked or DEFAULT_IMAGE_COMPRESSION
+
+
+def _store_images(ws: Workspace, row: int, chunks: list[Chunk], size: int, compression: str,
                   committed: int) -> None:
     """``Store.write_chunks``, with a full disk said in one line."""
     try:
-        ws.store.write_chunks(row, chunks, size)
+        ws.store.write_chunks(row, chunks, size, compression)
     except OSError as exc:
         if not _disk_full(exc):
             raise
@@ -435,6 +458,7 @@ def prepare_nih(
     chunk_size: int = DEFAULT_CHUNK,
     on_chunk: ChunkHook | None = None,
     shard: Shard | None = None,
+    compression: str | None = None,
 ) -> dict[str, Any]:
     """``kacl prepare --nih-dir``: returns the summary (``skipped: True`` when already done).
 
@@ -442,11 +466,12 @@ def prepare_nih(
     the part); ``kacl merge`` folds the parts in (:mod:`kacl_cli.stages.prepare.parts`).
     """
     _check_size(size)
+    _check_compression(compression)
     if limit is not None and limit < 1:
         raise InputError("--limit must be at least 1")
     whole = functools.partial(_nih_whole, nih_dir=nih_dir, size=size, limit=limit,
                               workers=workers, split=split, seed=seed, chunk_size=chunk_size,
-                              on_chunk=on_chunk, shard=shard)
+                              on_chunk=on_chunk, shard=shard, compression=compression)
     if shard is not None:
         return run_part(ws, HOOKS, None, shard, functools.partial(whole, force=False),
                         force=force)
@@ -455,7 +480,8 @@ def prepare_nih(
 
 def _nih_whole(ws: Workspace, *, nih_dir: Path, size: int, limit: int | None, workers: int,
                split: str, seed: int, force: bool, chunk_size: int,
-               on_chunk: ChunkHook | None, shard: Shard | None) -> dict[str, Any]:
+               on_chunk: ChunkHook | None, shard: Shard | None,
+               compression: str | None) -> dict[str, Any]:
     """``prepare --nih-dir`` on ``ws`` (the workspace, or a shard's part)."""
     root = Path(nih_dir).resolve()
     inputs = nih.survey(root)
@@ -471,14 +497,17 @@ def _nih_whole(ws: Workspace, *, nih_dir: Path, size: int, limit: int | None, wo
     # With --limit, only the first names (and a margin for files the label file lacks).
     fresh = workers > 1 and shard is None and (force or not ws.exists())
     names = sorted(inputs.images)[: None if limit is None else limit + 64] if fresh else []
-    ahead = [(k, str(inputs.images[name]), size) for k, name in enumerate(names)] or None
+    # A fresh store is created with what was asked (--force wipes the old one first).
+    new = compression or DEFAULT_IMAGE_COMPRESSION
+    ahead = [(k, str(inputs.images[name]), size, new) for k, name in enumerate(names)] or None
     with _decoders(workers, ahead) as decoders:  # starts while the CSVs are parsed
         release = nih.read_release(inputs)  # validates the CSVs before anything is written
         identity = {k: config[k] for k in ("source", "nih_dir", "size", "split", "seed")}
         identity["labels"] = inputs.file_hashes
         return _run(ws, config, fingerprint, identity, force, lambda run: ingest_release(
             ws, release, run, size=size, split=split, seed=seed, limit=limit,
-            decoders=decoders, chunk_size=chunk_size, on_chunk=on_chunk, shard=shard))
+            decoders=decoders, chunk_size=chunk_size, on_chunk=on_chunk, shard=shard,
+            compression=compression))
 
 
 def _decoders(workers: int, ahead: list[Job] | None = None
@@ -502,6 +531,7 @@ def prepare_synthetic(
     phantom_root: Path | None = None,
     generator: int = 1,
     label_noise: float = 0.0,
+    compression: str | None = None,
 ) -> dict[str, Any]:
     """``kacl prepare --synthetic N``: phantoms written as an NIH folder under ``WS/phantoms``
     (or ``phantom_root``), then ingested by the very same code as real data. Returns the
@@ -523,11 +553,12 @@ def prepare_synthetic(
                          f"got {generator}")
     if not 0.0 <= label_noise <= 0.5:
         raise InputError(f"--label-noise must be in [0, 0.5], got {label_noise}")
+    _check_compression(compression)
     whole = functools.partial(_synthetic_whole, n=n, size=size, seed=seed,
                               difficulty=difficulty, enrich=enrich, workers=workers,
                               chunk_size=chunk_size, on_chunk=on_chunk, shard=shard,
                               root=phantom_root or ws.root / "phantoms", generator=generator,
-                              label_noise=label_noise)
+                              label_noise=label_noise, compression=compression)
     if shard is not None:
         return run_part(ws, HOOKS, None, shard, functools.partial(whole, force=False),
                         force=force)
@@ -537,7 +568,8 @@ def prepare_synthetic(
 def _synthetic_whole(ws: Workspace, *, n: int, size: int, seed: int, difficulty: float,
                      enrich: float, workers: int, force: bool, chunk_size: int,
                      on_chunk: ChunkHook | None, shard: Shard | None, root: Path,
-                     generator: int, label_noise: float) -> dict[str, Any]:
+                     generator: int, label_noise: float,
+                     compression: str | None) -> dict[str, Any]:
     """``prepare --synthetic`` on ``ws`` (the workspace, or a shard's part)."""
     config = {"source": "synthetic", "n": n, "size": size, "seed": seed,
               "difficulty": difficulty, "enrich": enrich,
@@ -563,7 +595,7 @@ def _synthetic_whole(ws: Workspace, *, n: int, size: int, seed: int, difficulty:
             release = nih.read_release(root)
             summary = ingest_release(ws, release, run, size=size, split="official",
                                      seed=seed, decoders=decoders, chunk_size=chunk_size,
-                                     on_chunk=on_chunk, shard=shard)
+                                     on_chunk=on_chunk, shard=shard, compression=compression)
         summary.update(source="synthetic", phantom_dir=str(root), generated=generated,
                        generate_seconds=gen_seconds, difficulty=difficulty, enrich=enrich,
                        seed=seed, generator=config["generator"])
@@ -574,6 +606,12 @@ def _synthetic_whole(ws: Workspace, *, n: int, size: int, seed: int, difficulty:
         return summary
 
     return _run(ws, config, str(config["generator"]), dict(config), force, work)
+
+
+def _check_compression(compression: str | None) -> None:
+    if compression is not None and compression not in IMAGE_COMPRESSIONS:
+        raise InputError(f"--compression must be one of {', '.join(IMAGE_COMPRESSIONS)}, "
+                         f"got {compression!r}")
 
 
 def _check_size(size: int) -> None:

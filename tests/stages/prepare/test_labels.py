@@ -8,6 +8,10 @@ stands unchanged."""
 from __future__ import annotations
 
 import multiprocessing.pool
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -152,12 +156,14 @@ def test_patient_splits_for_some_patients_match_the_full_assignment(mode: str,
 
 # -- decoding ahead ---------------------------------------------------------------------------
 def test_positions_finds_jobs_in_order_or_gives_up() -> None:
-    ahead_jobs = [(0, "a", 8), (1, "b", 8), (2, "c", 8), (3, "d", 8)]
-    assert ahead.positions(ahead_jobs, [(0, "b", 8), (1, "d", 8)]) == [1, 3]
+    ahead_jobs = [(0, "a", 8, "none"), (1, "b", 8, "none"), (2, "c", 8, "none"),
+                  (3, "d", 8, "none")]
+    assert ahead.positions(ahead_jobs, [(0, "b", 8, "none"), (1, "d", 8, "none")]) == [1, 3]
     assert ahead.positions(ahead_jobs, []) == []
-    assert ahead.positions(ahead_jobs, [(0, "d", 8), (1, "b", 8)]) is None  # other order
-    assert ahead.positions(ahead_jobs, [(0, "e", 8)]) is None  # not decoded ahead
-    assert ahead.positions(ahead_jobs, [(0, "b", 16)]) is None  # another size
+    assert ahead.positions(ahead_jobs, [(0, "d", 8, "none"), (1, "b", 8, "none")]) is None
+    assert ahead.positions(ahead_jobs, [(0, "e", 8, "none")]) is None  # not decoded ahead
+    assert ahead.positions(ahead_jobs, [(0, "b", 16, "none")]) is None  # another size
+    assert ahead.positions(ahead_jobs, [(0, "b", 8, "lzf")]) is None  # another encoding
 
 
 def _fake_decode(job: tuple[int, str, int]) -> Decoded:
@@ -170,6 +176,41 @@ def test_pick_reindexes_the_wanted_results_and_drops_the_rest() -> None:
         feed = ahead.Feed(pool, _fake_decode, jobs, window=4)
         got = list(ahead.pick(feed, [3, 10, 39]))
     assert [(d.index, d.reason) for d in got] == [(0, "x" * 4), (1, "x" * 11), (2, "x" * 40)]
+
+
+def _fake_chunk(job: tuple[int, str, int, str]) -> Decoded:
+    data = bytes([job[0] % 251]) * len(job[1])
+    return Decoded(job[0], None if job[1] == "bad" else (job[0] % 2, data), 1, 1, None)
+
+
+def test_feed_brings_chunks_back_through_the_ring_unchanged(tmp_path: Path) -> None:
+    """A window of 3 slots of 8 bytes serves 40 results in order: every chunk comes back
+    byte for byte (an oversized one through the pipe, a failed one as None), although each
+    slot is reused a dozen times; the ring's file is gone after the feed."""
+    paths = ["x" * (1 + k % 8) for k in range(40)]
+    paths[5], paths[9] = "y" * 20, "bad"  # 20 bytes do not fit a slot
+    jobs = [(k, p, 8, "none") for k, p in enumerate(paths)]
+    with multiprocessing.pool.ThreadPool(2) as pool:
+        feed = ahead.Feed(pool, _fake_chunk, jobs, window=3, slot_bytes=8)
+        ring = feed._ring
+        assert ring is not None and Path(ring.path).exists()
+        got = list(feed)
+    assert [d.chunk for d in got] == [_fake_chunk(j).chunk for j in jobs]
+    assert not Path(ring.path).exists()
+
+
+def test_a_killed_runs_ring_file_is_swept(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    stale = Path(folder) / f"{ahead.SLOT_PREFIX}{dead.pid}-test"
+    stale.write_bytes(b"x")
+    mine = ahead.Slots(2, 4)
+    try:
+        assert not stale.exists() and Path(mine.path).exists()
+        assert Path(mine.path).stat().st_size == 8
+    finally:
+        mine.close()
 
 
 @pytest.mark.parametrize(("order", "limit"), [("sorted", 4), ("reversed", None)])
