@@ -9,7 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from kacl_cli.store import IMAGE_COMPRESSIONS, Store, encode_image
+from kacl_cli import store as store_mod
+from kacl_cli.store import IMAGE_COMPRESSIONS, ImageReader, Store, encode_image
 
 
 @pytest.mark.parametrize("compression", IMAGE_COMPRESSIONS)
@@ -47,3 +48,23 @@ def test_a_store_keeps_its_compression_and_refuses_chunks_of_another(tmp_path: P
     with pytest.raises(ValueError, match="'lzf'"):
         raw.write_chunks(2, [encode_image(img, "lzf")], 32, "lzf")
     assert raw.n_rows() == 2 and (raw.read_images([0, 1]) == img).all()
+
+
+@pytest.mark.parametrize("compression", IMAGE_COMPRESSIONS)
+def test_rows_read_the_same_through_the_raw_chunk_path(tmp_path: Path, compression: str) -> None:
+    """A raw store's rows are read as chunk bytes (``_read_raw_chunk``); the pixels equal
+    HDF5's own read in any order and with duplicates, and a row whose chunk was never
+    written reads as the fill value (zeros) through the normal path."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (5, 16, 16), dtype=np.uint8)
+    store = Store(tmp_path / "s.h5")
+    store.write_images(0, images, 16, compression)
+    with h5py.File(store.path, "a") as f:
+        f["images"].resize((7, 16, 16))  # rows 5 and 6: chunks never written
+        assert store_mod._raw_rows(f["images"]) is (compression == "none")
+    rows = [4, 0, 6, 4, 2]
+    expect = np.concatenate([images, np.zeros((2, 16, 16), np.uint8)])[rows]
+    assert (store.read_images(rows) == expect).all()
+    reader = ImageReader(store.path)
+    assert all((reader[r] == expect[k]).all() for k, r in enumerate(rows))
+    reader.close()

@@ -470,6 +470,8 @@ def fit(
         "train_images": len(train_set),
         "val_images": len(val_set) if val_set is not None else 0,
         "images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else None,
+        # per epoch: the first one carries the start-up (first kernels, optimizer state)
+        "epoch_images_per_s": [float(h["images_per_s"]) for h in history],
         "seconds": time.perf_counter() - t_run,
         "checkpoint": str(out_dir),
     }
