@@ -96,7 +96,8 @@ def _alive(pid: int) -> bool:
 
 @dataclasses.dataclass
 class InSlot:
-    """A worker's result whose chunk bytes are in slot ``slot`` of the ring (``n`` bytes)."""
+    """A worker's result whose chunk bytes (``n`` of them) are in the ring, in the slot of
+    its job's position (the consumer knows it: results come back in job order)."""
 
     result: Any  # the result with ``chunk=None``
     mask: int
