@@ -5,7 +5,8 @@ Each part is timed on the same files in one run (the NIH sample's 95 PNGs, repea
 
 - decode: ``imageio.read_gray`` (PIL open + load + conversion to 8-bit gray);
 - resize: ``imageio.resize_square`` to the store size;
-- HDF5: ``Store.write_images`` of 256-image chunks (LZF);
+- HDF5: ``Store.write_images`` of 256-image chunks (``--compression``: none, the default
+  store, or lzf);
 - catalog: ``prepare``'s per-chunk transaction, measured as a whole ``prepare`` run with one
   worker minus the parts above (CSV parse, splits, pool start-up, catalog opens, commits).
 
@@ -32,10 +33,11 @@ def main() -> None:
     ap.add_argument("--nih", type=Path, required=True)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compression", default="none", choices=("none", "lzf"))
     args = ap.parse_args()
     os.environ.setdefault("KACL_NO_PROGRESS", "1")
     files = sorted((args.nih / "images").glob("*.png"))
-    print(f"ingest_profile: {len(files)} PNGs, store {args.size} px, load "
+    print(f"ingest_profile: {len(files)} PNGs, store {args.size} px ({args.compression}), load "
           f"{os.getloadavg()[0]:.1f}")
     for r in range(args.repeats):
         t = time.perf_counter()
@@ -49,11 +51,13 @@ def main() -> None:
             ws.init()
             t = time.perf_counter()
             for start in range(0, len(small), 256):
-                ws.store.write_images(start, small[start:start + 256], args.size)
+                ws.store.write_images(start, small[start:start + 256], args.size,
+                                      args.compression)
             t_h5 = time.perf_counter() - t
             ws2 = Workspace(Path(tmp) / "ws")
             t = time.perf_counter()
-            ingest.prepare_nih(ws2, args.nih, size=args.size, workers=1)
+            ingest.prepare_nih(ws2, args.nih, size=args.size, workers=1,
+                               compression=args.compression)
             t_prepare = time.perf_counter() - t
         rest = t_prepare - t_decode - t_resize - t_h5
         parts = {"decode": t_decode, "resize": t_resize, "hdf5": t_h5, "rest": rest}
